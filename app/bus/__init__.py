@@ -1,0 +1,1 @@
+"""The bus: NATS core and JetStream, the embedded server, subjects, codecs and tracing."""

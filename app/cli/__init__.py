@@ -1,0 +1,1 @@
+"""The `fleetmate` command and its subcommands."""

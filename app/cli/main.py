@@ -1,0 +1,64 @@
+"""Entry point of the `fleetmate` command: parse arguments, load config, dispatch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+
+from app import __version__, config, logs
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetmate", description="A control plane for fleets of databases.")
+    parser.add_argument("--version", action="version", version=f"fleetmate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a replica in the foreground")
+    serve.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+
+    cfg = sub.add_parser("config", help="inspect the configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    show = cfg_sub.add_parser("show", help="print the effective configuration, secrets masked")
+    show.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+    show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable and the key it sets")
+    return parser
+
+
+def _load(path: str | None) -> config.Config:
+    try:
+        return config.load(path)
+    except config.ConfigError as exc:
+        print(f"fleetmate: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "config":
+        if args.config_command == "keys":
+            for env, key in config.env_keys().items():
+                print(f"{env:<36} {key}")
+            return 0
+        data = config.to_dict(_load(args.config))
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(data)).decode())
+        else:
+            print(config.to_toml(data), end="")
+        return 0
+    if args.command == "serve":
+        cfg = _load(args.config)
+        logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
+        from app.cli.serve import run
+
+        return run(cfg)
+    return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`fleetmate serve`: run one replica in the foreground until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from app import telemetry
+from app.bus.connection import BusError
+from app.bus.embedded import EmbeddedNatsError
+from app.config import Config
+from app.node import Node
+from app.web.app import create_app
+from app.web.server import HttpServer, PortInUse, resolve_port
+
+log = logging.getLogger("fleetmate.serve")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+async def serve(cfg: Config) -> int:
+    """Start everything, wait for a stop signal or a fatal error, and shut down cleanly."""
+    provider = telemetry.setup(cfg.telemetry, cfg.node_id)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    node = Node(cfg)
+    try:
+        port = resolve_port(cfg.http.host, cfg.http.port)
+    except (PortInUse, OSError) as exc:
+        log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
+        return EXIT_FAILED
+    http = HttpServer(create_app(node), cfg.http.host, port)
+    node.http_url = http.url
+    http_task = http.start()
+    log.info("http gateway listening", extra={"url": http.url})
+
+    code = EXIT_OK
+    start_task = asyncio.create_task(node.start(), name="node-start")
+    stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        done, _ = await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        if start_task in done and start_task.exception() is None:
+            done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        failure = start_task.exception() if start_task.done() else None
+        if failure is not None:
+            if isinstance(failure, BusError | EmbeddedNatsError):
+                log.error("start-up failed", extra={"error": str(failure)})
+            else:
+                log.error("start-up failed", exc_info=failure)
+            code = EXIT_FAILED
+        elif http_task in done:
+            log.error("http server stopped unexpectedly")
+            code = EXIT_FAILED
+        else:
+            log.info("stop requested; shutting down")
+    finally:
+        for task in (start_task, stop_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await http.stop()
+        await node.stop()
+        provider.shutdown()
+    return code
+
+
+def run(cfg: Config) -> int:
+    """Run serve() on uvloop when available."""
+    try:
+        import uvloop
+
+        return uvloop.run(serve(cfg))
+    except ImportError:
+        return asyncio.run(serve(cfg))
+    finally:
+        sys.stderr.flush()

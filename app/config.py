@@ -1,0 +1,366 @@
+"""The one configuration loader: defaults, config/default.toml, an optional file, then FLEETMATE_* vars."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
+Exporter = Literal["none", "console", "otlp"]
+Scope = Literal["read", "admin"]
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+ENV_PREFIX = "FLEETMATE_"
+# Variables that are read by the CLI rather than mapped onto a key.
+RESERVED_ENV = frozenset({"FLEETMATE_CONFIG"})
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s,/]+(:\d+)?/?$")
+DEFAULT_TOML = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+
+class ConfigError(Exception):
+    """A configuration value that stops start-up; names the key and the problem."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The HTTP gateway."""
+
+    host: str = "127.0.0.1"
+    port: Port = 21510
+
+
+class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """API tokens, as "scope:token" strings and/or a file of such lines."""
+
+    tokens: tuple[str, ...] = ()
+    tokens_file: str = ""
+
+
+class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The bus: an external NATS (url) or the embedded nats-server."""
+
+    url: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: Port = 21520
+    connect_timeout: Seconds = 5.0
+    sync_always: bool = True
+
+
+class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry tracing."""
+
+    exporter: Exporter = "none"
+    endpoint: str = ""
+    service_name: str = "fleetmate"
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole effective configuration of one fleetmate process."""
+
+    node_id: str = ""
+    data_dir: str = "data"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "json"
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as an absolute path."""
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def embedded_nats(self) -> bool:
+        """True when fleetmate starts its own nats-server."""
+        return not self.nats.url
+
+
+class Token(msgspec.Struct, frozen=True):
+    """One API token and what it may do."""
+
+    scope: Scope
+    secret: str
+
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "http": HttpConfig,
+    "auth": AuthConfig,
+    "nats": NatsConfig,
+    "telemetry": TelemetryConfig,
+}
+SECRET_KEYS = frozenset({"auth.tokens"})
+
+
+def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    hints = typing.get_type_hints(struct, include_extras=True)
+    return {name: hints[name] for name in struct.__struct_fields__}
+
+
+def env_keys() -> dict[str, str]:
+    """Map every FLEETMATE_* variable name to the dotted key it sets."""
+    out: dict[str, str] = {}
+    for name in Config.__struct_fields__:
+        if name in SECTIONS:
+            for sub in SECTIONS[name].__struct_fields__:
+                out[f"{ENV_PREFIX}{name}_{sub}".upper()] = f"{name}.{sub}"
+        else:
+            out[f"{ENV_PREFIX}{name}".upper()] = name
+    return out
+
+
+def _key_type(key: str) -> Any:
+    if "." in key:
+        section, sub = key.split(".", 1)
+        return _fields(SECTIONS[section])[sub]
+    return _fields(Config)[key]
+
+
+def _base_type(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _describe(tp: Any) -> str:
+    tp = _base_type(tp)
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "a comma-separated list" if typing.get_origin(tp) is tuple else str(tp)
+    )
+
+
+def _from_env(key: str, raw: str) -> Any:
+    """Turn one environment string into the typed value for key."""
+    tp = _base_type(_key_type(key))
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if tp is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if tp is int:
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise ConfigError(key, f"expected an integer, got {raw!r}") from None
+    if tp is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {raw!r}") from None
+    return raw
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], origin: str) -> None:
+    for name, value in over.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(name, f"expected a table in {origin}")
+            section = base.setdefault(name, {})
+            for sub, subval in value.items():
+                if sub not in SECTIONS[name].__struct_fields__:
+                    raise ConfigError(f"{name}.{sub}", f"unknown key in {origin}")
+                section[sub] = subval
+        elif name in Config.__struct_fields__:
+            base[name] = value
+        else:
+            raise ConfigError(name, f"unknown key in {origin}")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    if "." in key:
+        section, sub = key.split(".", 1)
+        tree.setdefault(section, {})[sub] = value
+    else:
+        tree[key] = value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+
+
+_PATH_RE = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
+
+
+def _convert(tree: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(tree, Config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH_RE.search(text)
+        key = match.group(1) if match else "config"
+        key = re.sub(r"\[\d+\]$", "", key)
+        problem = _PATH_RE.sub("", text).rstrip(" -")
+        bound = re.match(r"Expected `\w+` ([<>]=? .*)", problem)
+        if bound:
+            problem = f"must be {bound.group(1)}"
+        elif problem.startswith(("Expected `", "Invalid enum value")):
+            if "enum" in problem:
+                got = problem.removeprefix("Invalid enum value ")
+            else:
+                got = re.sub(r"Expected `\w+`, got `(\w+)`", r"a value of type \1", problem)
+            with contextlib.suppress(KeyError):
+                problem = f"expected {_describe(_key_type(key))}, got {got}"
+        raise ConfigError(key, problem) from None
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration, validate it, and return it; raise ConfigError on a bad value."""
+    env = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    if DEFAULT_TOML.exists():
+        _merge(tree, _read_toml(DEFAULT_TOML), str(DEFAULT_TOML))
+    if path is None and env.get("FLEETMATE_CONFIG"):
+        path = env["FLEETMATE_CONFIG"]
+    if path is not None:
+        _merge(tree, _read_toml(Path(path)), str(path))
+    known = env_keys()
+    from_env: dict[str, str] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
+            continue
+        if name not in known:
+            raise ConfigError(name, "unknown FLEETMATE_ variable (see `fleetmate config keys`)")
+        from_env[known[name]] = name
+        try:
+            _set_dotted(tree, known[name], _from_env(known[name], raw))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.key} ({name})", exc.problem) from None
+    try:
+        return validate(_convert(tree))
+    except ConfigError as exc:
+        if exc.key in from_env:
+            raise ConfigError(f"{exc.key} ({from_env[exc.key]})", exc.problem) from None
+        raise
+
+
+def validate(cfg: Config) -> Config:
+    """Check what types alone cannot: ids, URLs, files, tokens, the data dir, public binds."""
+    if cfg.node_id and not NODE_ID_RE.match(cfg.node_id):
+        raise ConfigError("node_id", f"{cfg.node_id!r} must be 1-64 letters, digits, '-' or '_'")
+    if not cfg.node_id:
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "fleetmate"
+        cfg = msgspec.structs.replace(cfg, node_id=host)
+    for url in cfg.nats.url:
+        if not NATS_URL_RE.match(url):
+            raise ConfigError("nats.url", f"{url!r} is not a nats://host:port URL")
+    if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
+        raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
+    for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host)):
+        if not host or any(c.isspace() for c in host):
+            raise ConfigError(key, f"{host!r} is not a host name or address")
+    parse_tokens(cfg)  # raises on a malformed token
+    _check_data_dir(cfg.data_path)
+    if not is_loopback(cfg.http.host) and not parse_tokens(cfg):
+        raise ConfigError(
+            "http.host",
+            f"binding {cfg.http.host} (not loopback) needs an API token: set auth.tokens or auth.tokens_file",
+        )
+    return cfg
+
+
+def _check_data_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("data_dir", f"{path} is not writable: {exc.strerror or exc}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses that only this machine can reach."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def parse_tokens(cfg: Config) -> tuple[Token, ...]:
+    """All configured tokens, from auth.tokens and auth.tokens_file."""
+    entries: list[tuple[str, str]] = [("auth.tokens", t) for t in cfg.auth.tokens]
+    if cfg.auth.tokens_file:
+        try:
+            text = Path(cfg.auth.tokens_file).expanduser().read_text()
+        except OSError as exc:
+            raise ConfigError("auth.tokens_file", f"cannot read {cfg.auth.tokens_file}: {exc.strerror}") from None
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                entries.append(("auth.tokens_file", line))
+    tokens = []
+    for key, entry in entries:
+        scope, sep, secret = entry.partition(":")
+        if not sep or scope not in ("read", "admin"):
+            raise ConfigError(key, "each token must be 'read:SECRET' or 'admin:SECRET'")
+        if len(secret) < 8 or any(c.isspace() for c in secret):
+            raise ConfigError(key, f"a {scope} token must be at least 8 characters with no spaces")
+        tokens.append(Token(scope=typing.cast(Scope, scope), secret=secret))
+    return tuple(tokens)
+
+
+def secrets(cfg: Config) -> tuple[str, ...]:
+    """Every secret string in the configuration, so logs can redact them."""
+    try:
+        return tuple(t.secret for t in parse_tokens(cfg))
+    except ConfigError:
+        return ()
+
+
+def to_dict(cfg: Config, *, masked: bool = True) -> dict[str, Any]:
+    """The configuration as plain data, secrets replaced by '***' unless masked is False."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg)
+    if masked:
+        data["auth"]["tokens"] = [t.split(":", 1)[0] + ":***" for t in cfg.auth.tokens]
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Render a config dict as TOML (flat keys first, then one table per section)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for name, section in data.items():
+        if isinstance(section, dict):
+            lines.append("")
+            lines.append(f"[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in section.items())
+    return "\n".join(lines) + "\n"

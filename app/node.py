@@ -1,0 +1,112 @@
+"""One fleetmate process: starts the bus (embedded or external) and the services, reports readiness, stops."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import psutil
+
+from app import __version__
+from app.bus.connection import Bus
+from app.bus.embedded import EmbeddedNats
+from app.config import Config
+from app.services.system.messages import NodeInfo
+from app.services.system.service import SystemService
+
+log = logging.getLogger("fleetmate.node")
+
+
+class Node:
+    """The services of one replica and the bus they share."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self.http_url = ""
+        self.embedded: EmbeddedNats | None = None
+        self.bus: Bus | None = None
+        self.system: SystemService | None = None
+        self.phase = "starting"
+        self._proc = psutil.Process(os.getpid())
+
+    @property
+    def nats_servers(self) -> tuple[str, ...]:
+        """The NATS URL(s) this replica uses."""
+        if self.embedded is not None:
+            return (self.embedded.url,) if self.embedded.url else ()
+        return tuple(self.cfg.nats.url)
+
+    async def start(self) -> None:
+        """Start the embedded nats-server (if configured), connect, and start the services."""
+        cfg = self.cfg
+        if cfg.embedded_nats:
+            self.phase = "starting the embedded nats-server"
+            self.embedded = EmbeddedNats(
+                data_dir=cfg.data_path,
+                name=cfg.node_id,
+                host=cfg.nats.host,
+                port=cfg.nats.port,
+                sync_always=cfg.nats.sync_always,
+            )
+            await self.embedded.start()
+        self.phase = "connecting to NATS"
+        self.bus = Bus(self.nats_servers, name=f"fleetmate-{self.node_id}")
+        await self.bus.connect(cfg.nats.connect_timeout)
+        self.phase = "starting services"
+        self.system = SystemService(self.bus, self.node_id, self.describe)
+        await self.system.start()
+        self.phase = "running"
+        log.info(
+            "fleetmate ready",
+            extra={
+                "node_id": self.node_id,
+                "http": self.http_url,
+                "nats": ",".join(self.nats_servers),
+                "startup_s": round(time.monotonic() - self._started_mono, 3),
+            },
+        )
+
+    def uptime(self) -> float:
+        """Seconds since this process started."""
+        return time.monotonic() - self._started_mono
+
+    def describe(self) -> NodeInfo:
+        """This replica as NodeInfo (single replica: it leads; the lease comes with replication)."""
+        return NodeInfo(
+            node_id=self.node_id,
+            role="leader",
+            leader_id=self.node_id,
+            version=__version__,
+            started_at=self.started_at,
+            uptime_s=round(self.uptime(), 3),
+            http_url=self.http_url,
+            nats_servers=self.nats_servers,
+            nats_connected_url=self.bus.connected_url if self.bus else "",
+            embedded_nats=self.embedded is not None,
+            pid=os.getpid(),
+            rss_bytes=self._proc.memory_info().rss,
+        )
+
+    async def not_ready(self) -> str | None:
+        """None when ready to serve; otherwise the reason."""
+        if self.phase != "running":
+            return self.phase
+        if self.embedded is not None and not self.embedded.running.is_set():
+            return f"embedded nats-server is down (last exit code {self.embedded.last_exit}); restarting"
+        assert self.bus is not None
+        return await self.bus.jetstream_ok()
+
+    async def stop(self) -> None:
+        """Stop services, close the bus, stop the embedded server; each step bounded in time."""
+        self.phase = "stopping"
+        if self.system is not None:
+            await self.system.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        log.info("fleetmate stopped", extra={"node_id": self.node_id})

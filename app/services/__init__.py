@@ -1,0 +1,1 @@
+"""fleetmate's services, one package each: messages, pure state machine, bus handlers, errors."""

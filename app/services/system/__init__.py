@@ -1,0 +1,1 @@
+"""The system service: who this replica is, and which replicas share the bus."""

@@ -1,0 +1,42 @@
+"""Messages of the system service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Role = Literal["leader", "follower"]
+
+
+class ReplicaRecord(msgspec.Struct, frozen=True):
+    """What a replica announces in the replicas bucket every few seconds."""
+
+    node_id: str
+    http_url: str
+    version: str
+    started_at: float
+    seen_at: float
+    pid: int
+    host: str
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """A live description of one replica, answered over the bus."""
+
+    node_id: str
+    role: Role
+    leader_id: str
+    version: str
+    started_at: float
+    uptime_s: float
+    http_url: str
+    nats_servers: tuple[str, ...]
+    nats_connected_url: str
+    embedded_nats: bool
+    pid: int
+    rss_bytes: int
+
+
+class InfoRequest(msgspec.Struct, frozen=True):
+    """Ask a replica for its NodeInfo (empty today; room for options)."""

@@ -1,0 +1,119 @@
+"""System service handlers: answer NodeInfo over the bus and announce this replica in the KV bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
+from nats.micro.service import Service
+
+from app import __version__
+from app.bus import codec, subjects
+from app.bus.connection import Bus
+from app.bus.micro import Endpoint, HandlerError, call, start_service
+from app.bus.streams import ensure_kv
+from app.services.system.messages import InfoRequest, NodeInfo, ReplicaRecord
+
+log = logging.getLogger("fleetmate.system")
+
+ANNOUNCE_EVERY_S = 2.0
+REPLICA_TTL_S = 15.0
+
+
+class SystemService:
+    """Answers `fleetmate.system.<node>.info` and keeps this replica's record fresh."""
+
+    def __init__(self, bus: Bus, node_id: str, describe: Callable[[], NodeInfo]) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self.describe = describe
+        self._service: Service | None = None
+        self._kv: KeyValue | None = None
+        self._announcer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Register on the bus and start announcing."""
+        self._kv = await ensure_kv(self.bus.js, subjects.REPLICAS_BUCKET, ttl=REPLICA_TTL_S)
+        self._service = await start_service(
+            self.bus.nc,
+            name=subjects.SYSTEM_SERVICE,
+            version=__version__,
+            description="fleetmate replica information",
+            endpoints=[Endpoint("info", subjects.system_info(self.node_id), self._info)],
+            metadata={"node_id": self.node_id},
+        )
+        await self._announce_once()
+        self._announcer = asyncio.create_task(self._announce_loop(), name="system-announce")
+
+    async def _info(self, data: bytes) -> bytes:
+        if data:
+            try:
+                codec.decode(data, InfoRequest)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise HandlerError("400", f"bad InfoRequest: {exc}") from exc
+        return codec.encode(self.describe())
+
+    def _record(self) -> ReplicaRecord:
+        info = self.describe()
+        return ReplicaRecord(
+            node_id=info.node_id,
+            http_url=info.http_url,
+            version=info.version,
+            started_at=info.started_at,
+            seen_at=time.time(),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+
+    async def _announce_once(self) -> None:
+        assert self._kv is not None
+        await self._kv.put(self.node_id, codec.encode(self._record()))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
+            try:
+                await self._announce_once()
+            except Exception as exc:  # the bus may be reconnecting; the next round retries
+                log.debug("announce failed", extra={"error": str(exc)})
+
+    async def replicas(self) -> list[ReplicaRecord]:
+        """Every replica announced within the last REPLICA_TTL_S seconds."""
+        assert self._kv is not None
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            return []
+        out = []
+        for key in keys:
+            with contextlib.suppress(Exception):
+                entry = await self._kv.get(key)
+                if entry.value:
+                    out.append(codec.decode(entry.value, ReplicaRecord))
+        return sorted(out, key=lambda r: r.node_id)
+
+    async def ask(self, node_id: str, timeout: float = 2.0) -> NodeInfo:
+        """Ask any replica (this one included) for its NodeInfo over the bus."""
+        data = await call(self.bus.nc, subjects.system_info(node_id), codec.encode(InfoRequest()), timeout)
+        return codec.decode(data, NodeInfo)
+
+    async def stop(self) -> None:
+        """Stop announcing, withdraw the record, and leave the bus."""
+        if self._announcer:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcer
+        if self._kv is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._kv.delete(self.node_id), 1.0)
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                await self._service.stop()

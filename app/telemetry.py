@@ -1,0 +1,46 @@
+"""OpenTelemetry set-up: one tracer provider per process, exporter chosen by config."""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+from app import __version__
+from app.config import TelemetryConfig
+
+log = logging.getLogger("fleetmate.telemetry")
+TRACER_NAME = "fleetmate"
+
+
+def _exporter(cfg: TelemetryConfig) -> SpanExporter | None:
+    if cfg.exporter == "console":
+        return ConsoleSpanExporter()
+    if cfg.exporter == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=cfg.endpoint)
+    return None
+
+
+def setup(cfg: TelemetryConfig, node_id: str, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Install the global tracer provider; `exporter` overrides the configured one (tests)."""
+    resource = Resource.create(
+        {"service.name": cfg.service_name, "service.version": __version__, "service.instance.id": node_id}
+    )
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)))
+    chosen = exporter or _exporter(cfg)
+    if chosen is not None:
+        provider.add_span_processor(BatchSpanProcessor(chosen))
+    trace.set_tracer_provider(provider)
+    log.debug("tracing configured", extra={"exporter": cfg.exporter})
+    return provider
+
+
+def tracer() -> trace.Tracer:
+    """fleetmate's tracer from the current global provider."""
+    return trace.get_tracer(TRACER_NAME, __version__)

@@ -1,0 +1,48 @@
+"""Build the Litestar application for one Node: routes, errors, tokens, OpenAPI, /metrics, tracing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import __version__
+from app.config import parse_tokens
+from app.node import Node
+from app.web.auth import TokenGuard
+from app.web.errors import HANDLERS
+from app.web.metrics import HttpMetrics
+from app.web.observe import Observe
+from app.web.routes.system import SystemController
+
+
+def create_app(node: Node) -> Observe:
+    """The ASGI application served by Granian: Litestar wrapped in the tracing/metrics layer."""
+    metrics = HttpMetrics(node)
+
+    @get("/metrics", opt={"public": True}, include_in_schema=False, sync_to_thread=False)
+    def prometheus() -> Response[bytes]:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    tokens = parse_tokens(node.cfg)
+    guards: list[Any] = [TokenGuard(tokens)] if tokens else []
+    litestar = Litestar(
+        route_handlers=[SystemController, prometheus],
+        state=State({"node": node}),
+        exception_handlers=HANDLERS,
+        guards=guards,
+        openapi_config=OpenAPIConfig(
+            title="fleetmate",
+            version=__version__,
+            description="Control plane for fleets of databases.",
+            path="/schema",
+            render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger")],
+        ),
+        debug=False,
+        logging_config=None,  # fleetmate's own structured logging handles every record
+    )
+    return Observe(litestar, metrics)

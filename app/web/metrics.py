@@ -1,0 +1,81 @@
+"""Prometheus figures: process, HTTP requests and the bus, in one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from app.node import Node
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and no dashboard reads them
+
+
+class _NodeCollector(Collector):
+    """Reads bus and node figures at scrape time, so nothing is counted twice."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        yield GaugeMetricFamily("fleetmate_uptime_seconds", "Seconds since the process started", node.uptime())
+        bus = node.bus
+        yield GaugeMetricFamily(
+            "fleetmate_bus_connected", "1 while connected to NATS", 1.0 if bus and bus.connected else 0.0
+        )
+        stats = bus.stats() if bus else {}
+        for key, help_text in (
+            ("in_msgs", "Messages received from NATS"),
+            ("out_msgs", "Messages sent to NATS"),
+            ("in_bytes", "Bytes received from NATS"),
+            ("out_bytes", "Bytes sent to NATS"),
+            ("reconnects", "Reconnections to NATS"),
+            ("errors_received", "Protocol errors received from NATS"),
+        ):
+            yield CounterMetricFamily(f"fleetmate_bus_{key}", help_text, value=float(stats.get(key, 0)))
+        emb = node.embedded
+        if emb is not None:
+            yield CounterMetricFamily(
+                "fleetmate_nats_embedded_restarts",
+                "Unexpected exits of the embedded nats-server",
+                emb.restarts,
+            )
+            yield GaugeMetricFamily(
+                "fleetmate_nats_embedded_up", "1 while the embedded nats-server runs", 1.0 if emb.pid else 0.0
+            )
+            if emb.pid:
+                try:
+                    import psutil
+
+                    rss = psutil.Process(emb.pid).memory_info().rss
+                except Exception:
+                    rss = 0
+                yield GaugeMetricFamily(
+                    "fleetmate_nats_embedded_resident_memory_bytes", "RSS of the embedded nats-server", rss
+                )
+
+
+class HttpMetrics:
+    """The app's registry with the HTTP request counter and latency histogram."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_NodeCollector(node))
+        self.requests = Counter(
+            "fleetmate_http_requests",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fleetmate_http_request_duration_seconds",
+            "HTTP request latency by method and route template",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )

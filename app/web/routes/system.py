@@ -1,0 +1,128 @@
+"""System routes: health, readiness, the cluster view, a replica's live info, the effective config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Response, get
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from app import config as config_mod
+from app.errors import NotFound, Unavailable
+from app.node import Node
+from app.services.system.messages import NodeInfo, ReplicaRecord
+from app.web.errors import ErrorBody
+
+
+class Health(msgspec.Struct, frozen=True):
+    """The process is alive."""
+
+    status: str
+    node_id: str
+
+
+class Ready(msgspec.Struct, frozen=True):
+    """Whether the replica can serve, and why not."""
+
+    ready: bool
+    reason: str = ""
+
+
+class LeaderView(msgspec.Struct, frozen=True):
+    """Who leads and where to reach it."""
+
+    node_id: str
+    http_url: str
+
+
+class ClusterView(msgspec.Struct, frozen=True):
+    """This replica, the leader, the NATS servers, and every replica announced on the bus."""
+
+    node_id: str
+    role: str
+    leader: LeaderView
+    version: str
+    uptime_s: float
+    http_url: str
+    nats_servers: tuple[str, ...]
+    nats_connected_url: str
+    embedded_nats: bool
+    replicas: list[ReplicaRecord]
+
+
+def _node(state: State) -> Node:
+    node: Node = state.node
+    return node
+
+
+class SystemController(Controller):
+    """/api/v1 system endpoints."""
+
+    path = "/api/v1"
+    tags = ["system"]
+
+    @get("/health", opt={"public": True}, summary="Process alive")
+    async def health(self, state: State) -> Health:
+        """Answers 200 while the process runs."""
+        return Health(status="ok", node_id=_node(state).node_id)
+
+    @get(
+        "/ready",
+        opt={"public": True},
+        summary="Ready to serve",
+        responses={503: ResponseSpec(data_container=Ready, description="Not ready; reason says why")},
+    )
+    async def ready(self, state: State) -> Response[Ready]:
+        """200 when the bus is connected, JetStream answers and services run; 503 with the reason otherwise."""
+        reason = await _node(state).not_ready()
+        if reason is None:
+            return Response(Ready(ready=True))
+        return Response(Ready(ready=False, reason=reason), status_code=503)
+
+    @get("/cluster", summary="This replica, the leader and the replicas")
+    async def cluster(self, state: State) -> ClusterView:
+        """The cluster as this replica sees it."""
+        node = _node(state)
+        info = node.describe()
+        if node.system is None:
+            raise Unavailable("services are starting")
+        replicas = await node.system.replicas()
+        leader_url = next((r.http_url for r in replicas if r.node_id == info.leader_id), info.http_url)
+        return ClusterView(
+            node_id=info.node_id,
+            role=info.role,
+            leader=LeaderView(node_id=info.leader_id, http_url=leader_url),
+            version=info.version,
+            uptime_s=info.uptime_s,
+            http_url=info.http_url,
+            nats_servers=info.nats_servers,
+            nats_connected_url=info.nats_connected_url,
+            embedded_nats=info.embedded_nats,
+            replicas=replicas,
+        )
+
+    @get(
+        "/cluster/replicas/{node_id:str}",
+        summary="Live information from one replica, asked over the bus",
+        responses={404: ResponseSpec(data_container=ErrorBody, description="No such replica answered")},
+    )
+    async def replica(self, state: State, node_id: str) -> NodeInfo:
+        """Ask the named replica (any replica on the bus) for its NodeInfo."""
+        node = _node(state)
+        if node.system is None:
+            raise Unavailable("services are starting")
+        if not config_mod.NODE_ID_RE.match(node_id):
+            raise NotFound(f"no replica named {node_id!r}")
+        try:
+            return await node.system.ask(node_id)
+        except (NoRespondersError, NatsTimeout):
+            raise NotFound(f"replica {node_id!r} did not answer") from None
+
+    @get("/config", opt={"scope": "admin"}, summary="The effective configuration, secrets masked")
+    async def config(self, state: State) -> dict[str, Any]:
+        """Admin only: what this replica runs with."""
+        return config_mod.to_dict(_node(state).cfg)

@@ -1,0 +1,80 @@
+"""Granian embedded in fleetmate's event loop: bind, serve, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+
+from granian.constants import Interfaces
+from granian.server.embed import Server
+
+from app.web.observe import Observe
+
+
+class PortInUse(OSError):
+    """The HTTP port is taken by another process."""
+
+
+def resolve_port(host: str, port: int) -> int:
+    """Check the address can be bound; port 0 becomes a free port chosen now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(f"{host}:{port} is already in use") from None
+            raise
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+class HttpServer:
+    """Runs Granian (ASGI, no lifespan) as a task on the current loop."""
+
+    def __init__(self, app: Observe, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._server = Server(
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGINL,
+            log_enabled=True,
+            # Granian applies a dictConfig; this one hands its records to fleetmate's root handler.
+            log_dictconfig={
+                "loggers": {
+                    "_granian": {"handlers": [], "level": "INFO", "propagate": True},
+                    "granian.access": {"handlers": [], "level": "WARNING", "propagate": True},
+                }
+            },
+            log_access=False,
+            backlog=1024,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> asyncio.Task[None]:
+        """Start serving; the returned task ends when the server stops."""
+        self._task = asyncio.create_task(self._server.serve(), name="granian")
+        return self._task
+
+    async def stop(self, grace: float = 3.0) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), and end the task."""
+        if self._task is None or self._task.done():
+            return
+        self._server.signal_handler_interrupt()  # type: ignore[no-untyped-call]
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
