@@ -43,6 +43,7 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: Port = 21510
+    advertise_url: str = ""
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -273,6 +274,8 @@ def validate(cfg: Config) -> Config:
     if not cfg.node_id:
         host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "fleetmate"
         cfg = msgspec.structs.replace(cfg, node_id=host)
+    if cfg.http.advertise_url and not re.match(r"^https?://[^\s/]+(:\d+)?(/.*)?$", cfg.http.advertise_url):
+        raise ConfigError("http.advertise_url", f"{cfg.http.advertise_url!r} is not an http(s):// URL")
     for url in cfg.nats.url:
         if not NATS_URL_RE.match(url):
             raise ConfigError("nats.url", f"{url!r} is not a nats://host:port URL")

@@ -59,7 +59,24 @@ class Bus:
 
     async def connect(self, timeout: float) -> None:
         """Connect, retrying until `timeout` seconds pass; then reconnect forever in the background."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: Exception | None = None
+        while loop.time() < deadline:
+            try:
+                # nats-py retries the initial connect by itself when reconnect is allowed: bound it.
+                self._nc = await asyncio.wait_for(self._connect_once(deadline - loop.time()), deadline - loop.time())
+                break
+            except Exception as exc:  # nats raises several unrelated types for "cannot connect"
+                last = exc
+                await asyncio.sleep(0.2)
+        if self._nc is None:
+            reason = (str(last) or type(last).__name__) if last else "timed out"
+            raise BusError(f"cannot connect to NATS at {', '.join(self.servers)}: {reason}")
+        self._js = self._nc.jetstream()
+        log.info("bus connected", extra={"url": self.connected_url})
 
+    async def _connect_once(self, remaining: float) -> Client:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error", extra={"error": str(exc) or type(exc).__name__})
 
@@ -71,32 +88,19 @@ class Bus:
             self.reconnects += 1
             log.info("nats reconnected", extra={"url": self.connected_url})
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last: Exception | None = None
-        while loop.time() < deadline:
-            try:
-                self._nc = await nats.connect(
-                    servers=self.servers,
-                    name=self.name,
-                    connect_timeout=max(0.5, min(2.0, deadline - loop.time())),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
-                    ping_interval=5,
-                    max_outstanding_pings=3,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect,
-                )
-                break
-            except Exception as exc:  # nats raises several unrelated types for "cannot connect"
-                last = exc
-                await asyncio.sleep(0.2)
-        if self._nc is None:
-            raise BusError(f"cannot connect to NATS at {', '.join(self.servers)}: {last}")
-        self._js = self._nc.jetstream()
-        log.info("bus connected", extra={"url": self.connected_url})
+        return await nats.connect(
+            servers=self.servers,
+            name=self.name,
+            connect_timeout=max(0.5, min(2.0, remaining)),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
 
     async def jetstream_ok(self, timeout: float = 2.0) -> str | None:
         """None when JetStream answers; otherwise the reason it does not."""

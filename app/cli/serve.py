@@ -37,7 +37,7 @@ async def serve(cfg: Config) -> int:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return EXIT_FAILED
     http = HttpServer(create_app(node), cfg.http.host, port)
-    node.http_url = http.url
+    node.http_url = cfg.http.advertise_url or http.url
     http_task = http.start()
     log.info("http gateway listening", extra={"url": http.url})
 

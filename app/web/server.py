@@ -58,8 +58,9 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        """The base URL clients use."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The base URL clients use: the bound address, or this host's name when bound to all interfaces."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
     def start(self) -> asyncio.Task[None]:

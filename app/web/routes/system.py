@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -110,7 +111,7 @@ class SystemController(Controller):
         summary="Live information from one replica, asked over the bus",
         responses={404: ResponseSpec(data_container=ErrorBody, description="No such replica answered")},
     )
-    async def replica(self, state: State, node_id: str) -> NodeInfo:
+    async def replica(self, state: State, node_id: FromPath[str]) -> NodeInfo:
         """Ask the named replica (any replica on the bus) for its NodeInfo."""
         node = _node(state)
         if node.system is None:

@@ -1,0 +1,46 @@
+# fleetmate's everyday verbs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint typecheck pytest bench install clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@if ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+		echo "fleetmate needs Python 3.11 or newer as $(PYTHON)"; exit 1; fi
+	@if [ ! -x $(PY) ]; then \
+		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+			echo "python3-venv is missing; installing it (Debian/Ubuntu)"; \
+			apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }; fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP) ## create .venv and install fleetmate with its test tools
+
+run: $(STAMP) ## run a replica in the foreground on the embedded default (Ctrl-C stops it)
+	$(VENV)/bin/fleetmate serve
+
+lint: $(STAMP) ## ruff (lint and format check)
+	$(VENV)/bin/ruff check --output-format concise app tests bench
+	$(VENV)/bin/ruff format --check app tests bench
+
+typecheck: $(STAMP) ## mypy --strict on app/
+	$(VENV)/bin/mypy app
+
+pytest: $(STAMP) ## the test suite alone
+	$(PY) -m pytest -ra -q
+
+test: lint typecheck pytest ## everything CI runs: lint, types, tests
+
+bench: $(STAMP) ## run the benchmarks in bench/ (JSON results under bench/results/)
+	$(PY) bench/startup.py
+
+clean: ## remove the virtualenv, caches and the local data dir
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data

@@ -1,0 +1,204 @@
+"""Test harness: real nats-server and fleetmate processes on free ports in temporary directories."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from app.bus.embedded import find_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll predicate() until it returns a truthy value; fail with `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class NatsServer:
+    """A nats-server with JetStream on a free port, in its own directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> NatsServer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [find_binary(), "-js", "-sd", str(self.dir), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "nats.log", "wb"),  # noqa: SIM115
+        )
+
+        def listening() -> bool:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+
+        wait_for(listening, 10, f"nats-server on {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Fleetmate:
+    """`fleetmate serve` as a subprocess; its stderr (JSON log lines) is collected in `lines`."""
+
+    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.dir = workdir
+        self.env = {
+            "FLEETMATE_DATA_DIR": str(workdir / "data"),
+            "FLEETMATE_HTTP_PORT": "0",
+            "FLEETMATE_NATS_PORT": "0",
+            "FLEETMATE_LOG_FORMAT": "json",
+            "FLEETMATE_NODE_ID": "t1",
+            **(env or {}),
+        }
+        self.args = args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.url = ""
+        self._reader: threading.Thread | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 20) -> Fleetmate:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMATE_")}
+        env.update(self.env)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", *self.args],
+            cwd=self.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait_ready:
+            self.url = wait_for(self._ready_url, timeout, "fleetmate ready line")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc
+        assert self.proc.stderr
+        for raw in self.proc.stderr:
+            text = raw.decode("utf-8", "replace").rstrip()
+            self.raw.append(text)
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(text))
+
+    def _ready_url(self) -> str | None:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"fleetmate exited with {self.proc.returncode}: {self.raw[-10:]}")
+        for line in self.lines:
+            if line.get("msg") == "fleetmate ready":
+                url: str = line["http"]
+                return url
+        return None
+
+    def logged(self, msg: str) -> list[dict[str, Any]]:
+        """Log records whose message is msg."""
+        return [line for line in self.lines if line.get("msg") == msg]
+
+    def get(self, path: str, token: str | None = None, timeout: float = 5) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(self.url + path, headers=headers, timeout=timeout)
+
+    def children(self) -> list[psutil.Process]:
+        assert self.proc
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Signal the process and wait; returns its exit code."""
+        assert self.proc
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"fleetmate did not stop within {timeout}s") from None
+        if self._reader:
+            self._reader.join(2)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_cli(
+    args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run the fleetmate command to completion with exactly these FLEETMATE_* variables."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMATE_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def running(fm: Fleetmate) -> Iterator[Fleetmate]:
+    """Start fleetmate, and make sure it is gone afterwards whatever happens."""
+    fm.start()
+    try:
+        yield fm
+    finally:
+        if fm.proc and fm.proc.poll() is None:
+            kids = fm.children()
+            fm.kill()
+            for kid in kids:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    kid.kill()

@@ -1,0 +1,188 @@
+"""The configuration loader: defaults, files, environment, and every bad value stopping start-up."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from app import config
+from tests.harness import run_cli
+
+
+def test_default_toml_matches_struct_defaults() -> None:
+    # A wheel install has no config/default.toml: the Struct defaults must say the same.
+    with config.DEFAULT_TOML.open("rb") as fh:
+        from_file = msgspec.convert(tomllib.load(fh), config.Config)
+    assert from_file == config.Config()
+
+
+def test_every_key_is_documented_in_default_toml() -> None:
+    lines = config.DEFAULT_TOML.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-z_]+ = ", line):
+            assert lines[i - 1].startswith("#"), f"key without a comment: {line}"
+    keys = set(config.env_keys().values())
+    text = config.DEFAULT_TOML.read_text()
+    for key in keys:
+        assert re.search(rf"^{key.rsplit('.', 1)[-1]} = ", text, re.M), key
+
+
+def test_env_names_cover_every_key() -> None:
+    keys = config.env_keys()
+    assert keys["FLEETMATE_HTTP_PORT"] == "http.port"
+    assert keys["FLEETMATE_NATS_URL"] == "nats.url"
+    assert keys["FLEETMATE_DATA_DIR"] == "data_dir"
+    assert keys["FLEETMATE_NODE_ID"] == "node_id"
+    assert keys["FLEETMATE_LOG_LEVEL"] == "log_level"
+    assert keys["FLEETMATE_NATS_SYNC_ALWAYS"] == "nats.sync_always"
+
+
+def test_precedence_file_then_env(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('log_level = "debug"\n[http]\nport = 1234\nhost = "localhost"\n')
+    env = {"FLEETMATE_DATA_DIR": str(tmp_path / "d"), "FLEETMATE_HTTP_PORT": "4321"}
+    cfg = config.load(path, env)
+    assert cfg.log_level == "debug"
+    assert cfg.http.port == 4321
+    assert cfg.http.host == "localhost"
+    assert cfg.data_path == (tmp_path / "d").resolve()
+
+
+def test_env_lists_and_bools(tmp_path: Path) -> None:
+    env = {
+        "FLEETMATE_DATA_DIR": str(tmp_path),
+        "FLEETMATE_NATS_URL": "nats://a:4222, nats://b:4222",
+        "FLEETMATE_NATS_SYNC_ALWAYS": "false",
+        "FLEETMATE_AUTH_TOKENS": "read:readsecret1,admin:adminsecret1",
+    }
+    cfg = config.load(None, env)
+    assert cfg.nats.url == ("nats://a:4222", "nats://b:4222")
+    assert not cfg.embedded_nats
+    assert cfg.nats.sync_always is False
+    assert [t.scope for t in config.parse_tokens(cfg)] == ["read", "admin"]
+
+
+def test_node_id_defaults_to_host_name(tmp_path: Path) -> None:
+    cfg = config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path)})
+    assert config.NODE_ID_RE.match(cfg.node_id)
+
+
+def test_secrets_masked_in_dict(tmp_path: Path) -> None:
+    cfg = config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_AUTH_TOKENS": "admin:topsecret99"})
+    assert config.to_dict(cfg)["auth"]["tokens"] == ["admin:***"]
+    assert "topsecret99" not in config.to_toml(config.to_dict(cfg))
+    assert config.secrets(cfg) == ("topsecret99",)
+
+
+BAD_ENV = [
+    ({"FLEETMATE_HTTP_PORT": "abc"}, "http.port (FLEETMATE_HTTP_PORT): expected an integer, got 'abc'"),
+    ({"FLEETMATE_HTTP_PORT": "70000"}, "http.port (FLEETMATE_HTTP_PORT): must be <= 65535"),
+    ({"FLEETMATE_NATS_PORT": "-1"}, "nats.port (FLEETMATE_NATS_PORT): must be >= 0"),
+    ({"FLEETMATE_LOG_LEVEL": "loud"}, "log_level (FLEETMATE_LOG_LEVEL): expected one of 'debug', 'info'"),
+    ({"FLEETMATE_LOG_FORMAT": "xml"}, "log_format (FLEETMATE_LOG_FORMAT): expected one of 'json', 'text'"),
+    ({"FLEETMATE_TELEMETRY_EXPORTER": "jaeger"}, "telemetry.exporter (FLEETMATE_TELEMETRY_EXPORTER)"),
+    ({"FLEETMATE_TELEMETRY_EXPORTER": "otlp"}, "telemetry.endpoint: required when telemetry.exporter is 'otlp'"),
+    ({"FLEETMATE_TELEMETRY_SAMPLE_RATIO": "2"}, "telemetry.sample_ratio (FLEETMATE_TELEMETRY_SAMPLE_RATIO)"),
+    ({"FLEETMATE_NATS_CONNECT_TIMEOUT": "0"}, "nats.connect_timeout (FLEETMATE_NATS_CONNECT_TIMEOUT): must be > 0"),
+    ({"FLEETMATE_NATS_SYNC_ALWAYS": "maybe"}, "nats.sync_always (FLEETMATE_NATS_SYNC_ALWAYS): expected true or false"),
+    ({"FLEETMATE_NATS_URL": "http://x:1"}, "nats.url (FLEETMATE_NATS_URL): 'http://x:1' is not a nats://host:port URL"),
+    ({"FLEETMATE_NODE_ID": "a b"}, "node_id (FLEETMATE_NODE_ID): 'a b' must be 1-64 letters"),
+    ({"FLEETMATE_AUTH_TOKENS": "root:whatever99"}, "auth.tokens (FLEETMATE_AUTH_TOKENS): each token must be"),
+    ({"FLEETMATE_AUTH_TOKENS": "admin:short"}, "auth.tokens (FLEETMATE_AUTH_TOKENS): a admin token must be at least"),
+    ({"FLEETMATE_AUTH_TOKENS_FILE": "/nonexistent/tokens"}, "auth.tokens_file (FLEETMATE_AUTH_TOKENS_FILE): cannot"),
+    ({"FLEETMATE_HTTP_HOST": "0.0.0.0"}, "http.host (FLEETMATE_HTTP_HOST): binding 0.0.0.0 (not loopback) needs"),
+    ({"FLEETMATE_HTTP_ADVERTISE_URL": "ftp://x"}, "http.advertise_url (FLEETMATE_HTTP_ADVERTISE_URL): 'ftp://x' is"),
+    ({"FLEETMATE_HTTP_PROT": "1"}, "FLEETMATE_HTTP_PROT: unknown FLEETMATE_ variable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"), BAD_ENV, ids=[next(iter(e)) + "=" + next(iter(e.values())) for e, _ in BAD_ENV]
+)
+def test_bad_env_value_raises_naming_the_key(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path), **env})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_unwritable_data_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, {"FLEETMATE_DATA_DIR": str(blocker / "sub")})
+    assert str(err.value).startswith("data_dir (FLEETMATE_DATA_DIR): ")
+    assert "not writable" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[http]\nport = "x"\n', "http.port: expected an integer, got a value of type str"),
+        ("[http]\nbogus = 1\n", "http.bogus: unknown key in"),
+        ("surprise = 1\n", "surprise: unknown key in"),
+        ("http = 3\n", "http: expected a table in"),
+        ("[nats]\nurl = [1]\n", "nats.url: "),
+        ("this is not toml", "--config: "),
+    ],
+)
+def test_bad_config_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path, {"FLEETMATE_DATA_DIR": str(tmp_path)})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+# The same through the real command: exit code 2 and one line naming the key.
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"FLEETMATE_HTTP_PORT": "abc"}, "http.port (FLEETMATE_HTTP_PORT)"),
+        ({"FLEETMATE_LOG_LEVEL": "loud"}, "log_level (FLEETMATE_LOG_LEVEL)"),
+        ({"FLEETMATE_DATA_DIR": "/proc/forbidden/data"}, "data_dir (FLEETMATE_DATA_DIR)"),
+        ({"FLEETMATE_HTTP_HOST": "0.0.0.0"}, "http.host (FLEETMATE_HTTP_HOST)"),
+    ],
+)
+def test_serve_exits_2_on_bad_value(tmp_path: Path, env: dict[str, str], key: str) -> None:
+    full = {"FLEETMATE_DATA_DIR": str(tmp_path / "data"), **env}
+    result = run_cli(["serve"], full, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"fleetmate: config error: {key}: ")
+    assert not (tmp_path / "data" / "nats").exists()  # nothing was started
+
+
+def test_serve_exits_2_on_missing_config_file(tmp_path: Path) -> None:
+    result = run_cli(
+        ["serve", "--config", str(tmp_path / "nope.toml")], {"FLEETMATE_DATA_DIR": str(tmp_path)}, tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("fleetmate: config error: --config: file not found")
+
+
+def test_config_show_masks_secrets(tmp_path: Path) -> None:
+    env = {
+        "FLEETMATE_DATA_DIR": str(tmp_path),
+        "FLEETMATE_AUTH_TOKENS": "admin:verysecret1",
+        "FLEETMATE_HTTP_PORT": "9",
+    }
+    result = run_cli(["config", "show"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "verysecret1" not in result.stdout
+    shown = tomllib.loads(result.stdout)
+    assert shown["auth"]["tokens"] == ["admin:***"]
+    assert shown["http"]["port"] == 9
+    as_json = run_cli(["config", "show", "--json"], env, tmp_path)
+    assert msgspec.json.decode(as_json.stdout)["http"]["port"] == 9
+
+
+def test_config_keys_lists_every_variable(tmp_path: Path) -> None:
+    result = run_cli(["config", "keys"], {}, tmp_path)
+    assert result.returncode == 0
+    for env in config.env_keys():
+        assert env in result.stdout

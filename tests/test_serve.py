@@ -1,0 +1,179 @@
+"""`fleetmate serve` as a real process: embedded and external NATS, endpoints, shutdown, crash handling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import Fleetmate, NatsServer, running, wait_for
+
+
+def _check_endpoints(fm: Fleetmate) -> dict[str, object]:
+    health = fm.get("/api/v1/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "node_id": "t1"}
+
+    ready = fm.get("/api/v1/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["ready"] is True
+
+    cluster = fm.get("/api/v1/cluster")
+    assert cluster.status_code == 200
+    body: dict[str, object] = cluster.json()
+    assert body["node_id"] == "t1"
+    assert body["role"] == "leader"
+    assert body["leader"] == {"node_id": "t1", "http_url": fm.url}
+    assert body["http_url"] == fm.url
+    assert body["uptime_s"] > 0  # type: ignore[operator]
+    assert [r["node_id"] for r in body["replicas"]] == ["t1"]  # type: ignore[attr-defined]
+
+    metrics = fm.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for name in (
+        "process_resident_memory_bytes",
+        "fleetmate_uptime_seconds",
+        "fleetmate_bus_connected 1.0",
+        "fleetmate_bus_out_msgs_total",
+        'fleetmate_http_requests_total{method="GET",route="/api/v1/cluster",status="200"} 1.0',
+        "fleetmate_http_request_duration_seconds_bucket",
+    ):
+        assert name in metrics.text, name
+
+    schema = fm.get("/schema/openapi.json")
+    assert schema.status_code == 200
+    paths = schema.json()["paths"]
+    for path in ("/api/v1/health", "/api/v1/ready", "/api/v1/cluster", "/api/v1/cluster/replicas/{node_id}"):
+        assert path in paths
+    docs = fm.get("/schema/")
+    assert docs.status_code == 200
+    assert "text/html" in docs.headers["content-type"]
+
+    missing = fm.get("/no/such/route")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not_found", "message": "no route for GET /no/such/route"}
+    return body
+
+
+def _assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+
+
+def test_embedded_default_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        body = _check_endpoints(fm)
+        assert body["embedded_nats"] is True
+        nats_url = body["nats_servers"][0]  # type: ignore[index]
+        assert nats_url.startswith("nats://127.0.0.1:")
+        assert body["nats_connected_url"] == nats_url
+        kids = fm.children()
+        assert [k.name() for k in kids] == ["nats-server"]
+        conf = (tmp_path / "data" / "nats" / "nats-server.conf").read_text()
+        assert "sync_interval: always" in conf
+        assert str(tmp_path / "data" / "nats" / "jetstream") in conf
+
+        started = time.monotonic()
+        assert fm.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5
+        _assert_gone([k.pid for k in kids])
+    assert fm.logged("fleetmate stopped")
+
+
+def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        kids = [k.pid for k in fm.children()]
+        assert fm.stop(signal.SIGINT) == 0
+        _assert_gone(kids)
+
+
+def test_external_nats(tmp_path: Path, nats_server: NatsServer) -> None:
+    fm = Fleetmate(tmp_path, env={"FLEETMATE_NATS_URL": nats_server.url})
+    with running(fm):
+        body = _check_endpoints(fm)
+        assert body["embedded_nats"] is False
+        assert body["nats_servers"] == [nats_server.url]
+        assert fm.children() == []
+        assert not (tmp_path / "data" / "nats").exists()
+        assert fm.stop() == 0
+    assert nats_server.proc is not None
+    assert nats_server.proc.poll() is None
+
+
+def test_ready_reports_bus_outage(tmp_path: Path, nats_server: NatsServer) -> None:
+    fm = Fleetmate(tmp_path, env={"FLEETMATE_NATS_URL": nats_server.url})
+    with running(fm):
+        nats_server.stop()
+
+        def not_ready() -> str:
+            r = fm.get("/api/v1/ready")
+            return r.json()["reason"] if r.status_code == 503 else ""
+
+        reason = wait_for(not_ready, 10, "ready to turn 503")
+        assert reason == "not connected to NATS"
+        assert fm.get("/api/v1/health").status_code == 200  # alive, just not ready
+        nats_server.start()
+        wait_for(lambda: fm.get("/api/v1/ready").status_code == 200, 20, "ready again after NATS is back")
+        assert fm.logged("nats reconnected")
+        assert fm.stop() == 0
+
+
+def test_embedded_nats_crash_is_reported_and_recovered(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        (child,) = fm.children()
+        os.kill(child.pid, signal.SIGKILL)
+
+        wait_for(lambda: fm.logged("embedded nats-server exited unexpectedly; restarting"), 10, "crash report")
+        crash = fm.logged("embedded nats-server exited unexpectedly; restarting")[0]
+        assert crash["level"] == "error"
+        assert crash["exit_code"] == -signal.SIGKILL
+        wait_for(lambda: fm.get("/api/v1/ready").status_code == 200, 20, "ready again after restart")
+        (new_child,) = fm.children()
+        assert new_child.pid != child.pid
+        assert "fleetmate_nats_embedded_restarts_total 1.0" in fm.get("/metrics").text
+        assert fm.stop() == 0
+
+
+def test_sigkill_of_fleetmate_leaves_no_nats_server(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        (child,) = fm.children()
+        fm.kill()
+        wait_for(lambda: not psutil.pid_exists(child.pid), 10, "orphaned nats-server to exit")
+
+
+def test_port_in_use_fails_with_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        fm = Fleetmate(tmp_path, env={"FLEETMATE_HTTP_PORT": str(port)})
+        fm.start(wait_ready=False)
+        assert fm.proc is not None
+        assert fm.proc.wait(20) == 1
+        fm.stop()
+    errors = [line for line in fm.lines if line.get("level") == "error"]
+    assert errors
+    assert "already in use" in errors[0]["error"]
+
+
+@pytest.mark.parametrize("bad_url", ["nats://127.0.0.1:1"])
+def test_unreachable_external_nats_fails_start(tmp_path: Path, bad_url: str) -> None:
+    fm = Fleetmate(tmp_path, env={"FLEETMATE_NATS_URL": bad_url, "FLEETMATE_NATS_CONNECT_TIMEOUT": "1"})
+    fm.start(wait_ready=False)
+    assert fm.proc is not None
+    assert fm.proc.wait(20) == 1
+    fm.stop()
+    failed = fm.logged("start-up failed")
+    assert failed
+    assert "cannot connect to NATS" in failed[0]["error"]
