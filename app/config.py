@@ -63,6 +63,20 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sync_always: bool = True
 
 
+class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The registry: limits, sessions, watch history, the log stream, rate limits."""
+
+    max_data_bytes: Annotated[int, msgspec.Meta(ge=0, le=4 << 20)] = 1 << 20
+    max_path_bytes: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 4096
+    session_timeout_min_ms: Annotated[int, msgspec.Meta(ge=100)] = 4000
+    session_timeout_max_ms: Annotated[int, msgspec.Meta(ge=100)] = 40000
+    event_history: Annotated[int, msgspec.Meta(ge=0)] = 10000
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    write_timeout: Seconds = 10.0
+    rate_limit_total: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    rate_limit_per_client: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+
+
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing."""
 
@@ -83,6 +97,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    registry: RegistryConfig = msgspec.field(default_factory=RegistryConfig)
 
     @property
     def data_path(self) -> Path:
@@ -107,6 +122,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "auth": AuthConfig,
     "nats": NatsConfig,
     "telemetry": TelemetryConfig,
+    "registry": RegistryConfig,
 }
 SECRET_KEYS = frozenset({"auth.tokens"})
 
@@ -279,6 +295,9 @@ def validate(cfg: Config) -> Config:
     for url in cfg.nats.url:
         if not NATS_URL_RE.match(url):
             raise ConfigError("nats.url", f"{url!r} is not a nats://host:port URL")
+    reg = cfg.registry
+    if reg.session_timeout_min_ms > reg.session_timeout_max_ms:
+        raise ConfigError("registry.session_timeout_min_ms", "must not exceed registry.session_timeout_max_ms")
     if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
         raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
     for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host)):

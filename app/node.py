@@ -12,6 +12,7 @@ from app import __version__
 from app.bus.connection import Bus
 from app.bus.embedded import EmbeddedNats
 from app.config import Config
+from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
 
@@ -30,6 +31,7 @@ class Node:
         self.embedded: EmbeddedNats | None = None
         self.bus: Bus | None = None
         self.system: SystemService | None = None
+        self.registry: RegistryService | None = None
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
 
@@ -59,6 +61,9 @@ class Node:
         self.phase = "starting services"
         self.system = SystemService(self.bus, self.node_id, self.describe)
         await self.system.start()
+        self.phase = "catching up with the registry log"
+        self.registry = RegistryService(self.bus, cfg.registry, cfg.data_path, self.node_id)
+        await self.registry.start()
         self.phase = "running"
         log.info(
             "fleetmate ready",
@@ -98,11 +103,15 @@ class Node:
         if self.embedded is not None and not self.embedded.running.is_set():
             return f"embedded nats-server is down (last exit code {self.embedded.last_exit}); restarting"
         assert self.bus is not None
+        if self.registry is not None and self.registry.log.failed:
+            return self.registry.log.failed
         return await self.bus.jetstream_ok()
 
     async def stop(self) -> None:
         """Stop services, close the bus, stop the embedded server; each step bounded in time."""
         self.phase = "stopping"
+        if self.registry is not None:
+            await self.registry.stop()
         if self.system is not None:
             await self.system.stop()
         if self.bus is not None:

@@ -11,6 +11,14 @@ SYSTEM_SERVICE = "fleetmate-system"
 REPLICAS_BUCKET = "fleetmate_replicas"
 
 
+# The registry's log stream and its subject.
+REGISTRY_STREAM = "FLEETMATE_REGISTRY"
+REGISTRY_LOG = f"{PREFIX}.log.registry"
+# nats.micro service of the registry; keepalives go to the leader on this subject.
+REGISTRY_SERVICE = "fleetmate-registry"
+REGISTRY_KEEPALIVE = f"{PREFIX}.registry.keepalive"
+
+
 def system_info(node_id: str) -> str:
     """Request subject answered by one replica's system service with its NodeInfo."""
     return f"{PREFIX}.system.{node_id}.info"

@@ -17,7 +17,9 @@ from app.web.auth import TokenGuard
 from app.web.errors import HANDLERS
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
+from app.web.routes.registry import registry_routes
 from app.web.routes.system import SystemController
+from app.web.routes.watch import watch_routes
 
 
 def create_app(node: Node) -> Observe:
@@ -31,7 +33,7 @@ def create_app(node: Node) -> Observe:
     tokens = parse_tokens(node.cfg)
     guards: list[Any] = [TokenGuard(tokens)] if tokens else []
     litestar = Litestar(
-        route_handlers=[SystemController, prometheus],
+        route_handlers=[SystemController, prometheus, *registry_routes(node), *watch_routes(node)],
         state=State({"node": node}),
         exception_handlers=HANDLERS,
         guards=guards,

@@ -57,7 +57,9 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 
 def _fleetmate_error(request: Request[Any, Any, Any], exc: FleetmateError) -> Response[ErrorBody]:
-    return error_response(exc.status, exc.code, exc.message)
+    detail = exc.detail() if hasattr(exc, "detail") else None
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return error_response(exc.status, exc.code, exc.message, detail, headers)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

@@ -1,0 +1,243 @@
+"""The shared log: append through the batcher, apply every entry in order, answer writers, read barriers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from app.bus.connection import Bus
+from app.bus.streams import ensure_stream
+from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
+
+log = logging.getLogger("fleetmate.log")
+
+C = TypeVar("C")
+C_contra = TypeVar("C_contra", contravariant=True)
+
+
+class Machine(Protocol[C_contra]):
+    """A deterministic state machine: apply one command, return (result, events)."""
+
+    def apply(self, cmd: C_contra) -> tuple[Any, list[Any]]: ...
+
+
+class LogFailed(RuntimeError):
+    """The applier stopped (an entry could not be applied): this replica cannot serve."""
+
+
+class SharedLog(Generic[C]):
+    """One JetStream stream as a replicated log feeding one state machine."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        stream: str,
+        subject: str,
+        replicas: int,
+        node_id: str,
+        machine: Machine[C],
+        encode: Callable[[Sequence[C]], bytes],
+        decode: Callable[[bytes], Sequence[C]],
+        commit: Callable[[int, list[Any]], None],
+        on_applied: Callable[[list[Any]], None],
+        applied_seq: int,
+    ) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.subject = subject
+        self.replicas = replicas
+        self.machine = machine
+        self.decode = decode
+        self.commit = commit
+        self.on_applied = on_applied
+        self.applied_seq = applied_seq
+        self.failed: str | None = None
+        self._pending: dict[str, Pending] = {}
+        self.batcher: Batcher[C] = Batcher(bus.js, subject, encode, self._pending, node_id)
+        self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._tiebreak = itertools.count()
+        self._barrier_next: asyncio.Future[int] | None = None
+        self._barrier_task: asyncio.Task[None] | None = None
+        self.applied_entries = 0
+        self.applied_commands = 0
+        self.apply_seconds = 0.0
+
+    async def start(self) -> None:
+        """Declare the stream, subscribe from the next unapplied sequence, start applying."""
+        await ensure_stream(
+            self.bus.js,
+            StreamConfig(
+                name=self.stream,
+                subjects=[self.subject],
+                storage=StorageType.FILE,
+                num_replicas=self.replicas,
+                duplicate_window=120.0,
+                max_msg_size=8 << 20,
+            ),
+        )
+        info = await self.bus.js.stream_info(self.stream)
+        if info.state.first_seq > self.applied_seq + 1 and info.state.messages:
+            raise LogFailed(
+                f"stream {self.stream} starts at {info.state.first_seq} but this replica applied only "
+                f"{self.applied_seq}: it needs a snapshot"
+            )
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if self.applied_seq:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.applied_seq + 1)
+        self._sub = await self.bus.js.subscribe(
+            self.subject,
+            stream=self.stream,
+            cb=self._receive,
+            ordered_consumer=True,
+            idle_heartbeat=2.0,
+            config=cfg,
+        )
+        self._task = asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}")
+        self.batcher.start()
+        log.info("log started", extra={"stream": self.stream, "from_seq": self.applied_seq + 1})
+
+    async def stop(self) -> None:
+        """Stop appending and applying."""
+        await self.batcher.stop()
+        for task in (self._task, self._barrier_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # the connection may already be closed
+                log.debug("unsubscribe failed", extra={"error": str(exc)})
+
+    # ---- append -------------------------------------------------------------------------------
+
+    async def append(self, command: C, size: int = 64, timeout: float = 10.0) -> Any:
+        """Append one command and return its apply result once this replica has applied it."""
+        if self.failed:
+            raise LogFailed(self.failed)
+        fut = self.batcher.submit(command, size)
+        return await asyncio.wait_for(fut, timeout)
+
+    # ---- apply --------------------------------------------------------------------------------
+
+    async def _receive(self, msg: Msg) -> None:
+        self._inbox.put_nowait(msg)
+
+    async def _apply_loop(self) -> None:
+        while True:
+            batch = [await self._inbox.get()]
+            while not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                self._apply_batch(batch)
+            except Exception as exc:
+                self.failed = f"applier stopped at sequence {self.applied_seq + 1}: {exc!r}"
+                log.critical("applier stopped; this replica cannot serve", exc_info=exc)
+                for pending in self._pending.values():
+                    for fut in pending.futures:
+                        if not fut.done():
+                            fut.set_exception(LogFailed(self.failed))
+                return
+
+    def _apply_batch(self, batch: list[Msg]) -> None:
+        started = time.perf_counter()
+        answered: list[tuple[Pending, list[Any]]] = []
+        all_events: list[Any] = []
+        last = self.applied_seq
+        for msg in batch:
+            seq = msg.metadata.sequence.stream
+            if seq <= last:
+                continue  # redelivery after a consumer reset
+            try:
+                commands = self.decode(msg.data)
+            except Exception as exc:  # every replica skips the same undecodable entry
+                log.error("skipping an undecodable log entry", extra={"seq": seq, "error": str(exc)})
+                commands = ()
+            results = []
+            for cmd in commands:
+                result, events = self.machine.apply(cmd)
+                results.append(result)
+                all_events.extend(events)
+            last = seq
+            self.applied_entries += 1
+            self.applied_commands += len(commands)
+            msg_id = (msg.headers or {}).get(MSG_ID_HEADER)
+            if msg_id is not None:
+                pending = self._pending.pop(msg_id, None)
+                if pending is not None:
+                    answered.append((pending, results))
+        if last == self.applied_seq:
+            return
+        self.commit(last, all_events)
+        self.applied_seq = last
+        for pending, results in answered:
+            for fut, result in zip(pending.futures, results, strict=False):
+                if not fut.done():
+                    fut.set_result(result)
+        if all_events:
+            self.on_applied(all_events)
+        while self._waiters and self._waiters[0][0] <= last:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+        self.apply_seconds += time.perf_counter() - started
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    async def wait_applied(self, seq: int, timeout: float = 10.0) -> None:
+        """Return once this replica has applied sequence seq."""
+        if self.applied_seq >= seq:
+            return
+        if self.failed:
+            raise LogFailed(self.failed)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (seq, next(self._tiebreak), fut))
+        await asyncio.wait_for(fut, timeout)
+
+    async def barrier(self, timeout: float = 10.0) -> None:
+        """Linearizable read point: learn the log's last sequence (one round trip shared by every
+        read waiting now), then wait until this replica has applied that far."""
+        if self._barrier_next is None:
+            self._barrier_next = asyncio.get_running_loop().create_future()
+        fut = self._barrier_next
+        if self._barrier_task is None or self._barrier_task.done():
+            self._barrier_task = asyncio.create_task(self._barrier_rounds(), name="read-barrier")
+        seq = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        await self.wait_applied(seq, timeout)
+
+    async def _barrier_rounds(self) -> None:
+        # A read must be answered by a round that *started* after it arrived; reads arriving
+        # during a round wait for the next one.
+        while self._barrier_next is not None:
+            fut, self._barrier_next = self._barrier_next, None
+            try:
+                info = await self.bus.js.stream_info(self.stream)
+                fut.set_result(info.state.last_seq)
+            except Exception as exc:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: every waiter may have timed out already
+
+    def stats(self) -> dict[str, float]:
+        """Counters for /metrics."""
+        return {
+            "applied_seq": self.applied_seq,
+            "applied_entries": self.applied_entries,
+            "applied_commands": self.applied_commands,
+            "appended_entries": self.batcher.entries,
+            "appended_commands": self.batcher.commands,
+            "apply_seconds": self.apply_seconds,
+        }

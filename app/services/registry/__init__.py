@@ -1,0 +1,1 @@
+"""The registry: ZooKeeper-style znodes on the shared log, sessions, watches and recipes."""

@@ -1,0 +1,403 @@
+"""The registry's public Python API: validate, append to the shared log, read the applied state, watch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.service import Service
+
+from app import __version__
+from app.bus import codec, subjects
+from app.bus.connection import Bus
+from app.bus.micro import Endpoint, HandlerError, call, start_service
+from app.config import RegistryConfig
+from app.log.batcher import AppendError
+from app.log.engine import LogFailed, SharedLog
+from app.services.registry import paths
+from app.services.registry.errors import BadArguments, OperationTimeout, RegistryError, SessionExpired
+from app.services.registry.messages import (
+    OPEN_ACL_UNSAFE,
+    Acl,
+    Check,
+    CloseSession,
+    Command,
+    Create,
+    Created,
+    Delete,
+    Deleted,
+    Entry,
+    Event,
+    KeepaliveReply,
+    KeepaliveRequest,
+    Multi,
+    MultiDone,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+    SetAcl,
+    SetData,
+    Stat,
+    Updated,
+)
+from app.services.registry.sessions import SessionKeeper
+from app.services.registry.state import RegistryState, SessionRecord
+from app.services.registry.store import RegistryStore
+from app.services.registry.watches import WatchHub
+
+log = logging.getLogger("fleetmate.registry")
+
+_entry_enc = msgspec.msgpack.Encoder()
+_entry_dec = msgspec.msgpack.Decoder(Entry)
+
+MultiOp = Create | SetData | Delete | Check
+
+
+def _encode(commands: Sequence[Command]) -> bytes:
+    return _entry_enc.encode(Entry(list(commands)))
+
+
+def _decode(data: bytes) -> list[Command]:
+    return _entry_dec.decode(data).commands
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_session_id() -> int:
+    """A random positive 63-bit session id, chosen by the appender (apply stays pure)."""
+    while True:
+        sid = int.from_bytes(os.urandom(8), "big") >> 1
+        if sid:
+            return sid
+
+
+class RegistryService:
+    """One replica's registry: every write goes through the log; reads come from applied state."""
+
+    def __init__(self, bus: Bus, cfg: RegistryConfig, data_dir: Path, node_id: str) -> None:
+        self.bus = bus
+        self.cfg = cfg
+        self.node_id = node_id
+        self.state = RegistryState()
+        self.store = RegistryStore(data_dir / "registry.sqlite", cfg.event_history)
+        self.watches = WatchHub(cfg.event_history)
+        applied_seq, events = self.store.load(self.state)
+        self.watches.load(events, self.state.revision)
+        self.log: SharedLog[Command] = SharedLog(
+            bus,
+            stream=subjects.REGISTRY_STREAM,
+            subject=subjects.REGISTRY_LOG,
+            replicas=cfg.stream_replicas,
+            node_id=node_id,
+            machine=self.state,
+            encode=_encode,
+            decode=_decode,
+            commit=lambda seq, evs: self.store.commit(self.state, seq, evs),
+            on_applied=self.watches.publish,
+            applied_seq=applied_seq,
+        )
+        self.keeper = SessionKeeper(self.state, self._append_raw, node_id)
+        self._service: Service | None = None
+
+    async def start(self) -> None:
+        """Catch up with the log, take the lead (single replica), serve keepalives."""
+        await self.log.start()
+        await self.log.barrier(timeout=60)
+        await self.keeper.lead()
+        self._service = await start_service(
+            self.bus.nc,
+            name=subjects.REGISTRY_SERVICE,
+            version=__version__,
+            description="fleetmate registry: session keepalives to the leader",
+            endpoints=[Endpoint("keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive)],
+            metadata={"node_id": self.node_id},
+        )
+        log.info(
+            "registry ready",
+            extra={
+                "revision": self.state.revision,
+                "nodes": len(self.state.nodes),
+                "applied_seq": self.log.applied_seq,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop leading, appending and applying; close the store."""
+        await self.keeper.stop()
+        if self._service is not None:
+            try:
+                await self._service.stop()
+            except Exception as exc:
+                log.debug("registry service stop failed", extra={"error": str(exc)})
+        await self.log.stop()
+        self.store.close()
+
+    @property
+    def revision(self) -> int:
+        """The latest applied revision on this replica."""
+        return self.state.revision
+
+    # ---- append -------------------------------------------------------------------------------
+
+    async def _append_raw(self, cmd: Command, size: int = 64) -> object:
+        try:
+            return await self.log.append(cmd, size, self.cfg.write_timeout)
+        except TimeoutError:
+            raise OperationTimeout(f"the write was not applied within {self.cfg.write_timeout:.0f}s") from None
+        except (AppendError, LogFailed) as exc:
+            raise OperationTimeout(str(exc)) from None
+
+    async def _append(self, cmd: Command, size: int = 64) -> object:
+        result = await self._append_raw(cmd, size)
+        if isinstance(result, RegistryError):
+            raise result
+        return result
+
+    def _path(self, path: str, *, allow_root: bool = True) -> str:
+        return paths.validate(path, self.cfg.max_path_bytes, allow_root=allow_root)
+
+    def _data(self, data: bytes, path: str) -> bytes:
+        if not isinstance(data, bytes):
+            raise BadArguments("data must be bytes", path)
+        if len(data) > self.cfg.max_data_bytes:
+            raise BadArguments(f"data is {len(data)} bytes; the limit is {self.cfg.max_data_bytes}", path)
+        return data
+
+    @staticmethod
+    def _version(version: int, path: str) -> int:
+        if version < -1:
+            raise BadArguments(f"version must be -1 (any) or >= 0, not {version}", path)
+        return version
+
+    def _create_cmd(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        session_id: int,
+        sequential: bool,
+        container: bool,
+        parents: bool,
+        acl: tuple[Acl, ...] | None,
+        now: int,
+    ) -> Create:
+        self._path(path, allow_root=False)
+        self._data(data, path)
+        if container and (session_id or sequential):
+            raise BadArguments("a container node cannot be ephemeral or sequential", path)
+        if session_id < 0:
+            raise BadArguments("session ids are positive", path)
+        if acl is not None and not acl:
+            raise BadArguments("an ACL needs at least one entry", path)
+        return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now)
+
+    async def create(
+        self,
+        path: str,
+        data: bytes = b"",
+        *,
+        session_id: int = 0,
+        sequential: bool = False,
+        container: bool = False,
+        parents: bool = False,
+        acl: tuple[Acl, ...] | None = None,
+    ) -> Created:
+        """Create a node; ephemeral when session_id is given. Returns the actual path and stat."""
+        cmd = self._create_cmd(
+            path,
+            data,
+            session_id=session_id,
+            sequential=sequential,
+            container=container,
+            parents=parents,
+            acl=acl,
+            now=_now_ms(),
+        )
+        result = await self._append(cmd, len(data) + len(path) + 32)
+        assert isinstance(result, Created)
+        return result
+
+    async def set(self, path: str, data: bytes, version: int = -1) -> Updated:
+        """Replace a node's data if its version matches (-1: any)."""
+        self._path(path)
+        self._data(data, path)
+        result = await self._append(SetData(path, data, self._version(version, path), _now_ms()), len(data) + 48)
+        assert isinstance(result, Updated)
+        return result
+
+    async def delete(self, path: str, version: int = -1, recursive: bool = False) -> Deleted:
+        """Delete a node (and, recursive, its subtree)."""
+        self._path(path, allow_root=False)
+        result = await self._append(Delete(path, self._version(version, path), recursive))
+        assert isinstance(result, Deleted)
+        return result
+
+    async def set_acl(self, path: str, acl: tuple[Acl, ...], version: int = -1) -> Updated:
+        """Replace a node's ACL if its aversion matches (-1: any)."""
+        self._path(path)
+        if not acl:
+            raise BadArguments("an ACL needs at least one entry", path)
+        result = await self._append(SetAcl(path, acl, self._version(version, path)))
+        assert isinstance(result, Updated)
+        return result
+
+    async def multi(self, ops: Sequence[MultiOp]) -> MultiDone:
+        """Apply ops atomically; on failure raises the failing op's error (failed_index set)."""
+        if not ops:
+            raise BadArguments("multi needs at least one operation")
+        now = _now_ms()
+        checked: list[MultiOp] = []
+        size = 32
+        for index, op in enumerate(ops):
+            try:
+                match op:
+                    case Create():
+                        checked.append(
+                            self._create_cmd(
+                                op.path,
+                                op.data,
+                                session_id=op.session_id,
+                                sequential=op.sequential,
+                                container=op.container,
+                                parents=op.parents,
+                                acl=op.acl,
+                                now=now,
+                            )
+                        )
+                        size += len(op.data)
+                    case SetData():
+                        self._path(op.path)
+                        self._data(op.data, op.path)
+                        checked.append(SetData(op.path, op.data, self._version(op.version, op.path), now))
+                        size += len(op.data)
+                    case Delete() | Check():
+                        self._path(op.path, allow_root=isinstance(op, Check))
+                        self._version(op.version, op.path)
+                        checked.append(op)
+                    case _:
+                        raise BadArguments(f"unknown operation {type(op).__name__}")
+            except RegistryError as err:
+                err.failed_index = index
+                raise
+            size += len(op.path) + 16
+        if size > self.cfg.max_data_bytes + (64 << 10):
+            raise BadArguments(f"multi is {size} bytes; the limit is {self.cfg.max_data_bytes} plus 64 KiB")
+        result = await self._append(Multi(tuple(checked), now), size)
+        assert isinstance(result, MultiDone)
+        return result
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Wait until this replica has applied everything appended before the call (read index)."""
+        try:
+            await self.log.barrier(self.cfg.write_timeout)
+        except TimeoutError:
+            raise OperationTimeout("the log did not answer the read barrier in time") from None
+        except LogFailed as exc:
+            raise OperationTimeout(str(exc)) from None
+
+    async def _read_point(self, linearizable: bool) -> None:
+        if linearizable:
+            await self.sync()
+
+    async def get(self, path: str, linearizable: bool = True) -> tuple[bytes, Stat]:
+        """Data and stat of a node."""
+        self._path(path)
+        await self._read_point(linearizable)
+        return self.state.get(path)
+
+    async def stat(self, path: str, linearizable: bool = True) -> Stat:
+        """A node's stat (raises NoNode: ZooKeeper's exists answers None instead)."""
+        self._path(path)
+        await self._read_point(linearizable)
+        return self.state.stat(path)
+
+    async def children(self, path: str, linearizable: bool = True) -> tuple[list[str], Stat]:
+        """Sorted child names and the parent's stat."""
+        self._path(path)
+        await self._read_point(linearizable)
+        return self.state.child_names(path), self.state.stat(path)
+
+    async def check(self, path: str, version: int, linearizable: bool = True) -> Stat:
+        """Raise unless the node exists at this version (-1: any)."""
+        self._path(path)
+        self._version(version, path)
+        await self._read_point(linearizable)
+        result = self.state._check(Check(path, version))
+        return result.stat
+
+    async def get_acl(self, path: str, linearizable: bool = True) -> tuple[tuple[Acl, ...], Stat]:
+        """A node's ACL and stat."""
+        self._path(path)
+        await self._read_point(linearizable)
+        stat = self.state.stat(path)
+        return self.state.nodes[path].acl, stat
+
+    # ---- sessions -----------------------------------------------------------------------------
+
+    def negotiate_timeout(self, timeout_ms: int) -> int:
+        """Clamp a requested session timeout to the configured bounds."""
+        return max(self.cfg.session_timeout_min_ms, min(self.cfg.session_timeout_max_ms, timeout_ms))
+
+    async def open_session(self, timeout_ms: int, password: bytes | None = None) -> SessionOpened:
+        """Open a session; its ephemeral nodes live until it is closed or expires."""
+        if timeout_ms <= 0:
+            raise BadArguments("timeout_ms must be positive")
+        cmd = OpenSession(new_session_id(), self.negotiate_timeout(timeout_ms), _now_ms(), password or os.urandom(16))
+        result = await self._append(cmd)
+        assert isinstance(result, SessionOpened)
+        return result
+
+    async def close_session(self, session_id: int) -> SessionClosed:
+        """Close a session now: its ephemeral nodes are deleted."""
+        result = await self._append(CloseSession(session_id))
+        assert isinstance(result, SessionClosed)
+        return result
+
+    async def keepalive(self, session_id: int) -> int:
+        """Refresh a session at the leader; returns its timeout. Raises SessionExpired."""
+        try:
+            reply = await call(
+                self.bus.nc, subjects.REGISTRY_KEEPALIVE, codec.encode(KeepaliveRequest(session_id)), timeout=2.0
+            )
+        except HandlerError as exc:
+            if exc.code == "404":
+                raise SessionExpired(exc.description) from None
+            raise OperationTimeout(f"keepalive failed: {exc.description}") from None
+        except (TimeoutError, NoRespondersError, NatsTimeout):
+            raise OperationTimeout("no registry leader answered the keepalive") from None
+        return codec.decode(reply, KeepaliveReply).timeout_ms
+
+    async def _on_keepalive(self, data: bytes) -> bytes:
+        try:
+            req = codec.decode(data, KeepaliveRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise HandlerError("400", f"bad KeepaliveRequest: {exc}") from None
+        timeout = self.keeper.touch(req.session_id)
+        if timeout is None:
+            raise HandlerError("404", f"session 0x{req.session_id:x} does not exist")
+        return codec.encode(KeepaliveReply(req.session_id, timeout))
+
+    def session(self, session_id: int) -> tuple[SessionRecord, list[str]]:
+        """A session and its ephemeral nodes (local state)."""
+        record = self.state.sessions.get(session_id)
+        if record is None:
+            raise SessionExpired(f"session 0x{session_id:x} does not exist")
+        return record, sorted(self.state.ephemerals.get(session_id, ()))
+
+    def sessions(self) -> list[SessionRecord]:
+        """Every open session (local state)."""
+        return sorted(self.state.sessions.values(), key=lambda r: r.session_id)
+
+    def events_since(self, revision: int) -> list[Event]:
+        """Retained events with revision >= revision (for tests and diagnostics)."""
+        return [e for e in self.watches.history if e.revision >= revision]

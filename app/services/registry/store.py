@@ -1,0 +1,98 @@
+"""The registry's SQLite file: nodes, sessions, watch-event history and the applied sequence, in one transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+
+from app.services.registry.messages import Event
+from app.services.registry.state import RegistryState, SessionRecord, Znode
+from app.storage.sqlite import open_db
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (path TEXT PRIMARY KEY, row BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, row BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (pos INTEGER PRIMARY KEY AUTOINCREMENT, rev INTEGER NOT NULL, row BLOB NOT NULL);
+"""
+
+_enc = msgspec.msgpack.Encoder()
+_node_dec = msgspec.msgpack.Decoder(Znode)
+_session_dec = msgspec.msgpack.Decoder(SessionRecord)
+_event_dec = msgspec.msgpack.Decoder(Event)
+
+
+class RegistryStore:
+    """Persists what apply changed; load() rebuilds a RegistryState and the applied sequence."""
+
+    def __init__(self, path: Path, history: int) -> None:
+        self.path = path
+        self.history = history
+        self.conn: sqlite3.Connection = open_db(path)
+        self.conn.executescript(_SCHEMA)
+        self._since_trim = 0
+
+    def load(self, state: RegistryState) -> tuple[int, list[Event]]:
+        """Fill state from the file; return (applied stream sequence, retained events oldest first)."""
+        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        nodes = {p: _node_dec.decode(row) for p, row in self.conn.execute("SELECT path, row FROM nodes")}
+        sessions = {sid: _session_dec.decode(row) for sid, row in self.conn.execute("SELECT id, row FROM sessions")}
+        state.load(
+            nodes,
+            sessions,
+            revision=int(meta.get("revision", 0)),
+            term=int(meta.get("term", 0)),
+            leader=meta.get("leader", ""),
+        )
+        events = [
+            _event_dec.decode(row)
+            for (row,) in self.conn.execute("SELECT row FROM events ORDER BY pos DESC LIMIT ?", (self.history,))
+        ]
+        events.reverse()
+        return int(meta.get("applied_seq", 0)), events
+
+    def commit(self, state: RegistryState, applied_seq: int, events: list[Event]) -> None:
+        """Write the changed rows, new events and the applied sequence atomically."""
+        nodes, sessions, _ = state.take_dirty()
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            for path in nodes:
+                node = state.nodes.get(path)
+                if node is None:
+                    conn.execute("DELETE FROM nodes WHERE path = ?", (path,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO nodes (path, row) VALUES (?, ?)", (path, _enc.encode(node)))
+            for sid in sessions:
+                record = state.sessions.get(sid)
+                if record is None:
+                    conn.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO sessions (id, row) VALUES (?, ?)", (sid, _enc.encode(record)))
+            if events and self.history:
+                conn.executemany(
+                    "INSERT INTO events (rev, row) VALUES (?, ?)", [(e.revision, _enc.encode(e)) for e in events]
+                )
+                self._since_trim += len(events)
+                if self._since_trim > max(1000, self.history // 10):
+                    conn.execute("DELETE FROM events WHERE pos <= (SELECT MAX(pos) FROM events) - ?", (self.history,))
+                    self._since_trim = 0
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("applied_seq", str(applied_seq)),
+                    ("revision", str(state.revision)),
+                    ("term", str(state.term)),
+                    ("leader", state.leader),
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the file."""
+        self.conn.close()

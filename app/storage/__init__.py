@@ -1,0 +1,1 @@
+"""Storage: SQLite for applied state, DuckDB for time series, snapshot stores."""
