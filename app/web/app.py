@@ -17,6 +17,7 @@ from app.web.auth import TokenGuard
 from app.web.errors import HANDLERS
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
+from app.web.ratelimit import RateLimiter
 from app.web.routes.registry import registry_routes
 from app.web.routes.system import SystemController
 from app.web.routes.watch import watch_routes
@@ -47,4 +48,7 @@ def create_app(node: Node) -> Observe:
         debug=False,
         logging_config=None,  # fleetmate's own structured logging handles every record
     )
-    return Observe(litestar, metrics)
+    limiter = RateLimiter(node.cfg.registry.rate_limit_total, node.cfg.registry.rate_limit_per_client)
+    metrics.limits.labels("total").set(node.cfg.registry.rate_limit_total)
+    metrics.limits.labels("per_client").set(node.cfg.registry.rate_limit_per_client)
+    return Observe(litestar, metrics, limiter)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -78,4 +78,13 @@ class HttpMetrics:
             ["method", "route"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.limits = Gauge(
+            "fleetmate_rate_limit_per_second",
+            "Configured request rate limits (0: off)",
+            ["scope"],
+            registry=self.registry,
+        )
+        self.throttled = Counter(
+            "fleetmate_rate_limited", "Requests refused with 429 by the rate limit", registry=self.registry
         )

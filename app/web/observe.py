@@ -2,29 +2,69 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 
+import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 from opentelemetry import context, propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
 from app.telemetry import tracer
 from app.web.metrics import HttpMetrics
+from app.web.ratelimit import RateLimiter
+
+_OPEN = frozenset({"/api/v1/health", "/api/v1/ready"})
+
+
+def _client_key(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return "t:" + hashlib.blake2b(value, digest_size=8).hexdigest()
+    client = scope.get("client")
+    return "a:" + (client[0] if client else "?")
+
+
+async def _too_many(send: Send, wait: float) -> None:
+    body = msgspec.json.encode(
+        {"error": "too_many_requests", "message": f"request rate limit exceeded; retry in {wait:.2f}s"}
+    )
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 429,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"retry-after", str(max(1, math.ceil(wait))).encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)
 
 
 class Observe:
     """Wraps the Litestar app (outside routing, so 404s are seen too)."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, limiter: RateLimiter | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         method: str = scope["method"]
+        if self.limiter is not None and scope["path"].startswith("/api/") and scope["path"] not in _OPEN:
+            wait = self.limiter.check(_client_key(scope))
+            if wait:
+                self.metrics.throttled.inc()
+                self.metrics.requests.labels(method, "throttled", "429").inc()
+                await _too_many(send, wait)
+                return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         ctx = propagate.extract(carrier)
         status = 500

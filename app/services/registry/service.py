@@ -21,7 +21,7 @@ from app.config import RegistryConfig
 from app.log.batcher import AppendError
 from app.log.engine import LogFailed, SharedLog
 from app.services.registry import paths
-from app.services.registry.errors import BadArguments, OperationTimeout, RegistryError, SessionExpired
+from app.services.registry.errors import BadArguments, NodeExists, OperationTimeout, RegistryError, SessionExpired
 from app.services.registry.messages import (
     OPEN_ACL_UNSAFE,
     Acl,
@@ -189,7 +189,9 @@ class RegistryService:
         acl: tuple[Acl, ...] | None,
         now: int,
     ) -> Create:
-        self._path(path, allow_root=False)
+        if path == paths.ROOT:
+            raise NodeExists("the root node always exists", path)
+        self._path(path)
         self._data(data, path)
         if container and (session_id or sequential):
             raise BadArguments("a container node cannot be ephemeral or sequential", path)

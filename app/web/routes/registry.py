@@ -35,6 +35,7 @@ from app.web.routes.registry_models import (
     OpDelete,
     OpResult,
     OpSet,
+    RegistryStatus,
     SessionBody,
     SessionView,
     SetBody,
@@ -190,6 +191,24 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         revision = results[0].stat.mzxid if results and results[0].stat else registry.revision
         return MultiView(revision, results)
 
+    @get("/api/v1/registry", tags=["registry"], summary="Registry status: revision and counts")
+    async def status(serializable: bool = SERIALIZABLE) -> RegistryStatus:
+        """The applied revision, node, session and watch counts, and the log position."""
+        registry = reg()
+        if not serializable:
+            await registry.sync()
+        state = registry.state
+        return RegistryStatus(
+            revision=state.revision,
+            nodes=len(state.nodes),
+            sessions=len(state.sessions),
+            term=state.term,
+            leader=state.leader,
+            applied_seq=registry.log.applied_seq,
+            watches=registry.watches.subscription_count() + registry.watches.one_shot_count(),
+            oldest_resumable_revision=registry.watches.compacted + 1,
+        )
+
     # ---- sessions -------------------------------------------------------------------------------
 
     @post("/api/v1/sessions", tags=["sessions"], summary="Open a session", status_code=HTTP_201_CREATED)
@@ -254,6 +273,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return ElectionView(path, leader, leader_node, names)
 
     return [
+        status,
         get_node,
         create_node,
         set_node,

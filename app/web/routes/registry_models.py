@@ -252,4 +252,17 @@ class ElectionView(msgspec.Struct, frozen=True):
     elected: bool = False
 
 
+class RegistryStatus(msgspec.Struct, frozen=True):
+    """The registry as this replica has applied it."""
+
+    revision: int
+    nodes: int
+    sessions: int
+    term: int
+    leader: str
+    applied_seq: int
+    watches: int
+    oldest_resumable_revision: int
+
+
 STAT_EXAMPLE = _STAT_EXAMPLE
