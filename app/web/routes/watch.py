@@ -71,30 +71,36 @@ def watch_routes(node: Node) -> list[WebsocketRouteHandler]:
             return
         await socket.send_bytes(_enc.encode({"type": "ready", "revision": registry.revision}))
         reader = asyncio.create_task(_read_client(socket, node))
+        failure: tuple[str, str] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(sub.next() if sub else queue.get())
                 done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
                     getter.cancel()
-                    break
+                    return  # the client went away
                 try:
                     event = getter.result()
                 except WatchOverflow as exc:
-                    await _fail(socket, "slow_consumer", str(exc))
+                    failure = ("slow_consumer", str(exc))
                     break
                 await socket.send_text(_event(event).decode())
                 if once:
-                    await socket.close()
                     break
         except WebSocketDisconnect:
-            pass
+            return
         finally:
+            # Stop the reader before closing: a pending receive would hold the close back.
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             if sub is not None:
                 sub.close()
+        if failure is not None:
+            await _fail(socket, *failure)
+        else:
+            with contextlib.suppress(Exception):
+                await socket.close()
 
     return [watch]
 
