@@ -434,3 +434,33 @@ def test_rate_limit_gives_429(tmp_path: Path) -> None:
         metrics = fm.get("/metrics").text
         assert 'fleetmate_rate_limit_per_second{scope="per_client"} 5.0' in metrics
         assert "fleetmate_rate_limited_total" in metrics
+
+
+def test_keepalive_over_the_watch_socket(fm: Fleetmate, api: Api) -> None:
+    sid = api.session(timeout_ms=300)
+    api.create("/wska")
+    api.create("/wska/e", ephemeral=True, session_id=sid)
+    with _ws(fm, path="/wska") as ws:
+        assert _recv(ws)["type"] == "ready"
+        for _ in range(5):
+            ws.send(json.dumps({"op": "keepalive", "session_id": sid}))
+            reply = _recv(ws)
+            assert reply == {"type": "keepalive", "session_id": sid, "timeout_ms": 300}
+            time.sleep(0.15)
+        assert api.get("/wska/e").status_code == 200  # alive well past its 300 ms timeout
+        ws.send("not json")
+        assert _recv(ws)["error"] == "bad_request"
+        ws.send(json.dumps({"op": "keepalive", "session_id": 4242}))
+        assert _recv(ws)["error"] == "SessionExpired"
+
+
+def test_registry_metrics(fm: Fleetmate) -> None:
+    text = fm.get("/metrics").text
+    for name in (
+        "fleetmate_registry_revision",
+        "fleetmate_registry_nodes",
+        "fleetmate_registry_log_applied_seq",
+        "fleetmate_registry_log_appended_commands_total",
+        "fleetmate_registry_sessions_expired_total",
+    ):
+        assert name in text, name

@@ -37,6 +37,31 @@ class _NodeCollector(Collector):
             ("errors_received", "Protocol errors received from NATS"),
         ):
             yield CounterMetricFamily(f"fleetmate_bus_{key}", help_text, value=float(stats.get(key, 0)))
+        registry = node.registry
+        if registry is not None:
+            log_stats = registry.log.stats()
+            for key, kind, help_text in (
+                ("applied_seq", "gauge", "Last log sequence applied by this replica"),
+                ("applied_entries", "counter", "Log entries applied"),
+                ("applied_commands", "counter", "Commands applied (one revision each when they succeed)"),
+                ("appended_entries", "counter", "Log entries this replica appended"),
+                ("appended_commands", "counter", "Commands this replica appended"),
+                ("apply_seconds", "counter", "Seconds spent applying and committing entries"),
+            ):
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(f"fleetmate_registry_log_{key}", help_text, value=float(log_stats[key]))
+            state = registry.state
+            yield GaugeMetricFamily("fleetmate_registry_revision", "Applied registry revision", state.revision)
+            yield GaugeMetricFamily("fleetmate_registry_nodes", "Znodes", len(state.nodes))
+            yield GaugeMetricFamily("fleetmate_registry_sessions", "Open sessions", len(state.sessions))
+            yield GaugeMetricFamily(
+                "fleetmate_registry_watches",
+                "Watches on this replica",
+                registry.watches.subscription_count() + registry.watches.one_shot_count(),
+            )
+            yield CounterMetricFamily(
+                "fleetmate_registry_sessions_expired", "Sessions this leader expired", registry.keeper.expired
+            )
         emb = node.embedded
         if emb is not None:
             yield CounterMetricFamily(
