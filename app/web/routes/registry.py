@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 from litestar import delete, get, post, put
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import Parameter
+from litestar.openapi.spec import Example
+from litestar.params import Body, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from app.errors import Unavailable
@@ -44,6 +47,30 @@ from app.web.routes.registry_models import (
     encode_data,
 )
 
+
+def _examples(**named: object) -> Any:
+    return Body(examples=[Example(summary=name.replace("_", " "), value=value) for name, value in named.items()])
+
+
+CREATE_EXAMPLES = _examples(
+    persistent={"data": "10.0.0.5:3306"},
+    ephemeral_sequential={"data": "db-7", "ephemeral": True, "session_id": 4242, "sequential": True},
+    with_parents={"data": "primary", "parents": True},
+    binary={"data": "AAEC/w==", "encoding": "base64"},
+)
+SET_EXAMPLES = _examples(any_version={"data": "10.0.0.6:3306"}, compare_and_set={"data": "v2", "version": 3})
+MULTI_EXAMPLES = _examples(
+    move_primary={
+        "ops": [
+            {"op": "check", "path": "/clusters/c1/primary", "version": 4},
+            {"op": "set", "path": "/clusters/c1/primary", "data": "db-2", "version": 4},
+            {"op": "create", "path": "/clusters/c1/history/failover-", "sequential": True, "data": "db-1 -> db-2"},
+        ]
+    }
+)
+SESSION_EXAMPLES = _examples(ten_seconds={"timeout_ms": 10000})
+LOCK_EXAMPLES = _examples(wait_five_seconds={"path": "/locks/schema", "session_id": 4242, "wait_ms": 5000})
+
 NODE_PATHS = ["/api/v1/registry/nodes", "/api/v1/registry/nodes/{path:path}"]
 SERIALIZABLE = Parameter(
     query="serializable", default=False, description="answer from local state without the read barrier"
@@ -82,7 +109,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return NodeView(path, text, used, stat)
 
     @post(NODE_PATHS, tags=["registry"], summary="Create a node", status_code=HTTP_201_CREATED)
-    async def create_node(data: CreateBody, path: str = "/") -> StatView:
+    async def create_node(data: Annotated[CreateBody, CREATE_EXAMPLES], path: str = "/") -> StatView:
         """Create; the answer's path differs from the request's for sequential nodes."""
         created = await reg().create(
             path,
@@ -96,7 +123,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return StatView(created.path, created.stat)
 
     @put(NODE_PATHS, tags=["registry"], summary="Set a node's data (compare-and-set with version)")
-    async def set_node(data: SetBody, path: str = "/") -> StatView:
+    async def set_node(data: Annotated[SetBody, SET_EXAMPLES], path: str = "/") -> StatView:
         """Replace data when the version matches (-1: any); 412 BadVersion otherwise."""
         updated = await reg().set(path, decode_data(data.data, data.encoding), data.version)
         return StatView(updated.path, updated.stat)
@@ -157,7 +184,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return StatView(data.path, await reg().check(data.path, data.version, linearizable=not serializable))
 
     @post("/api/v1/registry/multi", tags=["registry"], summary="Atomic multi-operation", status_code=HTTP_200_OK)
-    async def multi(data: MultiBody) -> MultiView:
+    async def multi(data: Annotated[MultiBody, MULTI_EXAMPLES]) -> MultiView:
         """All ops or none. On failure the error names the failing op (detail.failed_index)."""
         ops: list[Create | SetData | Delete | Check] = []
         for op in data.ops:
@@ -212,7 +239,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
     # ---- sessions -------------------------------------------------------------------------------
 
     @post("/api/v1/sessions", tags=["sessions"], summary="Open a session", status_code=HTTP_201_CREATED)
-    async def open_session(data: SessionBody) -> SessionView:
+    async def open_session(data: Annotated[SessionBody, SESSION_EXAMPLES]) -> SessionView:
         """Keep it alive with PUT /api/v1/sessions/{id}/keepalive (or over the watch WebSocket)."""
         opened = await reg().open_session(data.timeout_ms)
         return SessionView(opened.session_id, opened.timeout_ms)
@@ -243,7 +270,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
     # ---- recipes --------------------------------------------------------------------------------
 
     @post("/api/v1/recipes/lock", tags=["recipes"], summary="Take a lock", status_code=HTTP_200_OK)
-    async def take_lock(data: LockBody) -> LockView:
+    async def take_lock(data: Annotated[LockBody, LOCK_EXAMPLES]) -> LockView:
         """Held while the session lives or until the node is deleted; 409 LockTimeout after wait_ms."""
         node_path = await recipes.lock(reg(), data.path, data.session_id, data.owner, data.wait_ms / 1000)
         return LockView(data.path, node_path, data.owner)
