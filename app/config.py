@@ -22,8 +22,8 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 ENV_PREFIX = "FLEETMATE_"
-# Variables that are read by the CLI rather than mapped onto a key.
-RESERVED_ENV = frozenset({"FLEETMATE_CONFIG"})
+# Variables read by the CLI (config file; the shell's address and token), not mapped onto a key.
+RESERVED_ENV = frozenset({"FLEETMATE_CONFIG", "FLEETMATE_ADDR", "FLEETMATE_TOKEN"})
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s,/]+(:\d+)?/?$")
 DEFAULT_TOML = Path(__file__).resolve().parent.parent / "config" / "default.toml"

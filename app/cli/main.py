@@ -26,6 +26,18 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable and the key it sets")
+
+    shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
+    shell.add_argument(
+        "--addr",
+        metavar="URL[,URL...]",
+        help="server addresses, tried in order (default: $FLEETMATE_ADDR or http://127.0.0.1:21510)",
+    )
+    shell.add_argument("--token", help="API token sent as 'Authorization: Bearer' (default: $FLEETMATE_TOKEN)")
+    shell.add_argument("-c", dest="commands", metavar="CMDS", help="run these ';'-separated commands, then exit")
+    shell.add_argument(
+        "--timeout-ms", type=int, default=10000, metavar="N", help="session timeout for ephemeral nodes (10000)"
+    )
     return parser
 
 
@@ -57,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli.serve import run
 
         return run(cfg)
+    if args.command == "shell":
+        from app.cli.shell import run as run_shell
+
+        return run_shell(args)
     return EXIT_CONFIG
 
 

@@ -144,9 +144,9 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         registry = reg()
         names, own = await registry.children(path, linearizable=not serializable)
         if not stat:
-            return ChildrenView(path, names, own)
+            return ChildrenView(path, list(names), own)
         prefix = "" if path == "/" else path
-        views = [ChildView(n, registry.state.stat(f"{prefix}/{n}")) for n in names]
+        views: list[str | ChildView] = [ChildView(n, registry.state.stat(f"{prefix}/{n}")) for n in names]
         return ChildrenView(path, views, own)
 
     @get(

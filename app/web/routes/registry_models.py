@@ -130,7 +130,7 @@ class ChildrenView(msgspec.Struct, frozen=True):
     """A node's children (sorted) and its own stat."""
 
     path: str
-    children: list[str] | list[ChildView]
+    children: list[str | ChildView]  # names, or name+stat objects when stat=true
     stat: Stat
 
 

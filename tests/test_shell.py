@@ -1,0 +1,633 @@
+"""`fleetmate shell` as a real process against one real server: scripts, errors, sessions, watch, fail-over."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+
+from app.cli.shell_client import RegistryClient
+from app.cli.shell_commands import SPECS, UsageError, parse, resolve, split_commands
+from app.cli.shell_complete import ShellCompleter
+from tests.harness import ROOT, Fleetmate, running, wait_for
+
+TOKEN = "shell-admin-token-1"
+DEAD = "http://127.0.0.1:1"  # nothing listens on port 1
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleetmate]:
+    """One server for the module: an admin token (every call sends the Bearer header), short sessions allowed."""
+    workdir = tmp_path_factory.mktemp("shell")
+    env = {"FLEETMATE_AUTH_TOKENS": f"admin:{TOKEN}", "FLEETMATE_REGISTRY_SESSION_TIMEOUT_MIN_MS": "500"}
+    with running(Fleetmate(workdir, env=env)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def api(fm: Fleetmate) -> Iterator[httpx.Client]:
+    """A REST client to check what the shell did."""
+    with httpx.Client(base_url=fm.url + "/api/v1", headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+
+
+def _env(token: str | None = TOKEN, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMATE_")}
+    if token:
+        env["FLEETMATE_TOKEN"] = token
+    env.update(extra)
+    return env
+
+
+def _cmd(addr: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "app", "shell", "--addr", addr, *args]
+
+
+def shell(
+    fm: Fleetmate, *args: str, stdin: str | None = None, token: str | None = TOKEN, addr: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the shell to completion; the token comes from FLEETMATE_TOKEN unless None."""
+    return subprocess.run(
+        _cmd(addr or fm.url, *args),
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=_env(token),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+def exists(api: httpx.Client, path: str) -> bool:
+    response = api.get(f"/registry/stat{path}")
+    assert response.status_code in (200, 404), response.text
+    return response.status_code == 200
+
+
+def data_of(api: httpx.Client, path: str) -> Any:
+    response = api.get(f"/registry/nodes{path}")
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+class Lines:
+    """A process's stdout lines, read by a thread so a test can wait for them with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        assert proc.stdout
+        stream = proc.stdout
+
+        def pump() -> None:
+            for line in stream:
+                self.queue.put(line.rstrip("\n"))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next(self, timeout: float = 10) -> str:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout}s") from None
+
+
+# ---- pure parts ---------------------------------------------------------------------------------
+
+
+def test_paths_resolve_against_the_working_node() -> None:
+    assert resolve("/", "a") == "/a"
+    assert resolve("/a/b", "c/d") == "/a/b/c/d"
+    assert resolve("/a/b", "..") == "/a"
+    assert resolve("/a/b", "../../..") == "/"
+    assert resolve("/a/b", "./c/./../d") == "/a/b/d"
+    assert resolve("/a/b", "/x//y/") == "/x/y"
+    assert resolve("/a", ".") == "/a"
+
+
+def test_lines_split_at_semicolons_outside_quotes() -> None:
+    assert split_commands("ls /; get /a ;; pwd") == ["ls /", "get /a", "pwd"]
+    assert split_commands("put /a \"x;y\"; put /b 'p;q'; put /c x\\;y") == [
+        'put /a "x;y"',
+        "put /b 'p;q'",
+        "put /c x\\;y",
+    ]
+
+
+def test_arguments_parse_like_zkcli() -> None:
+    args = parse("set", SPECS["set"], ["-v", "3", "/a", "-v", "value with", "words"])
+    assert (args.valued, args.paths, args.value) == ({"v": "3"}, ["/a"], "-v value with words")
+    args = parse("create", SPECS["create"], ["-es", "/a"])
+    assert (args.flags, args.value) == ({"e", "s"}, None)
+    args = parse("delete", SPECS["delete"], ["/a", "-rv7"])
+    assert (args.flags, args.valued) == ({"r"}, {"v": "7"})
+    assert parse("get", SPECS["get"], ["-h"]).help
+    for name, tokens in [("get", []), ("ls", ["-x"]), ("put", ["/a"]), ("stat", ["/a", "/b"]), ("set", ["-v"])]:
+        with pytest.raises(UsageError):
+            parse(name, SPECS[name], tokens)
+
+
+# ---- scripts --------------------------------------------------------------------------------------
+
+
+def test_commands_print_their_results(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(
+        fm,
+        "-c",
+        "put /out/a/b hello world; get /out/a/b; put /out/a/b 'x;  y'; get /out/a/b; create /out/c data;"
+        " create -s /out/seq- v; create -s /out/seq- v; ls /out; get /out/c; pwd",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "hello world",
+        "x;  y",
+        "/out/c",
+        "/out/seq-0000000002",
+        "/out/seq-0000000003",
+        "a",
+        "c",
+        "seq-0000000002",
+        "seq-0000000003",
+        "data",
+        "/",
+    ]
+    # put made the missing parent /out/a, and set the node the second time.
+    assert exists(api, "/out/a")
+    assert data_of(api, "/out/a/b") == "x;  y"
+    assert api.get("/registry/stat/out/a/b").json()["stat"]["version"] == 1
+
+
+def test_stat_prints_every_field(fm: Fleetmate, api: httpx.Client) -> None:
+    assert api.post("/registry/nodes/st/n", json={"data": "12345", "parents": True}).status_code == 201
+    api.put("/registry/nodes/st/n", json={"data": "abc"})
+    result = shell(fm, "-c", "stat /st/n")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    stat = api.get("/registry/stat/st/n").json()["stat"]
+    assert list(fields) == list(stat)
+    for name in ("czxid", "mzxid", "pzxid", "version", "cversion", "aversion", "dataLength", "numChildren"):
+        assert fields[name] == str(stat[name]), name
+    assert fields["version"] == "1"
+    assert fields["dataLength"] == "3"
+    assert fields["ephemeralOwner"] == "0x0"
+    assert fields["mtime"].startswith(f"{stat['mtime']} (20")
+    assert fields["mtime"].endswith(" UTC)")
+
+
+def test_errors_go_to_stderr_and_exit_1(fm: Fleetmate) -> None:
+    result = shell(fm, "-c", "get /nope/x; put /err x; create /err y; delete /; get /err")
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["x"]  # the commands after a failure still run
+    errors = result.stderr.splitlines()
+    assert errors[0] == "Error: NoNode: no node /nope/x"
+    assert errors[1] == "Error: NodeExists: /err already exists"
+    assert errors[2].startswith("Error: BadArguments: ")
+    assert len(errors) == 3
+
+
+def test_bad_arguments_exit_2(fm: Fleetmate) -> None:
+    for args in (["--timeout-ms", "x"], ["--no-such-flag"], ["-c"]):
+        result = shell(fm, *args)
+        assert result.returncode == 2, args
+        assert "usage: fleetmate" in result.stderr
+    result = shell(fm, "-c", "ls /", addr="ftp://host")
+    assert result.returncode == 2
+    assert "--addr" in result.stderr
+    assert shell(fm, "--timeout-ms", "0", "-c", "ls /").returncode == 2
+
+    # A command the shell itself rejects is an argument error too (and the others still run).
+    result = shell(fm, "-c", "frobnicate /; set -v x /a b; get; pwd")
+    assert result.returncode == 2
+    assert result.stdout == "/\n"
+    assert result.stderr.splitlines() == [
+        "Error: BadArguments: unknown command 'frobnicate' (help lists them)",
+        "Error: BadArguments: set: -v needs an integer version, not 'x'",
+        "usage: set [-v version] path value",
+        "Error: BadArguments: get: a path is needed",
+        "usage: get path",
+    ]
+
+
+def test_help_and_command_usage(fm: Fleetmate) -> None:
+    result = shell(fm, "-c", "help; create -h; help delete")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name in ("ls", "cd", "pwd", "put", "create", "get", "set", "stat", "delete", "watch", "help", "exit"):
+        assert f"\n  {name}" in out, name
+    assert "usage: create [-e] [-s] path [value]\n" in out
+    assert "-e  ephemeral" in out
+    assert "usage: delete [-v version] [-r] path\n" in out
+
+
+def test_stdin_script_with_cd_relative_paths_and_recursion(fm: Fleetmate, api: httpx.Client) -> None:
+    script = """
+# a comment, then blank lines
+
+put /tree/a/x 1
+put /tree/a/y 2
+put /tree/b/z/deep 3
+cd /tree
+pwd
+ls
+cd a
+get x
+get ../b/z/deep
+cd ..
+pwd
+cd ./b/./z
+pwd
+ls -r /tree
+cd /no/such
+pwd
+cd ../..
+delete -r b
+ls -r
+exit
+put /tree/after-exit 1
+"""
+    result = shell(fm, stdin=script)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["Error: NoNode: no node /no/such"]
+    assert result.stdout.splitlines() == [
+        "/tree",
+        "a",
+        "b",
+        "1",
+        "3",
+        "/tree",
+        "/tree/b/z",
+        "/tree/a",
+        "/tree/a/x",
+        "/tree/a/y",
+        "/tree/b",
+        "/tree/b/z",
+        "/tree/b/z/deep",
+        "/tree/b/z",  # a failed cd keeps the working node
+        "/tree/a",  # ls -r after cd ../.. and delete -r b
+        "/tree/a/x",
+        "/tree/a/y",
+    ]
+    assert not exists(api, "/tree/b")
+    assert not exists(api, "/tree/after-exit")
+
+
+def test_set_with_a_wrong_version_changes_nothing(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(fm, "-c", "put /ver v0; set /ver v1; set -v 5 /ver v2; set -v 1 /ver v3; get /ver")
+    assert result.returncode == 1
+    assert result.stderr == "Error: BadVersion: /ver is at version 1, not 5\n"
+    assert result.stdout == "v3\n"
+    assert api.get("/registry/stat/ver").json()["stat"]["version"] == 2
+
+    result = shell(fm, "-c", "set -v 0 /ver nope; delete -v 0 /ver")
+    assert result.returncode == 1
+    assert [e.split(":")[1].strip() for e in result.stderr.splitlines()] == ["BadVersion", "BadVersion"]
+    assert data_of(api, "/ver") == "v3"
+    assert shell(fm, "-c", "delete -v 2 /ver").returncode == 0
+    assert not exists(api, "/ver")
+
+
+def test_delete_refuses_a_parent_unless_recursive(fm: Fleetmate, api: httpx.Client) -> None:
+    shell(fm, "-c", "put /del/a/b 1; put /del/c 2")
+    result = shell(fm, "-c", "delete /del")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: NotEmpty: ")
+    assert exists(api, "/del/a/b")
+    assert shell(fm, "-c", "delete -r /del").returncode == 0
+    assert not exists(api, "/del")
+
+
+# ---- sessions -------------------------------------------------------------------------------------
+
+
+def test_ephemeral_nodes_go_when_the_shell_exits(fm: Fleetmate, api: httpx.Client) -> None:
+    # -c: the session is closed when the commands are done.
+    api.post("/registry/nodes/eph", json={})
+    result = shell(fm, "-c", "create -e /eph/c data; create -e -s /eph/s-; ls /eph")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["/eph/c", "/eph/s-0000000001", "c", "s-0000000001"]
+    assert api.get("/registry/children/eph").json()["children"] == []
+
+    # stdin: the nodes live while the shell does, and go on `exit` and on end of input.
+    for ending in ("exit\n", None):
+        proc = subprocess.Popen(
+            _cmd(fm.url),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdin
+            lines = Lines(proc)
+            proc.stdin.write("create -e /eph/live\n")
+            proc.stdin.flush()
+            assert lines.next() == "/eph/live"
+            owner = api.get("/registry/stat/eph/live").json()["stat"]["ephemeralOwner"]
+            assert owner != 0
+            session = api.get(f"/sessions/{owner}").json()
+            assert session["ephemerals"] == ["/eph/live"]
+            if ending:
+                proc.stdin.write(ending)
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
+            assert proc.wait(10) == 0
+            assert not exists(api, "/eph/live")
+            assert api.get(f"/sessions/{owner}").status_code == 404
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_session_is_kept_alive(fm: Fleetmate, api: httpx.Client) -> None:
+    proc = subprocess.Popen(
+        _cmd(fm.url, "--timeout-ms", "1500"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin
+        lines = Lines(proc)
+        proc.stdin.write("create -e /kept\n")
+        proc.stdin.flush()
+        assert lines.next() == "/kept"
+        owner = api.get("/registry/stat/kept").json()["stat"]["ephemeralOwner"]
+        timeout_ms = api.get(f"/sessions/{owner}").json()["timeout_ms"]
+        assert timeout_ms == 1500
+        time.sleep(timeout_ms / 1000 * 2.5)  # several timeouts: only keepalives can have kept it
+        assert exists(api, "/kept")
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        assert not exists(api, "/kept")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ---- watch ---------------------------------------------------------------------------------------
+
+
+def test_watch_prints_events_as_they_happen(fm: Fleetmate, api: httpx.Client) -> None:
+    api.post("/registry/nodes/w", json={})
+    proc = subprocess.Popen(
+        _cmd(fm.url, "-c", "watch -r /w"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+    try:
+        lines = Lines(proc)
+        # Changes made before the watch is registered are not seen: poke until the first event shows.
+        api.post("/registry/nodes/w/probe", json={})
+
+        def seen() -> str | None:
+            api.put("/registry/nodes/w/probe", json={"data": "again"})
+            with contextlib.suppress(AssertionError):
+                return lines.next(timeout=0.2)
+            return None
+
+        first = wait_for(seen, 20, "the first watch event")
+        assert first.startswith("changed /w/probe revision=")
+        api.delete("/registry/nodes/w/probe")
+        while (line := lines.next()).startswith("changed /w/probe"):
+            pass
+        assert line.startswith("deleted /w/probe revision=")
+
+        created = api.post("/registry/nodes/w/a", json={"data": "1"}).json()["stat"]["czxid"]
+        changed = api.put("/registry/nodes/w/a", json={"data": "2"}).json()["stat"]["mzxid"]
+        api.post("/registry/nodes/elsewhere", json={})
+        deleted = api.delete("/registry/nodes/w/a")
+        assert deleted.status_code == 200
+        expected = [f"created /w/a revision={created}", f"changed /w/a revision={changed}"]
+        got = [lines.next(), lines.next(), lines.next()]
+        assert got[:2] == expected
+        assert got[2].startswith("deleted /w/a revision=")
+        assert int(got[2].rsplit("=", 1)[1]) > changed
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        code = proc.wait(10)
+    assert code == 128 + signal.SIGTERM
+    assert proc.stderr
+    assert proc.stderr.read() == ""
+
+
+def test_watch_of_a_bad_path_fails(fm: Fleetmate) -> None:
+    result = shell(fm, "-c", "watch /bad\x01name")
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: BadArguments: ")
+
+
+# ---- addresses and tokens ------------------------------------------------------------------------
+
+
+def test_a_dead_address_is_skipped(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(fm, "-c", "put /fo/x 1; get /fo/x; create -e /fo/e; ls /fo", addr=f"{DEAD},{fm.url}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["1", "/fo/e", "e", "x"]
+    assert not exists(api, "/fo/e")
+
+    result = shell(fm, "-c", "get /fo/x", addr=f"{DEAD},http://127.0.0.1:2")
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "Error: ConnectionLoss: no address answers (http://127.0.0.1:1, http://127.0.0.1:2)"
+    )
+
+
+def test_a_dead_address_is_skipped_by_watch(fm: Fleetmate, api: httpx.Client) -> None:
+    proc = subprocess.Popen(
+        _cmd(f"{DEAD},{fm.url}", "-c", "watch /fw"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+    try:
+        lines = Lines(proc)
+        toggle = iter(range(1000))
+
+        def seen() -> str | None:
+            if next(toggle) % 2:
+                api.delete("/registry/nodes/fw")
+            else:
+                api.post("/registry/nodes/fw", json={})
+            with contextlib.suppress(AssertionError):
+                return lines.next(timeout=0.2)
+            return None
+
+        assert wait_for(seen, 20, "a watch event").split()[1] == "/fw"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_token_comes_from_the_flag_or_the_environment(fm: Fleetmate) -> None:
+    result = shell(fm, "-c", "ls /", token=None)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: unauthorized: ")
+    # The server refuses the WebSocket handshake with a bare 403 (no JSON body), whatever the token problem.
+    for token in (None, "wrong"):
+        result = shell(fm, "-c", "watch /", token=token)
+        assert result.returncode == 1
+        assert result.stderr.startswith(("Error: unauthorized: ", "Error: forbidden: ")), result.stderr
+        assert "token" in result.stderr
+    assert shell(fm, "--token", TOKEN, "-c", "ls /", token=None).returncode == 0
+    assert shell(fm, "--token", "wrong", "-c", "ls /").returncode == 1
+
+
+def test_the_address_comes_from_the_environment(fm: Fleetmate) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "shell", "-c", "pwd; ls /"],
+        capture_output=True,
+        text=True,
+        env=_env(FLEETMATE_ADDR=fm.url),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("/\n")
+
+
+# ---- completion and the terminal -----------------------------------------------------------------
+
+
+async def _complete(completer: ShellCompleter, text: str) -> list[str]:
+    event = CompleteEvent(completion_requested=True)
+    found = []
+    async for completion in completer.get_completions_async(Document(text), event):
+        assert completion.start_position <= 0
+        found.append(text[: len(text) + completion.start_position] + completion.text)
+    return found
+
+
+async def test_tab_completes_commands_and_paths(fm: Fleetmate) -> None:
+    cwd = "/"
+    client = RegistryClient([DEAD, fm.url], TOKEN)
+    completer = ShellCompleter(client, lambda: cwd)
+    try:
+        for path in ("/comp/alpha/x", "/comp/alpine", "/comp/beta"):
+            await client.create(path, "", parents=True)
+        assert await _complete(completer, "") == list(SPECS)
+        assert await _complete(completer, "s") == ["set", "stat"]
+        assert await _complete(completer, "help de") == ["help delete"]
+        assert await _complete(completer, "get /comp/al") == ["get /comp/alpha/", "get /comp/alpine"]
+        assert await _complete(completer, "ls -r /comp/alpha/") == ["ls -r /comp/alpha/x"]
+        assert await _complete(completer, "set -v 3 /comp/b") == ["set -v 3 /comp/beta"]
+        assert await _complete(completer, "put /comp/beta /comp/") == []  # the value is not a path
+        assert await _complete(completer, "get /no/such/") == []
+        assert await _complete(completer, "pwd ") == []
+        assert await _complete(completer, "get com") == ["get comp/"]
+        cwd = "/comp"
+        assert await _complete(completer, "stat ") == ["stat alpha/", "stat alpine", "stat beta"]
+        assert await _complete(completer, "cd a") == ["cd alpha/", "cd alpine"]
+        assert await _complete(completer, "cd ../comp/b") == ["cd ../comp/beta"]
+        # The synchronous entry point offers command names only.
+        sync = completer.get_completions(Document("wa"), CompleteEvent(completion_requested=True))
+        assert [c.text for c in sync] == ["watch"]
+    finally:
+        await client.aclose()
+
+
+class Terminal:
+    """The master side of a pseudo-terminal: expect() consumes output up to and including a needle."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def expect(self, needle: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while (at := self.buf.find(needle.encode())) < 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} on the terminal; got {self.buf!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    self.buf += os.read(self.fd, 4096)
+                except OSError:
+                    continue
+        seen, self.buf = self.buf[: at + len(needle)], self.buf[at + len(needle) :]
+        return seen.decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="drives a Linux pseudo-terminal")
+def test_interactive_prompt_completion_and_ctrl_c(fm: Fleetmate, api: httpx.Client, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import termios
+
+    api.post("/registry/nodes/tty/node-one", json={"data": "hello", "parents": True})
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:  # the pty becomes the controlling terminal, so ^C sends SIGINT
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        _cmd(fm.url),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=_env(HOME=str(tmp_path), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1"),
+        cwd=ROOT,
+        preexec_fn=own_terminal,  # noqa: PLW1509
+    )
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.expect("fleetmate[/]>")
+        term.send("cd tty\r")
+        term.expect("fleetmate[/tty]>")
+        term.send("get node-o\t")
+        term.expect("ne")  # Tab completed the name
+        term.send("\r")
+        term.expect("hello")
+        term.send("watch node-one\r")
+        term.expect("Ctrl-C stops")
+        revision = api.put("/registry/nodes/tty/node-one", json={"data": "2"}).json()["stat"]["mzxid"]
+        term.expect(f"changed /tty/node-one revision={revision}")
+        term.send("\x03")  # Ctrl-C ends the watch, not the shell
+        term.expect("fleetmate[/tty]>")
+        term.send("create -e eph\r")
+        term.expect("/tty/eph")
+        assert exists(api, "/tty/eph")
+        term.send("exit\r")
+        assert proc.wait(10) == 0
+        assert not exists(api, "/tty/eph")
+        history = (tmp_path / ".fleetmate_history").read_text()
+        assert "+get node-one" in history
+        assert "+exit" in history
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
