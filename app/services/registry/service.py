@@ -21,7 +21,14 @@ from app.config import RegistryConfig
 from app.log.batcher import AppendError
 from app.log.engine import LogFailed, SharedLog
 from app.services.registry import paths
-from app.services.registry.errors import BadArguments, NodeExists, OperationTimeout, RegistryError, SessionExpired
+from app.services.registry.errors import (
+    BadArguments,
+    InvalidACL,
+    NodeExists,
+    OperationTimeout,
+    RegistryError,
+    SessionExpired,
+)
 from app.services.registry.messages import (
     OPEN_ACL_UNSAFE,
     Acl,
@@ -191,14 +198,14 @@ class RegistryService:
     ) -> Create:
         if path == paths.ROOT:
             raise NodeExists("the root node always exists", path)
-        self._path(path)
+        self._path(path + "0" if sequential else path)
         self._data(data, path)
         if container and (session_id or sequential):
             raise BadArguments("a container node cannot be ephemeral or sequential", path)
         if session_id < 0:
             raise BadArguments("session ids are positive", path)
         if acl is not None and not acl:
-            raise BadArguments("an ACL needs at least one entry", path)
+            raise InvalidACL("an ACL needs at least one entry", path)
         return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now)
 
     async def create(
@@ -246,7 +253,7 @@ class RegistryService:
         """Replace a node's ACL if its aversion matches (-1: any)."""
         self._path(path)
         if not acl:
-            raise BadArguments("an ACL needs at least one entry", path)
+            raise InvalidACL("an ACL needs at least one entry", path)
         result = await self._append(SetAcl(path, acl, self._version(version, path)))
         assert isinstance(result, Updated)
         return result

@@ -10,6 +10,7 @@ from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
     BadVersion,
+    InvalidACL,
     NoChildrenForEphemerals,
     NodeExists,
     NoNode,
@@ -175,15 +176,13 @@ class RegistryState:
         return sorted(kids)
 
     def descendants(self, path: str) -> list[str]:
-        """Every node below path (not path itself), parents before children."""
+        """Every node below path (not path itself), breadth first: depth never decreases."""
         out: list[str] = []
-        stack = [path]
-        while stack:
-            current = stack.pop()
-            for name in sorted(self.children.get(current, ()), reverse=True):
-                child = paths.join(current, name)
-                out.append(child)
-                stack.append(child)
+        level = [path]
+        while level:
+            below = [paths.join(p, name) for p in level for name in sorted(self.children.get(p, ()))]
+            out.extend(below)
+            level = below
         return out
 
     def containers_to_reap(self) -> list[str]:
@@ -284,7 +283,10 @@ class RegistryState:
     def _create(self, cmd: Create, rev: int, now: int, events: list[Event]) -> Created:
         if cmd.path == ROOT:
             raise NodeExists("the root node always exists", ROOT)
-        paths.validate(cmd.path, paths.MAX_STRUCTURAL_LENGTH)
+        # A sequential name may end in '/' ('/q/' -> '/q/0000000003'): check the name it will get.
+        paths.validate(cmd.path + "0" if cmd.sequential else cmd.path, paths.MAX_STRUCTURAL_LENGTH)
+        if not cmd.acl:
+            raise InvalidACL("an ACL needs at least one entry", cmd.path)
         if cmd.container and (cmd.session_id or cmd.sequential):
             raise BadArguments("a container node cannot be ephemeral or sequential", cmd.path)
         if cmd.session_id and cmd.session_id not in self.sessions:
@@ -381,7 +383,7 @@ class RegistryState:
             raise NoNode(f"no node {cmd.path}", cmd.path)
         _expect_version(cmd.path, node.aversion, cmd.version, "ACL ")
         if not cmd.acl:
-            raise BadArguments("an ACL needs at least one entry", cmd.path)
+            raise InvalidACL("an ACL needs at least one entry", cmd.path)
         new = msgspec.structs.replace(node, acl=cmd.acl, aversion=node.aversion + 1)
         self._put_node(cmd.path, new)
         return Updated(cmd.path, self._stat(cmd.path, new))
@@ -433,10 +435,11 @@ class RegistryState:
     def _end_session(self, session_id: int, rev: int, events: list[Event]) -> SessionClosed:
         if session_id not in self.sessions:
             raise SessionExpired(f"session 0x{session_id:x} does not exist")
-        owned = sorted(self.ephemerals.pop(session_id, set()), reverse=True)
+        owned = sorted(self.ephemerals.get(session_id, ()), reverse=True)
         for path in owned:
             if path in self.nodes:
                 self._remove_node(path, rev, events)
+        self.ephemerals.pop(session_id, None)  # after the removals, which touch this index
         del self.sessions[session_id]
         self.dirty_sessions.add(session_id)
         return SessionClosed(session_id, tuple(owned))
