@@ -190,9 +190,9 @@ def run_cli(
 
 
 @contextlib.contextmanager
-def running(fm: Fleetmate) -> Iterator[Fleetmate]:
+def running(fm: Fleetmate, wait_ready: bool = True) -> Iterator[Fleetmate]:
     """Start fleetmate, and make sure it is gone afterwards whatever happens."""
-    fm.start()
+    fm.start(wait_ready=wait_ready)
     try:
         yield fm
     finally:

@@ -158,10 +158,10 @@ def test_port_in_use_fails_with_message(tmp_path: Path) -> None:
         sock.listen()
         port = sock.getsockname()[1]
         fm = Fleetmate(tmp_path, env={"FLEETMATE_HTTP_PORT": str(port)})
-        fm.start(wait_ready=False)
-        assert fm.proc is not None
-        assert fm.proc.wait(20) == 1
-        fm.stop()
+        with running(fm, wait_ready=False):
+            assert fm.proc is not None
+            assert fm.proc.wait(20) == 1
+            fm.stop()
     errors = [line for line in fm.lines if line.get("level") == "error"]
     assert errors
     assert "already in use" in errors[0]["error"]
@@ -170,10 +170,10 @@ def test_port_in_use_fails_with_message(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad_url", ["nats://127.0.0.1:1"])
 def test_unreachable_external_nats_fails_start(tmp_path: Path, bad_url: str) -> None:
     fm = Fleetmate(tmp_path, env={"FLEETMATE_NATS_URL": bad_url, "FLEETMATE_NATS_CONNECT_TIMEOUT": "1"})
-    fm.start(wait_ready=False)
-    assert fm.proc is not None
-    assert fm.proc.wait(20) == 1
-    fm.stop()
+    with running(fm, wait_ready=False):
+        assert fm.proc is not None
+        assert fm.proc.wait(20) == 1
+        fm.stop()
     failed = fm.logged("start-up failed")
     assert failed
     assert "cannot connect to NATS" in failed[0]["error"]
