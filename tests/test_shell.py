@@ -631,3 +631,23 @@ def test_interactive_prompt_completion_and_ctrl_c(fm: Fleetmate, api: httpx.Clie
         proc.kill()
         proc.wait()
         os.close(master)
+
+
+def test_lock_and_election_from_the_shell(fm: Fleetmate, api: httpx.Client) -> None:
+    # One shell takes the lock and joins the election in one session...
+    first = shell(fm, "-c", "lock /shlock/db one; elect /shelect alpha; leader /shelect")
+    assert first.returncode == 0, first.stderr
+    node, elected, leader = first.stdout.split()
+    assert node.startswith("/shlock/db/lock-")
+    assert (elected, leader) == ("elected", "alpha")
+    # ...and its session closed on exit: both recipes are free again.
+    assert api.get("/registry/children/shlock/db").json()["children"] == []
+    # A second lock on the same path waits for the first, even in the same session.
+    both = shell(fm, "-c", "lock /shlock/db two; lock -w 200 /shlock/db three")
+    assert both.returncode == 1
+    assert "LockTimeout" in both.stderr
+    ok = shell(fm, "-c", "lock /shlock/x; unlock /shlock/x/lock-0000000000; leader /nobody")
+    assert ok.returncode == 1
+    assert ok.stdout.strip() == "/shlock/x/lock-0000000000"
+    assert "Error: NoNode: no node /nobody" in ok.stderr
+    assert shell(fm, "-c", "lock -w soon /x").returncode == 2

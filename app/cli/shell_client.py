@@ -14,7 +14,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from app.services.registry.messages import Stat
-from app.web.routes.registry_models import ChildView, DeletedView, NodeView, SessionView, StatView
+from app.web.routes.registry_models import (
+    ChildView,
+    DeletedView,
+    ElectionView,
+    LockView,
+    NodeView,
+    SessionView,
+    StatView,
+)
 
 T = TypeVar("T")
 
@@ -111,13 +119,25 @@ class RegistryClient:
         return [(self.current + step) % n for step in range(n)]
 
     async def request(
-        self, method: str, url: str, *, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> bytes:
         """Send one request; move to the next address only when it cannot have been applied."""
         last: BaseException | None = None
         for idx in self._order():
             try:
-                resp = await self._http.request(method, self.addrs[idx] + url, json=body, params=params)
+                resp = await self._http.request(
+                    method,
+                    self.addrs[idx] + url,
+                    json=body,
+                    params=params,
+                    timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 last = exc
                 continue
@@ -146,8 +166,9 @@ class RegistryClient:
         *,
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> T:
-        raw = await self.request(method, url, body=body, params=params)
+        raw = await self.request(method, url, body=body, params=params, timeout=timeout)
         try:
             return msgspec.json.decode(raw, type=typ)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -209,6 +230,26 @@ class RegistryClient:
     async def close_session(self, session_id: int) -> DeletedView:
         """Close a session: its ephemeral nodes go at once."""
         return await self._call(DeletedView, "DELETE", f"{API}/sessions/{session_id}")
+
+    # ---- recipes --------------------------------------------------------------------------------
+
+    async def lock(self, path: str, session_id: int, wait_ms: int, owner: str) -> LockView:
+        """Take the lock at path for the session, waiting up to wait_ms."""
+        body = {"path": path, "session_id": session_id, "wait_ms": wait_ms, "owner": owner}
+        return await self._call(LockView, "POST", f"{API}/recipes/lock", body=body, timeout=wait_ms / 1000 + 10)
+
+    async def unlock(self, node: str) -> DeletedView:
+        """Release a lock by deleting its node."""
+        return await self._call(DeletedView, "DELETE", f"{API}/recipes/lock", params={"node": node})
+
+    async def elect(self, path: str, session_id: int, candidate: str, wait_ms: int) -> ElectionView:
+        """Join the election at path as candidate, waiting up to wait_ms to lead."""
+        body = {"path": path, "session_id": session_id, "candidate": candidate, "wait_ms": wait_ms}
+        return await self._call(ElectionView, "POST", f"{API}/recipes/election", body=body, timeout=wait_ms / 1000 + 10)
+
+    async def election(self, path: str) -> ElectionView:
+        """Who leads the election at path."""
+        return await self._call(ElectionView, "GET", f"{API}/recipes/election", params={"path": path})
 
     # ---- watch ----------------------------------------------------------------------------------
 

@@ -78,6 +78,22 @@ SPECS: dict[str, Spec] = {
         ("-r  the node and all its descendants",),
         "r",
     ),
+    "lock": Spec(
+        "lock [-w wait_ms] path [owner]",
+        "take a lock, held by this shell's session until unlock or exit; prints the lock node",
+        ("-w  wait this long for the holder to let go (default 0: try once)",),
+        valued="w",
+        value="optional",
+    ),
+    "unlock": Spec("unlock node", "release a lock taken with lock (give the node it printed)"),
+    "elect": Spec(
+        "elect [-w wait_ms] path candidate",
+        "join an election as candidate for this shell's session; prints elected or who leads",
+        ("-w  wait this long to be elected (default 0: join and return)",),
+        valued="w",
+        value="required",
+    ),
+    "leader": Spec("leader path", "print the candidate that leads the election at path"),
     "help": Spec("help [command]", "list commands, or describe one", paths=(0, 1)),
     "exit": Spec("exit", "close the session and leave", paths=(0, 0)),
     "quit": Spec("quit", "close the session and leave", paths=(0, 0)),
@@ -208,6 +224,15 @@ def _version(args: Args, name: str) -> int:
     return version
 
 
+def _wait_ms(args: Args, name: str) -> int:
+    raw = args.valued.get("w")
+    if raw is None:
+        return 0
+    if not raw.isdigit() or int(raw) > 300_000:
+        raise UsageError(f"{name}: -w needs milliseconds from 0 to 300000, not {raw!r}")
+    return int(raw)
+
+
 def format_stat(stat: Stat) -> list[str]:
     """zkCli-style `name = value` lines, field names as the REST API spells them."""
     fields = msgspec.to_builtins(stat)
@@ -254,6 +279,10 @@ class Commands:
             "stat": self._stat,
             "delete": self._delete,
             "watch": self._watch,
+            "lock": self._lock,
+            "unlock": self._unlock,
+            "elect": self._elect,
+            "leader": self._leader,
             "help": self._help,
             "exit": self._exit,
             "quit": self._exit,
@@ -392,6 +421,27 @@ class Commands:
                 self.say(f"{msg.type} {msg.path} revision={msg.revision}")
 
         await self.client.watch(path, recursive, show)
+
+    async def _lock(self, name: str, args: Args) -> None:
+        path, wait_ms = self.path(args.paths[0]), _wait_ms(args, name)
+        session_id = await self.session.ensure()
+        held = await self.client.lock(path, session_id, wait_ms, args.value or "")
+        self.say(held.node)
+
+    async def _unlock(self, name: str, args: Args) -> None:
+        await self.client.unlock(self.path(args.paths[0]))
+
+    async def _elect(self, name: str, args: Args) -> None:
+        path, wait_ms = self.path(args.paths[0]), _wait_ms(args, name)
+        session_id = await self.session.ensure()
+        view = await self.client.elect(path, session_id, args.value or "", wait_ms)
+        self.say("elected" if view.elected else f"waiting; {view.leader} leads")
+
+    async def _leader(self, name: str, args: Args) -> None:
+        view = await self.client.election(self.path(args.paths[0]))
+        if view.leader is None:
+            raise ShellError("NoNode", f"nobody stands in {view.path}")
+        self.say(view.leader)
 
     async def _help(self, name: str, args: Args) -> None:
         if args.paths:
