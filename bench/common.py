@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -67,3 +68,42 @@ def ensure_debian_package(binary: str, package: str) -> str | None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, check=False, capture_output=True)
     return shutil.which(binary)
+
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Figures from `wrk --latency` output: requests, req/s, latency percentiles (ms), non-2xx and socket errors."""
+    out: dict[str, Any] = {"non2xx": 0, "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}}
+    if m := re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m|h)", output, re.M):
+        out["requests"] = int(m.group(1))
+        out["elapsed_s"] = float(m.group(2)) * _WRK_UNITS[m.group(3)] / 1e3
+    if m := re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M):
+        out["ops_s"] = float(m.group(1))
+    for pct, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M):
+        out[f"p{pct}_ms"] = float(value) * _WRK_UNITS[unit]
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output):
+        out["non2xx"] = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output):
+        out["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True))
+    missing = {"requests", "ops_s", "p50_ms", "p99_ms"} - out.keys()
+    if missing:
+        raise ValueError(f"wrk output lacks {sorted(missing)}:\n{output}")
+    return out
+
+
+def run_wrk(
+    wrk: str, url: str, script: str, connections: int, duration_s: float, threads: int = 2, timeout_s: float = 10
+) -> dict[str, Any]:
+    """Run wrk with a Lua script and --latency; parsed figures plus the raw output.
+
+    wrk needs at least one connection per thread, so threads is capped at connections.
+    """
+    threads = max(1, min(threads, connections))
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s", f"--timeout={timeout_s:g}s"]
+    cmd += ["--latency", "-s", script, url]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=duration_s + timeout_s + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return {**parse_wrk(done.stdout), "threads": threads, "connections": connections, "raw": done.stdout}
