@@ -8,7 +8,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
 from app import __version__
 from app.config import TelemetryConfig
@@ -32,8 +32,11 @@ def setup(cfg: TelemetryConfig, node_id: str, exporter: SpanExporter | None = No
     resource = Resource.create(
         {"service.name": cfg.service_name, "service.version": __version__, "service.instance.id": node_id}
     )
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)))
     chosen = exporter or _exporter(cfg)
+    # With nowhere to export, spans are not recorded: they still carry trace ids (for logs and
+    # for propagation over NATS) but cost a fraction of a recorded span on every request.
+    sampler = ParentBased(TraceIdRatioBased(cfg.sample_ratio)) if chosen is not None else ALWAYS_OFF
+    provider = TracerProvider(resource=resource, sampler=sampler)
     if chosen is not None:
         provider.add_span_processor(BatchSpanProcessor(chosen))
     trace.set_tracer_provider(provider)

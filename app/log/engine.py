@@ -130,7 +130,8 @@ class SharedLog(Generic[C]):
         if self.failed:
             raise LogFailed(self.failed)
         fut = self.batcher.submit(command, size)
-        return await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):  # cheaper than wait_for on this hot path
+            return await fut
 
     # ---- apply --------------------------------------------------------------------------------
 

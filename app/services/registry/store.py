@@ -12,7 +12,13 @@ from app.services.registry.state import RegistryState, SessionRecord, Znode
 from app.storage.sqlite import open_db
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS applied (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    term INTEGER NOT NULL,
+    leader TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nodes (path TEXT PRIMARY KEY, row BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, row BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (pos INTEGER PRIMARY KEY AUTOINCREMENT, rev INTEGER NOT NULL, row BLOB NOT NULL);
@@ -36,22 +42,17 @@ class RegistryStore:
 
     def load(self, state: RegistryState) -> tuple[int, list[Event]]:
         """Fill state from the file; return (applied stream sequence, retained events oldest first)."""
-        meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        row = self.conn.execute("SELECT seq, revision, term, leader FROM applied WHERE id = 1").fetchone()
+        seq, revision, term, leader = row or (0, 0, 0, "")
         nodes = {p: _node_dec.decode(row) for p, row in self.conn.execute("SELECT path, row FROM nodes")}
         sessions = {sid: _session_dec.decode(row) for sid, row in self.conn.execute("SELECT id, row FROM sessions")}
-        state.load(
-            nodes,
-            sessions,
-            revision=int(meta.get("revision", 0)),
-            term=int(meta.get("term", 0)),
-            leader=meta.get("leader", ""),
-        )
+        state.load(nodes, sessions, revision=revision, term=term, leader=leader)
         events = [
             _event_dec.decode(row)
             for (row,) in self.conn.execute("SELECT row FROM events ORDER BY pos DESC LIMIT ?", (self.history,))
         ]
         events.reverse()
-        return int(meta.get("applied_seq", 0)), events
+        return seq, events
 
     def commit(self, state: RegistryState, applied_seq: int, events: list[Event]) -> None:
         """Write the changed rows, new events and the applied sequence atomically."""
@@ -79,14 +80,9 @@ class RegistryStore:
                 if self._since_trim > max(1000, self.history // 10):
                     conn.execute("DELETE FROM events WHERE pos <= (SELECT MAX(pos) FROM events) - ?", (self.history,))
                     self._since_trim = 0
-            conn.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("applied_seq", str(applied_seq)),
-                    ("revision", str(state.revision)),
-                    ("term", str(state.term)),
-                    ("leader", state.leader),
-                ],
+            conn.execute(
+                "INSERT OR REPLACE INTO applied (id, seq, revision, term, leader) VALUES (1, ?, ?, ?, ?)",
+                (applied_seq, state.revision, state.term, state.leader),
             )
             conn.execute("COMMIT")
         except BaseException:
