@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
@@ -22,6 +23,18 @@ log = logging.getLogger("fleetmate.log")
 
 C = TypeVar("C")
 C_contra = TypeVar("C_contra", contravariant=True)
+
+
+class _StreamState(msgspec.Struct):
+    last_seq: int = 0
+
+
+class _StreamInfo(msgspec.Struct):
+    state: _StreamState = msgspec.field(default_factory=_StreamState)
+    error: dict[str, Any] | None = None
+
+
+_stream_info = msgspec.json.Decoder(_StreamInfo)
 
 
 class Machine(Protocol[C_contra]):
@@ -226,7 +239,12 @@ class SharedLog(Generic[C]):
         while self._barrier_next is not None:
             fut, self._barrier_next = self._barrier_next, None
             try:
-                info = await self.bus.js.stream_info(self.stream)
+                # The raw API call, decoding only state.last_seq: nats-py's stream_info() builds
+                # the whole config as dataclasses, which cost more than the round trip itself.
+                reply = await self.bus.nc.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", timeout=5.0)
+                info = _stream_info.decode(reply.data)
+                if info.error is not None:
+                    raise LogFailed(f"stream info failed: {info.error}")
                 fut.set_result(info.state.last_seq)
             except Exception as exc:
                 fut.set_exception(exc)
