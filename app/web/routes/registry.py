@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from litestar import delete, get, post, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.spec import Example
-from litestar.params import Body, Parameter
+from litestar.params import Body, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from app.errors import Unavailable
@@ -72,9 +72,9 @@ SESSION_EXAMPLES = _examples(ten_seconds={"timeout_ms": 10000})
 LOCK_EXAMPLES = _examples(wait_five_seconds={"path": "/locks/schema", "session_id": 4242, "wait_ms": 5000})
 
 NODE_PATHS = ["/api/v1/registry/nodes", "/api/v1/registry/nodes/{path:path}"]
-SERIALIZABLE = Parameter(
-    query="serializable", default=False, description="answer from local state without the read barrier"
-)
+Serializable = Annotated[
+    bool, QueryParameter(name="serializable", description="answer from local state without the read barrier")
+]
 
 
 def _owner(ephemeral: bool, session_id: int) -> int:
@@ -101,7 +101,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
     async def get_node(
         path: str = "/",
         encoding: Encoding | None = None,
-        serializable: bool = SERIALIZABLE,
+        serializable: Serializable = False,
     ) -> NodeView:
         """Data in UTF-8 when it is valid UTF-8 (or asked), else base64; `encoding` says which."""
         data, stat = await reg().get(path, linearizable=not serializable)
@@ -139,7 +139,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         tags=["registry"],
         summary="List a node's children",
     )
-    async def children(path: str = "/", stat: bool = False, serializable: bool = SERIALIZABLE) -> ChildrenView:
+    async def children(path: str = "/", stat: bool = False, serializable: Serializable = False) -> ChildrenView:
         """Sorted names; with stat=true each child's stat too."""
         registry = reg()
         names, own = await registry.children(path, linearizable=not serializable)
@@ -154,7 +154,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         tags=["registry"],
         summary="A node's stat (exists)",
     )
-    async def stat_node(path: str = "/", serializable: bool = SERIALIZABLE) -> StatView:
+    async def stat_node(path: str = "/", serializable: Serializable = False) -> StatView:
         """404 NoNode when the node does not exist."""
         return StatView(path, await reg().stat(path, linearizable=not serializable))
 
@@ -163,7 +163,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         tags=["registry"],
         summary="A node's ACL",
     )
-    async def get_acl(path: str = "/", serializable: bool = SERIALIZABLE) -> AclView:
+    async def get_acl(path: str = "/", serializable: Serializable = False) -> AclView:
         """ACL entries and the node's stat (aversion counts ACL changes)."""
         acl, stat = await reg().get_acl(path, linearizable=not serializable)
         return AclView(path, [AclEntry(a.perms, a.scheme, a.id) for a in acl], stat)
@@ -179,7 +179,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return StatView(updated.path, updated.stat)
 
     @post("/api/v1/registry/check", tags=["registry"], summary="Check a node's version", status_code=HTTP_200_OK)
-    async def check(data: CheckBody, serializable: bool = SERIALIZABLE) -> StatView:
+    async def check(data: CheckBody, serializable: Serializable = False) -> StatView:
         """200 with the stat when the version matches; 412 BadVersion or 404 NoNode otherwise."""
         return StatView(data.path, await reg().check(data.path, data.version, linearizable=not serializable))
 
@@ -219,7 +219,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return MultiView(revision, results)
 
     @get("/api/v1/registry", tags=["registry"], summary="Registry status: revision and counts")
-    async def status(serializable: bool = SERIALIZABLE) -> RegistryStatus:
+    async def status(serializable: Serializable = False) -> RegistryStatus:
         """The applied revision, node, session and watch counts, and the log position."""
         registry = reg()
         if not serializable:
@@ -276,7 +276,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return LockView(data.path, node_path, data.owner)
 
     @delete("/api/v1/recipes/lock", tags=["recipes"], summary="Release a lock", status_code=HTTP_200_OK)
-    async def release_lock(node_path: str = Parameter(query="node")) -> DeletedView:
+    async def release_lock(node_path: Annotated[str, QueryParameter(name="node")]) -> DeletedView:
         """Delete the lock node returned by POST."""
         deleted = await reg().delete(node_path)
         return DeletedView(deleted.path, list(deleted.deleted))
@@ -292,7 +292,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return ElectionView(data.path, leader, leader_node, names, node_path, elected)
 
     @get("/api/v1/recipes/election", tags=["recipes"], summary="Who leads an election")
-    async def election(path: str, serializable: bool = SERIALIZABLE) -> ElectionView:
+    async def election(path: str, serializable: Serializable = False) -> ElectionView:
         """The lowest candidate leads."""
         registry = reg()
         await registry.stat(path, linearizable=not serializable)
