@@ -77,6 +77,14 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_limit_per_client: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
+class LeaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The leader lease: which backend holds it, how long it lasts, how often it is renewed."""
+
+    backend: Literal["nats"] = "nats"
+    ttl: Annotated[float, msgspec.Meta(ge=1.0, le=300.0)] = 5.0
+    renew_interval: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 1.0
+
+
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing."""
 
@@ -98,6 +106,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     registry: RegistryConfig = msgspec.field(default_factory=RegistryConfig)
+    lease: LeaseConfig = msgspec.field(default_factory=LeaseConfig)
 
     @property
     def data_path(self) -> Path:
@@ -123,6 +132,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "nats": NatsConfig,
     "telemetry": TelemetryConfig,
     "registry": RegistryConfig,
+    "lease": LeaseConfig,
 }
 SECRET_KEYS = frozenset({"auth.tokens"})
 
@@ -295,6 +305,8 @@ def validate(cfg: Config) -> Config:
     for url in cfg.nats.url:
         if not NATS_URL_RE.match(url):
             raise ConfigError("nats.url", f"{url!r} is not a nats://host:port URL")
+    if cfg.lease.renew_interval > cfg.lease.ttl / 2:
+        raise ConfigError("lease.renew_interval", "must be at most half of lease.ttl, or the lease lapses")
     reg = cfg.registry
     if reg.session_timeout_min_ms > reg.session_timeout_max_ms:
         raise ConfigError("registry.session_timeout_min_ms", "must not exceed registry.session_timeout_max_ms")

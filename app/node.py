@@ -12,6 +12,9 @@ from app import __version__
 from app.bus.connection import Bus
 from app.bus.embedded import EmbeddedNats
 from app.config import Config
+from app.log.leadership import Leadership
+from app.log.lease import registry as lease_backends
+from app.log.lease.base import LeaseRecord
 from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
@@ -32,6 +35,7 @@ class Node:
         self.bus: Bus | None = None
         self.system: SystemService | None = None
         self.registry: RegistryService | None = None
+        self.leadership: Leadership | None = None
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
 
@@ -64,6 +68,16 @@ class Node:
         self.phase = "catching up with the registry log"
         self.registry = RegistryService(self.bus, cfg.registry, cfg.data_path, self.node_id)
         await self.registry.start()
+        self.phase = "joining the leader election"
+        backend = lease_backends.create(cfg.lease, self.bus, cfg.registry.stream_replicas)
+        self.leadership = Leadership(
+            backend,
+            LeaseRecord(self.node_id, time.time(), self.http_url),
+            cfg.lease.renew_interval,
+            on_gain=self.registry.become_leader,
+            on_lose=self.registry.stop_leading,
+        )
+        self.leadership.start()
         self.phase = "running"
         log.info(
             "fleetmate ready",
@@ -80,11 +94,14 @@ class Node:
         return time.monotonic() - self._started_mono
 
     def describe(self) -> NodeInfo:
-        """This replica as NodeInfo (single replica: it leads; the lease comes with replication)."""
+        """This replica as NodeInfo; the role and leader come from the lease."""
+        lead = self.leadership
+        leading = lead is not None and lead.leading
+        holder = lead.holder if lead is not None else None
         return NodeInfo(
             node_id=self.node_id,
-            role="leader",
-            leader_id=self.node_id,
+            role="leader" if leading else "follower",
+            leader_id=self.node_id if leading else (holder.holder if holder else ""),
             version=__version__,
             started_at=self.started_at,
             uptime_s=round(self.uptime(), 3),
@@ -110,6 +127,8 @@ class Node:
     async def stop(self) -> None:
         """Stop services, close the bus, stop the embedded server; each step bounded in time."""
         self.phase = "stopping"
+        if self.leadership is not None:
+            await self.leadership.stop()
         if self.registry is not None:
             await self.registry.stop()
         if self.system is not None:

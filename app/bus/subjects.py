@@ -19,6 +19,11 @@ REGISTRY_SERVICE = "fleetmate-registry"
 REGISTRY_KEEPALIVE = f"{PREFIX}.registry.keepalive"
 
 
+# KV bucket and key of the leader lease (nats backend).
+LEASE_BUCKET = "fleetmate_lease"
+LEASE_KEY = "leader"
+
+
 def system_info(node_id: str) -> str:
     """Request subject answered by one replica's system service with its NodeInfo."""
     return f"{PREFIX}.system.{node_id}.info"

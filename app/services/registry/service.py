@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -115,18 +116,9 @@ class RegistryService:
         self._service: Service | None = None
 
     async def start(self) -> None:
-        """Catch up with the log, take the lead (single replica), serve keepalives."""
+        """Catch up with the log; leading comes later, from the lease (become_leader)."""
         await self.log.start()
         await self.log.barrier(timeout=60)
-        await self.keeper.lead()
-        self._service = await start_service(
-            self.bus.nc,
-            name=subjects.REGISTRY_SERVICE,
-            version=__version__,
-            description="fleetmate registry: session keepalives to the leader",
-            endpoints=[Endpoint("keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive)],
-            metadata={"node_id": self.node_id},
-        )
         log.info(
             "registry ready",
             extra={
@@ -136,14 +128,31 @@ class RegistryService:
             },
         )
 
+    async def become_leader(self) -> None:
+        """This replica took the lease: append leader_elected, expire sessions, answer keepalives."""
+        await self.keeper.lead()
+        self._service = await start_service(
+            self.bus.nc,
+            name=subjects.REGISTRY_SERVICE,
+            version=__version__,
+            description="fleetmate registry leader: session keepalives",
+            endpoints=[Endpoint("keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive)],
+            metadata={"node_id": self.node_id, "term": str(self.keeper.term)},
+        )
+
+    async def stop_leading(self) -> None:
+        """The lease is gone: stop every leader duty at once."""
+        await self.keeper.stop()
+        service, self._service = self._service, None
+        if service is not None:
+            try:
+                await service.stop()
+            except Exception as exc:
+                log.debug("registry leader service stop failed", extra={"error": str(exc)})
+
     async def stop(self) -> None:
         """Stop leading, appending and applying; close the store."""
-        await self.keeper.stop()
-        if self._service is not None:
-            try:
-                await self._service.stop()
-            except Exception as exc:
-                log.debug("registry service stop failed", extra={"error": str(exc)})
+        await self.stop_leading()
         await self.log.stop()
         self.store.close()
 
@@ -374,17 +383,20 @@ class RegistryService:
 
     async def keepalive(self, session_id: int) -> int:
         """Refresh a session at the leader; returns its timeout. Raises SessionExpired."""
-        try:
-            reply = await call(
-                self.bus.nc, subjects.REGISTRY_KEEPALIVE, codec.encode(KeepaliveRequest(session_id)), timeout=2.0
-            )
-        except HandlerError as exc:
-            if exc.code == "404":
-                raise SessionExpired(exc.description) from None
-            raise OperationTimeout(f"keepalive failed: {exc.description}") from None
-        except (TimeoutError, NoRespondersError, NatsTimeout):
-            raise OperationTimeout("no registry leader answered the keepalive") from None
-        return codec.decode(reply, KeepaliveReply).timeout_ms
+        payload = codec.encode(KeepaliveRequest(session_id))
+        # A few short tries: a leader that was just paused or replaced may still hold the
+        # subscription for a moment, and the next try reaches the one that answers.
+        for attempt in range(4):
+            try:
+                reply = await call(self.bus.nc, subjects.REGISTRY_KEEPALIVE, payload, timeout=0.5)
+                return codec.decode(reply, KeepaliveReply).timeout_ms
+            except HandlerError as exc:
+                if exc.code == "404":
+                    raise SessionExpired(exc.description) from None
+                raise OperationTimeout(f"keepalive failed: {exc.description}") from None
+            except (TimeoutError, NoRespondersError, NatsTimeout):
+                await asyncio.sleep(0.1 * attempt)
+        raise OperationTimeout("no registry leader answered the keepalive")
 
     async def _on_keepalive(self, data: bytes) -> bytes:
         try:

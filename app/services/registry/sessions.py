@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.services.registry.errors import RegistryError
+from app.services.registry.errors import RegistryError, StaleTerm
 from app.services.registry.messages import Command, ExpireSession, LeaderElected, ReapContainer
 from app.services.registry.state import RegistryState
 
@@ -41,6 +41,7 @@ class SessionKeeper:
         self.last_seen: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
         self.expired = 0
+        self.fenced = 0
 
     async def lead(self) -> None:
         """Append leader_elected for a new term and start the expiry loop."""
@@ -85,6 +86,9 @@ class SessionKeeper:
                     if not isinstance(result, RegistryError):
                         self.expired += 1
                         log.info("session expired", extra={"session_id": f"0x{sid:x}", "term": self.term})
+                    elif isinstance(result, StaleTerm):
+                        self.fenced += 1
+                        log.warning("expiry refused: a newer leader exists", extra={"term": self.term})
                     self.last_seen.pop(sid, None)
                 if self.clock() - last_reap >= REAP_EVERY_S:
                     last_reap = self.clock()
@@ -95,7 +99,9 @@ class SessionKeeper:
 
     async def stop(self) -> None:
         """Stop leading."""
-        if self._task:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self.last_seen.clear()

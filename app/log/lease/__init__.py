@@ -1,0 +1,1 @@
+"""Leader leases: one interface, one module per backend, chosen by `lease.backend`."""

@@ -1,0 +1,134 @@
+"""Two replicas on one NATS: one lease holder, writes through either, hand-over, and fencing of a paused leader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import Fleetmate, NatsServer, running, wait_for
+
+LEASE_TTL = 2.0
+
+
+def _env(nats: NatsServer, node_id: str) -> dict[str, str]:
+    return {
+        "FLEETMATE_NATS_URL": nats.url,
+        "FLEETMATE_NODE_ID": node_id,
+        "FLEETMATE_LEASE_TTL": str(LEASE_TTL),
+        "FLEETMATE_LEASE_RENEW_INTERVAL": "0.5",
+        "FLEETMATE_REGISTRY_SESSION_TIMEOUT_MIN_MS": "1000",
+    }
+
+
+@pytest.fixture
+def pair(tmp_path: Path, nats_server: NatsServer) -> Iterator[dict[str, Fleetmate]]:
+    with ExitStack() as stack:
+        out = {}
+        for node_id in ("r1", "r2"):
+            fm = Fleetmate(tmp_path / node_id, env=_env(nats_server, node_id))
+            out[node_id] = stack.enter_context(running(fm))
+        yield out
+
+
+def cluster(fm: Fleetmate) -> dict[str, Any]:
+    body: dict[str, Any] = fm.get("/api/v1/cluster").json()
+    return body
+
+
+def leader_of(pair: dict[str, Fleetmate]) -> tuple[Fleetmate, Fleetmate]:
+    def settled() -> tuple[Fleetmate, Fleetmate] | None:
+        views = {name: cluster(fm) for name, fm in pair.items()}
+        leaders = [name for name, v in views.items() if v["role"] == "leader"]
+        if len(leaders) != 1 or any(v["leader"]["node_id"] != leaders[0] for v in views.values()):
+            return None
+        (follower,) = [name for name in pair if name != leaders[0]]
+        return pair[leaders[0]], pair[follower]
+
+    result: tuple[Fleetmate, Fleetmate] = wait_for(settled, 10, "exactly one leader that both replicas name")
+    return result
+
+
+def test_one_leader_writes_anywhere_reads_everywhere(pair: dict[str, Fleetmate]) -> None:
+    leader, follower = leader_of(pair)
+    assert {r["node_id"] for r in cluster(leader)["replicas"]} == {"r1", "r2"}
+    f, lead = httpx.Client(base_url=follower.url), httpx.Client(base_url=leader.url)
+    assert f.post("/api/v1/registry/nodes/shared", json={"data": "from-follower"}).status_code == 201
+    # Linearizable read on the other replica sees the write at once.
+    assert lead.get("/api/v1/registry/nodes/shared").json()["data"] == "from-follower"
+    assert lead.put("/api/v1/registry/nodes/shared", json={"data": "from-leader"}).status_code == 200
+    assert f.get("/api/v1/registry/nodes/shared").json()["data"] == "from-leader"
+    # A session opened through the follower is kept alive through it (keepalives go to the leader).
+    sid = f.post("/api/v1/sessions", json={"timeout_ms": 1000}).json()["session_id"]
+    f.post("/api/v1/registry/nodes/shared/eph", json={"ephemeral": True, "session_id": sid})
+    for _ in range(8):
+        assert f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200
+        time.sleep(0.25)
+    assert lead.get("/api/v1/registry/nodes/shared/eph").status_code == 200
+    assert f.get("/api/v1/registry").json()["revision"] == lead.get("/api/v1/registry").json()["revision"]
+
+
+def test_leader_killed_the_other_takes_over_and_sessions_survive(pair: dict[str, Fleetmate]) -> None:
+    leader, follower = leader_of(pair)
+    f = httpx.Client(base_url=follower.url)
+    term = f.get("/api/v1/registry").json()["term"]
+    sid = f.post("/api/v1/sessions", json={"timeout_ms": 3000}).json()["session_id"]
+    f.post("/api/v1/registry/nodes/live", json={"ephemeral": True, "session_id": sid})
+
+    killed_at = time.monotonic()
+    leader.stop(signal.SIGKILL)
+
+    def took_over() -> bool:
+        f.put(f"/api/v1/sessions/{sid}/keepalive")  # the client keeps its session alive meanwhile
+        return bool(cluster(follower)["role"] == "leader")
+
+    wait_for(took_over, LEASE_TTL + 5, "the follower to take the lease")
+    handover = time.monotonic() - killed_at
+    assert handover < LEASE_TTL + 2.5
+    status = f.get("/api/v1/registry").json()
+    assert status["term"] > term
+    assert status["leader"] == follower.env["FLEETMATE_NODE_ID"]
+    # The new leader gave the session a fresh timeout: with keepalives it lives on.
+    for _ in range(8):
+        assert f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200
+        time.sleep(0.4)
+    assert f.get("/api/v1/registry/nodes/live").status_code == 200
+    # Without them it expires under the new leader.
+    wait_for(lambda: f.get("/api/v1/registry/nodes/live").status_code == 404, 10, "expiry by the new leader")
+
+
+def test_paused_leader_is_fenced(pair: dict[str, Fleetmate]) -> None:
+    leader, follower = leader_of(pair)
+    f = httpx.Client(base_url=follower.url)
+    sid = f.post("/api/v1/sessions", json={"timeout_ms": 1000}).json()["session_id"]
+    f.post("/api/v1/registry/nodes/fenced", json={"ephemeral": True, "session_id": sid})
+    assert leader.proc is not None
+    os.kill(leader.proc.pid, signal.SIGSTOP)
+    try:
+        # While the old leader sleeps, the follower takes over and the client keeps its session.
+        wait_for(
+            lambda: (
+                f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200 and cluster(follower)["role"] == "leader"
+            ),
+            LEASE_TTL + 5,
+            "the follower to lead",
+        )
+    finally:
+        os.kill(leader.proc.pid, signal.SIGCONT)
+    # The old leader wakes up with stale keepalive times: whatever it tries to expire is refused.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200
+        time.sleep(0.2)
+    assert f.get("/api/v1/registry/nodes/fenced").status_code == 200
+    assert cluster(follower)["role"] == "leader"
+    wait_for(lambda: cluster(leader)["role"] == "follower", 5, "the old leader to step down")
+    stale = [line for line in leader.lines if line.get("msg") == "stepping down"]
+    assert stale
