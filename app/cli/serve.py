@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -23,8 +24,13 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-async def serve(cfg: Config) -> int:
-    """Start everything, wait for a stop signal or a fatal error, and shut down cleanly."""
+async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) -> int:
+    """Start everything, wait for a stop signal or a fatal error, and shut down cleanly.
+
+    As a worker (started by the supervisor of `--workers N`) the HTTP port is shared with
+    the other workers (Granian binds with SO_REUSEPORT), so it is not probed first; when
+    the node is ready a line goes to `ready_fd`.
+    """
     provider = telemetry.setup(cfg.telemetry, cfg.node_id)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -33,7 +39,7 @@ async def serve(cfg: Config) -> int:
 
     node = Node(cfg)
     try:
-        port = resolve_port(cfg.http.host, cfg.http.port)
+        port = cfg.http.port if worker else resolve_port(cfg.http.host, cfg.http.port)
     except (PortInUse, OSError) as exc:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return EXIT_FAILED
@@ -49,6 +55,10 @@ async def serve(cfg: Config) -> int:
         done, _ = await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
         if start_task in done and start_task.exception() is None:
             gc.freeze()  # what start-up built lives as long as the process: keep it out of collections
+            if ready_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(ready_fd, b"ready\n")
+                    os.close(ready_fd)
             done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
         failure = start_task.exception() if start_task.done() else None
         if failure is not None:
@@ -81,14 +91,14 @@ async def serve(cfg: Config) -> int:
 GC_THRESHOLDS = (50_000, 50, 100)
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, worker: bool = False, ready_fd: int | None = None) -> int:
     """Run serve() on uvloop when available, with collector thresholds for a server."""
     gc.set_threshold(*GC_THRESHOLDS)
     try:
         import uvloop
 
-        return uvloop.run(serve(cfg))
+        return uvloop.run(serve(cfg, worker, ready_fd))
     except ImportError:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, worker, ready_fd))
     finally:
         sys.stderr.flush()

@@ -1,0 +1,205 @@
+"""`fleetmate serve --workers N`: N worker processes, each a full replica of the log, sharing the HTTP port.
+
+The supervisor owns the embedded nats-server, picks the HTTP port once, starts the
+workers (Granian binds with SO_REUSEPORT, so the kernel spreads connections), restarts a
+worker that dies, and stops everything on SIGTERM or Ctrl-C. Workers need nothing new for
+correctness: they agree through the log like any replicas, and one of them holds the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, die_with_parent
+from app.config import Config
+from app.web.server import PortInUse, resolve_port
+
+log = logging.getLogger("fleetmate.supervisor")
+
+READY_TIMEOUT_S = 120.0
+STOP_GRACE_S = 10.0
+
+
+class Worker:
+    """One worker process and how to start it again."""
+
+    def __init__(self, index: int, node_id: str, env: dict[str, str], args: list[str]) -> None:
+        self.index = index
+        self.node_id = node_id
+        self.env = env
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.restarts = 0
+
+    async def start(self) -> None:
+        """Spawn the process; `ready` is set when it reports its node started."""
+        self.ready.clear()
+        read_fd, write_fd = os.pipe()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--worker",
+            "--ready-fd",
+            str(write_fd),
+            *self.args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            start_new_session=True,  # Ctrl-C reaches the supervisor, which stops workers in order
+            preexec_fn=die_with_parent,
+        )
+        os.close(write_fd)
+        loop = asyncio.get_running_loop()
+
+        def on_readable() -> None:
+            data = b""
+            with contextlib.suppress(OSError):
+                data = os.read(read_fd, 64)
+            loop.remove_reader(read_fd)
+            os.close(read_fd)
+            if data.startswith(b"ready"):
+                self.ready.set()
+
+        loop.add_reader(read_fd, on_readable)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after the grace period."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("worker ignored SIGTERM; killing it", extra={"worker": self.node_id})
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def _worker_env(cfg: Config, index: int, node_id: str, port: int, nats_url: str, http_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLEETMATE_NODE_ID=node_id,
+        FLEETMATE_DATA_DIR=str(cfg.data_path / "workers" / node_id),
+        FLEETMATE_HTTP_PORT=str(port),
+        FLEETMATE_HTTP_ADVERTISE_URL=cfg.http.advertise_url or http_url,
+        FLEETMATE_WORKERS="1",
+    )
+    if nats_url:
+        env["FLEETMATE_NATS_URL"] = nats_url
+    return env
+
+
+async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
+    """Run `count` workers until a stop signal; 0 on a clean stop, 1 when start-up failed."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    try:
+        port = resolve_port(cfg.http.host, cfg.http.port)
+    except (PortInUse, OSError) as exc:
+        log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
+        return 1
+    host = cfg.http.host
+    http_url = f"http://{host}:{port}"
+    embedded: EmbeddedNats | None = None
+    nats_url = ""
+    if cfg.embedded_nats:
+        embedded = EmbeddedNats(
+            data_dir=cfg.data_path,
+            name=cfg.node_id,
+            host=cfg.nats.host,
+            port=cfg.nats.port,
+            sync_always=cfg.nats.sync_always,
+        )
+        try:
+            nats_url = await embedded.start()
+        except EmbeddedNatsError as exc:
+            log.error("start-up failed", extra={"error": str(exc)})
+            return 1
+    args = ["--config", config_path] if config_path else []
+    workers = []
+    for i in range(count):
+        node_id = f"{cfg.node_id}-w{i + 1}"
+        workers.append(Worker(i, node_id, _worker_env(cfg, i, node_id, port, nats_url, http_url), args))
+    code = 0
+    try:
+        for worker in workers:
+            await worker.start()
+        ready: asyncio.Future[Any] = asyncio.gather(*(w.ready.wait() for w in workers))
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({ready, stop_wait}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            log.info(
+                "fleetmate ready",
+                extra={
+                    "node_id": cfg.node_id,
+                    "http": http_url,
+                    "nats": nats_url or ",".join(cfg.nats.url),
+                    "workers": count,
+                    "startup_s": round(time.monotonic() - started, 3),
+                },
+            )
+            await _watch(workers, stop)
+        elif not stop.is_set():
+            log.error("workers did not become ready in time", extra={"timeout_s": READY_TIMEOUT_S})
+            code = 1
+        ready.cancel()
+        stop_wait.cancel()
+    finally:
+        log.info("stopping workers")
+        await asyncio.gather(*(w.stop() for w in workers))
+        if embedded is not None:
+            await embedded.stop()
+        log.info("fleetmate stopped", extra={"node_id": cfg.node_id})
+    return code
+
+
+async def _watch(workers: list[Worker], stop: asyncio.Event) -> None:
+    """Restart any worker that exits until stop is set."""
+    stop_wait = asyncio.ensure_future(stop.wait())
+    waits = {asyncio.ensure_future(w.proc.wait()): w for w in workers if w.proc is not None}
+    try:
+        while not stop.is_set():
+            done, _ = await asyncio.wait({stop_wait, *waits}, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                worker = waits.pop(fut, None)
+                if worker is None or stop.is_set():
+                    continue
+                worker.restarts += 1
+                log.error(
+                    "worker exited unexpectedly; restarting",
+                    extra={"worker": worker.node_id, "exit_code": fut.result(), "restarts": worker.restarts},
+                )
+                await asyncio.sleep(min(5.0, 0.2 * worker.restarts))
+                await worker.start()
+                assert worker.proc is not None
+                waits[asyncio.ensure_future(worker.proc.wait())] = worker
+    finally:
+        stop_wait.cancel()
+        for fut in waits:
+            fut.cancel()
+
+
+def run(cfg: Config, count: int, config_path: str | None) -> int:
+    """Run the supervisor on uvloop when available."""
+    try:
+        import uvloop
+
+        return uvloop.run(supervise(cfg, count, config_path))
+    except ImportError:
+        return asyncio.run(supervise(cfg, count, config_path))
