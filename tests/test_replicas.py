@@ -113,13 +113,17 @@ def test_paused_leader_is_fenced(pair: dict[str, Fleetmate]) -> None:
     os.kill(leader.proc.pid, signal.SIGSTOP)
     try:
         # While the old leader sleeps, the follower takes over and the client keeps its session.
-        wait_for(
-            lambda: (
-                f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200 and cluster(follower)["role"] == "leader"
-            ),
-            LEASE_TTL + 5,
-            "the follower to lead",
-        )
+        try:
+            wait_for(
+                lambda: (
+                    f.put(f"/api/v1/sessions/{sid}/keepalive").status_code == 200
+                    and cluster(follower)["role"] == "leader"
+                ),
+                LEASE_TTL + 10,
+                "the follower to lead",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nfollower log tail: {follower.raw[-15:]}") from None
     finally:
         os.kill(leader.proc.pid, signal.SIGCONT)
     # The old leader wakes up with stale keepalive times: whatever it tries to expire is refused.
