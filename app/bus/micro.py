@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service, ServiceError  # type: ignore[attr-defined]
@@ -57,6 +59,31 @@ def _wrap(ep: Endpoint) -> Callable[[Request], Awaitable[None]]:
             await req.respond(reply)
 
     return run
+
+
+async def serve_every_subscriber(nc: Client, name: str, subject: str, handler: Handler) -> Subscription:
+    """A request/reply endpoint *without* a queue group: every subscriber gets each request and
+    the caller takes the first reply. For leader-only endpoints: a paused ex-leader still
+    subscribed cannot swallow requests that the new leader answers. Replies use the same
+    error headers as nats.micro, so `call()` reads both."""
+
+    async def run(msg: Msg) -> None:
+        with handler_span(f"handle {name}", msg.subject, msg.headers) as span:
+            headers: dict[str, str] | None = None
+            try:
+                reply = await handler(msg.data)
+            except HandlerError as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.code))
+                reply, headers = b"", {_ERROR_HEADER: exc.description, _ERROR_CODE_HEADER: exc.code}
+            except Exception as exc:
+                span.record_exception(exc)
+                log.exception("bus handler failed", extra={"endpoint": name})
+                reply, headers = b"", {_ERROR_HEADER: "internal error", _ERROR_CODE_HEADER: "500"}
+            if msg.reply:
+                await nc.publish(msg.reply, reply, headers=headers)
+
+    sub: Subscription = await nc.subscribe(subject, cb=run)
+    return sub
 
 
 async def start_service(

@@ -14,8 +14,7 @@ REPLICAS_BUCKET = "fleetmate_replicas"
 # The registry's log stream and its subject.
 REGISTRY_STREAM = "FLEETMATE_REGISTRY"
 REGISTRY_LOG = f"{PREFIX}.log.registry"
-# nats.micro service of the registry; keepalives go to the leader on this subject.
-REGISTRY_SERVICE = "fleetmate-registry"
+# Keepalives go to the leader on this subject (no queue group: every leader subscribed answers).
 REGISTRY_KEEPALIVE = f"{PREFIX}.registry.keepalive"
 
 

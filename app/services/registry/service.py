@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.micro.service import Service
 
-from app import __version__
 from app.bus import codec, subjects
 from app.bus.connection import Bus
-from app.bus.micro import Endpoint, HandlerError, call, start_service
+from app.bus.micro import HandlerError, call, serve_every_subscriber
 from app.config import RegistryConfig
 from app.log.batcher import AppendError
 from app.log.engine import LogFailed, SharedLog
@@ -113,7 +112,7 @@ class RegistryService:
             applied_seq=applied_seq,
         )
         self.keeper = SessionKeeper(self.state, self._append_raw, node_id)
-        self._service: Service | None = None
+        self._keepalives: Subscription | None = None
 
     async def start(self) -> None:
         """Catch up with the log; leading comes later, from the lease (become_leader)."""
@@ -131,24 +130,19 @@ class RegistryService:
     async def become_leader(self) -> None:
         """This replica took the lease: append leader_elected, expire sessions, answer keepalives."""
         await self.keeper.lead()
-        self._service = await start_service(
-            self.bus.nc,
-            name=subjects.REGISTRY_SERVICE,
-            version=__version__,
-            description="fleetmate registry leader: session keepalives",
-            endpoints=[Endpoint("keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive)],
-            metadata={"node_id": self.node_id, "term": str(self.keeper.term)},
+        self._keepalives = await serve_every_subscriber(
+            self.bus.nc, "keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive
         )
 
     async def stop_leading(self) -> None:
         """The lease is gone: stop every leader duty at once."""
         await self.keeper.stop()
-        service, self._service = self._service, None
-        if service is not None:
+        sub, self._keepalives = self._keepalives, None
+        if sub is not None:
             try:
-                await service.stop()
-            except Exception as exc:
-                log.debug("registry leader service stop failed", extra={"error": str(exc)})
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection may be closing
+                log.debug("keepalive unsubscribe failed", extra={"error": str(exc)})
 
     async def stop(self) -> None:
         """Stop leading, appending and applying; close the store."""
@@ -383,6 +377,11 @@ class RegistryService:
 
     async def keepalive(self, session_id: int) -> int:
         """Refresh a session at the leader; returns its timeout. Raises SessionExpired."""
+        if self.keeper.leading:  # this replica is the leader: no bus round trip
+            timeout = self.keeper.touch(session_id)
+            if timeout is None:
+                raise SessionExpired(f"session 0x{session_id:x} does not exist")
+            return timeout
         payload = codec.encode(KeepaliveRequest(session_id))
         # A few short tries: a leader that was just paused or replaced may still hold the
         # subscription for a moment, and the next try reaches the one that answers.

@@ -56,6 +56,11 @@ class SessionKeeper:
         self._task = asyncio.create_task(self._run(), name="session-keeper")
         log.info("leading the registry", extra={"term": term, "sessions": len(self.last_seen)})
 
+    @property
+    def leading(self) -> bool:
+        """True while this keeper runs as the leader's."""
+        return self._task is not None and not self._task.done()
+
     def touch(self, session_id: int) -> int | None:
         """Record a keepalive; returns the session's timeout, or None when it does not exist."""
         record = self.state.sessions.get(session_id)
