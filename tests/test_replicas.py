@@ -136,3 +136,11 @@ def test_paused_leader_is_fenced(pair: dict[str, Fleetmate]) -> None:
     wait_for(lambda: cluster(leader)["role"] == "follower", 5, "the old leader to step down")
     stale = [line for line in leader.lines if line.get("msg") == "stepping down"]
     assert stale
+
+
+def test_lease_figures_in_metrics(pair: dict[str, Fleetmate]) -> None:
+    leader, follower = leader_of(pair)
+    name = leader.env["FLEETMATE_NODE_ID"]
+    wait_for(lambda: f'fleetmate_lease_holder{{node_id="{name}"}} 1.0' in follower.get("/metrics").text, 5, "holder")
+    assert "fleetmate_lease_leader 1.0" in leader.get("/metrics").text
+    assert "fleetmate_lease_leader 0.0" in follower.get("/metrics").text

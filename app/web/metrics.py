@@ -62,6 +62,16 @@ class _NodeCollector(Collector):
             yield CounterMetricFamily(
                 "fleetmate_registry_sessions_expired", "Sessions this leader expired", registry.keeper.expired
             )
+        lead = node.leadership
+        if lead is not None:
+            yield GaugeMetricFamily("fleetmate_lease_leader", "1 while this replica holds the lease", lead.leading)
+            holder = GaugeMetricFamily("fleetmate_lease_holder", "The lease holder (label), 1", labels=["node_id"])
+            if lead.holder is not None:
+                holder.add_metric([lead.holder.holder], 1.0)
+            yield holder
+            yield CounterMetricFamily(
+                "fleetmate_lease_changes", "Times this replica took or lost the lease", value=lead.changes
+            )
         emb = node.embedded
         if emb is not None:
             yield CounterMetricFamily(
