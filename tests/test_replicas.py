@@ -144,3 +144,20 @@ def test_lease_figures_in_metrics(pair: dict[str, Fleetmate]) -> None:
     wait_for(lambda: f'fleetmate_lease_holder{{node_id="{name}"}} 1.0' in follower.get("/metrics").text, 5, "holder")
     assert "fleetmate_lease_leader 1.0" in leader.get("/metrics").text
     assert "fleetmate_lease_leader 0.0" in follower.get("/metrics").text
+
+
+def test_cluster_status_command(pair: dict[str, Fleetmate], tmp_path: Path) -> None:
+    from tests.harness import run_cli
+
+    leader, follower = leader_of(pair)
+    addrs = f"http://127.0.0.1:1,{follower.url}"  # the first address is dead: the next answers
+    result = run_cli(["cluster", "status", "--addr", addrs], {}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"leader: {leader.env['FLEETMATE_NODE_ID']}")
+    assert lines[1].startswith("registry: revision ")
+    rows = {line.split()[0]: line.split()[1] for line in lines[5:]}
+    assert rows == {leader.env["FLEETMATE_NODE_ID"]: "leader", follower.env["FLEETMATE_NODE_ID"]: "follower"}
+    dead = run_cli(["cluster", "status", "--addr", "http://127.0.0.1:1"], {}, tmp_path)
+    assert dead.returncode == 1
+    assert "no address answers" in dead.stderr

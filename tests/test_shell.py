@@ -535,7 +535,7 @@ async def test_tab_completes_commands_and_paths(fm: Fleetmate) -> None:
         for path in ("/comp/alpha/x", "/comp/alpine", "/comp/beta"):
             await client.create(path, "", parents=True)
         assert await _complete(completer, "") == list(SPECS)
-        assert await _complete(completer, "s") == ["set", "stat"]
+        assert await _complete(completer, "s") == ["set", "stat", "sync"]
         assert await _complete(completer, "help de") == ["help delete"]
         assert await _complete(completer, "get /comp/al") == ["get /comp/alpha/", "get /comp/alpine"]
         assert await _complete(completer, "ls -r /comp/alpha/") == ["ls -r /comp/alpha/x"]
@@ -651,3 +651,10 @@ def test_lock_and_election_from_the_shell(fm: Fleetmate, api: httpx.Client) -> N
     assert ok.stdout.strip() == "/shlock/x/lock-0000000000"
     assert "Error: NoNode: no node /nobody" in ok.stderr
     assert shell(fm, "-c", "lock -w soon /x").returncode == 2
+
+
+def test_sync_prints_the_revision(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(fm, "-c", "put /synced 1; sync")
+    assert result.returncode == 0, result.stderr
+    revision = int(result.stdout.split()[-1])
+    assert revision >= api.get("/registry/stat/synced").json()["stat"]["mzxid"]

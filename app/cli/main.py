@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable and the key it sets")
 
+    clu = sub.add_parser("cluster", help="look at the replicas")
+    clu_sub = clu.add_subparsers(dest="cluster_command", required=True)
+    st = clu_sub.add_parser("status", help="the leader, the replicas and the registry's revision")
+    st.add_argument("--addr", metavar="URL[,URL...]", help="server addresses (default: $FLEETMATE_ADDR)")
+    st.add_argument("--token", help="API token (default: $FLEETMATE_TOKEN)")
+
     shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
     shell.add_argument(
         "--addr",
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli.supervisor import run as supervise
 
         return supervise(cfg, workers or (os.cpu_count() or 1), args.config)
+    if args.command == "cluster":
+        from app.cli.cluster import status
+
+        return status(args)
     if args.command == "shell":
         from app.cli.shell import run as run_shell
 

@@ -231,6 +231,12 @@ class RegistryClient:
         """Close a session: its ephemeral nodes go at once."""
         return await self._call(DeletedView, "DELETE", f"{API}/sessions/{session_id}")
 
+    async def sync(self) -> int:
+        """A linearizable read point on the current server; returns its applied revision."""
+        raw = await self.request("GET", f"{API}/registry")
+        revision: int = msgspec.json.decode(raw)["revision"]
+        return revision
+
     # ---- recipes --------------------------------------------------------------------------------
 
     async def lock(self, path: str, session_id: int, wait_ms: int, owner: str) -> LockView:

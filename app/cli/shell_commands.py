@@ -94,6 +94,11 @@ SPECS: dict[str, Spec] = {
         value="required",
     ),
     "leader": Spec("leader path", "print the candidate that leads the election at path"),
+    "sync": Spec(
+        "sync",
+        "wait until this server has applied every write made before, anywhere; print the revision",
+        paths=(0, 0),
+    ),
     "help": Spec("help [command]", "list commands, or describe one", paths=(0, 1)),
     "exit": Spec("exit", "close the session and leave", paths=(0, 0)),
     "quit": Spec("quit", "close the session and leave", paths=(0, 0)),
@@ -279,6 +284,7 @@ class Commands:
             "stat": self._stat,
             "delete": self._delete,
             "watch": self._watch,
+            "sync": self._sync,
             "lock": self._lock,
             "unlock": self._unlock,
             "elect": self._elect,
@@ -421,6 +427,9 @@ class Commands:
                 self.say(f"{msg.type} {msg.path} revision={msg.revision}")
 
         await self.client.watch(path, recursive, show)
+
+    async def _sync(self, name: str, args: Args) -> None:
+        self.say(f"revision {await self.client.sync()}")
 
     async def _lock(self, name: str, args: Args) -> None:
         path, wait_ms = self.path(args.paths[0]), _wait_ms(args, name)

@@ -1,0 +1,56 @@
+"""`fleetmate cluster status`: the replicas table as one replica sees it, and the registry's position."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+
+def _get(addrs: list[str], token: str | None, path: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    last: Exception | None = None
+    for addr in addrs:
+        try:
+            response = httpx.get(addr.rstrip("/") + path, headers=headers, timeout=5)
+        except httpx.TransportError as exc:
+            last = exc
+            continue
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                raise SystemExit(f"fleetmate: {addr}: {body['error']}: {body['message']}")
+            except (ValueError, KeyError):
+                raise SystemExit(f"fleetmate: {addr}: HTTP {response.status_code}") from None
+        data: dict[str, Any] = response.json()
+        return data
+    raise SystemExit(f"fleetmate: no address answers ({', '.join(addrs)}): {last}")
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print the leader, every replica announced on the bus, and the registry's revision."""
+    addrs = (args.addr or os.environ.get("FLEETMATE_ADDR") or "http://127.0.0.1:21510").split(",")
+    token = args.token or os.environ.get("FLEETMATE_TOKEN")
+    view = _get(addrs, token, "/api/v1/cluster")
+    registry = _get(addrs, token, "/api/v1/registry")
+    now = time.time()
+    out = sys.stdout
+    print(f"leader: {view['leader']['node_id'] or '(none)'}  {view['leader']['http_url']}", file=out)
+    print(
+        f"registry: revision {registry['revision']}, term {registry['term']}, {registry['nodes']} nodes, "
+        f"{registry['sessions']} sessions",
+        file=out,
+    )
+    print(f"nats: {', '.join(view['nats_servers'])}", file=out)
+    print(file=out)
+    print(f"{'replica':<20}{'role':<10}{'http':<34}{'version':<10}{'up':>10}{'seen':>8}", file=out)
+    for r in view["replicas"]:
+        role = "leader" if r["node_id"] == view["leader"]["node_id"] else "follower"
+        up = f"{now - r['started_at']:.0f}s"
+        seen = f"{max(0.0, now - r['seen_at']):.1f}s"
+        print(f"{r['node_id']:<20}{role:<10}{r['http_url']:<34}{r['version']:<10}{up:>10}{seen:>8}", file=out)
+    return 0
