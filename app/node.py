@@ -111,6 +111,8 @@ class Node:
             embedded_nats=self.embedded is not None,
             pid=os.getpid(),
             rss_bytes=self._proc.memory_info().rss,
+            revision=self.registry.revision if self.registry else 0,
+            applied_seq=self.registry.log.applied_seq if self.registry else 0,
         )
 
     async def not_ready(self) -> str | None:

@@ -74,6 +74,12 @@ def test_one_leader_writes_anywhere_reads_everywhere(pair: dict[str, Fleetmate])
     assert lead.get("/api/v1/registry/nodes/shared/eph").status_code == 200
     assert f.get("/api/v1/registry").json()["revision"] == lead.get("/api/v1/registry").json()["revision"]
 
+    def caught_up() -> bool:
+        rows = cluster(follower)["replicas"]
+        return len(rows) == 2 and all(r["lag"] == 0 for r in rows) and len({r["revision"] for r in rows}) == 1
+
+    wait_for(caught_up, 10, "both replicas announced at the same applied revision, lag 0")
+
 
 def test_leader_killed_the_other_takes_over_and_sessions_survive(pair: dict[str, Fleetmate]) -> None:
     leader, follower = leader_of(pair)

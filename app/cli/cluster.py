@@ -37,7 +37,7 @@ def status(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FLEETMATE_TOKEN")
     view = _get(addrs, token, "/api/v1/cluster")
     registry = _get(addrs, token, "/api/v1/registry")
-    now = time.time()
+    now = time.time()  # ages of announcements; each replica refreshes its own every 2 s
     out = sys.stdout
     print(f"leader: {view['leader']['node_id'] or '(none)'}  {view['leader']['http_url']}", file=out)
     print(
@@ -47,10 +47,16 @@ def status(args: argparse.Namespace) -> int:
     )
     print(f"nats: {', '.join(view['nats_servers'])}", file=out)
     print(file=out)
-    print(f"{'replica':<20}{'role':<10}{'http':<34}{'version':<10}{'up':>10}{'seen':>8}", file=out)
+    print(
+        f"{'replica':<20}{'role':<10}{'http':<34}{'revision':>10}{'lag':>6}{'version':>9}{'up':>9}{'seen':>8}",
+        file=out,
+    )
     for r in view["replicas"]:
-        role = "leader" if r["node_id"] == view["leader"]["node_id"] else "follower"
         up = f"{now - r['started_at']:.0f}s"
         seen = f"{max(0.0, now - r['seen_at']):.1f}s"
-        print(f"{r['node_id']:<20}{role:<10}{r['http_url']:<34}{r['version']:<10}{up:>10}{seen:>8}", file=out)
+        print(
+            f"{r['node_id']:<20}{r['role']:<10}{r['http_url']:<34}{r['revision']:>10}{r['lag']:>6}"
+            f"{r['version']:>9}{up:>9}{seen:>8}",
+            file=out,
+        )
     return 0

@@ -19,6 +19,8 @@ class ReplicaRecord(msgspec.Struct, frozen=True):
     seen_at: float
     pid: int
     host: str
+    revision: int = 0  # registry revision applied when announced
+    applied_seq: int = 0  # log sequence applied when announced
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -36,6 +38,8 @@ class NodeInfo(msgspec.Struct, frozen=True):
     embedded_nats: bool
     pid: int
     rss_bytes: int
+    revision: int = 0
+    applied_seq: int = 0
 
 
 class InfoRequest(msgspec.Struct, frozen=True):

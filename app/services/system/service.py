@@ -71,6 +71,8 @@ class SystemService:
             seen_at=time.time(),
             pid=os.getpid(),
             host=socket.gethostname(),
+            revision=info.revision,
+            applied_seq=info.applied_seq,
         )
 
     async def _announce_once(self) -> None:

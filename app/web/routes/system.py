@@ -15,7 +15,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from app import config as config_mod
 from app.errors import NotFound, Unavailable
 from app.node import Node
-from app.services.system.messages import NodeInfo, ReplicaRecord
+from app.services.system.messages import NodeInfo
 from app.web.errors import ErrorBody
 
 
@@ -40,6 +40,22 @@ class LeaderView(msgspec.Struct, frozen=True):
     http_url: str
 
 
+class ReplicaView(msgspec.Struct, frozen=True):
+    """A replica as last announced, with its lag behind the most advanced replica (log entries)."""
+
+    node_id: str
+    role: str
+    http_url: str
+    version: str
+    started_at: float
+    seen_at: float
+    pid: int
+    host: str
+    revision: int
+    applied_seq: int
+    lag: int
+
+
 class ClusterView(msgspec.Struct, frozen=True):
     """This replica, the leader, the NATS servers, and every replica announced on the bus."""
 
@@ -52,7 +68,9 @@ class ClusterView(msgspec.Struct, frozen=True):
     nats_servers: tuple[str, ...]
     nats_connected_url: str
     embedded_nats: bool
-    replicas: list[ReplicaRecord]
+    revision: int
+    applied_seq: int
+    replicas: list[ReplicaView]
 
 
 def _node(state: State) -> Node:
@@ -91,8 +109,25 @@ class SystemController(Controller):
         info = node.describe()
         if node.system is None:
             raise Unavailable("services are starting")
-        replicas = await node.system.replicas()
-        leader_url = next((r.http_url for r in replicas if r.node_id == info.leader_id), info.http_url)
+        records = await node.system.replicas()
+        leader_url = next((r.http_url for r in records if r.node_id == info.leader_id), info.http_url)
+        newest = max([info.applied_seq, *(r.applied_seq for r in records)])
+        replicas = [
+            ReplicaView(
+                node_id=r.node_id,
+                role="leader" if r.node_id == info.leader_id else "follower",
+                http_url=r.http_url,
+                version=r.version,
+                started_at=r.started_at,
+                seen_at=r.seen_at,
+                pid=r.pid,
+                host=r.host,
+                revision=info.revision if r.node_id == info.node_id else r.revision,
+                applied_seq=info.applied_seq if r.node_id == info.node_id else r.applied_seq,
+                lag=newest - (info.applied_seq if r.node_id == info.node_id else r.applied_seq),
+            )
+            for r in records
+        ]
         return ClusterView(
             node_id=info.node_id,
             role=info.role,
@@ -103,6 +138,8 @@ class SystemController(Controller):
             nats_servers=info.nats_servers,
             nats_connected_url=info.nats_connected_url,
             embedded_nats=info.embedded_nats,
+            revision=info.revision,
+            applied_seq=info.applied_seq,
             replicas=replicas,
         )
 
