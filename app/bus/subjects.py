@@ -9,6 +9,8 @@ SYSTEM_SERVICE = "fleetmate-system"
 
 # KV bucket where each replica announces itself (id, addresses, version, start time).
 REPLICAS_BUCKET = "fleetmate_replicas"
+# Core subject on which every replica publishes its record (and a last one, seen_at 0, on leaving).
+REPLICAS_ANNOUNCE = f"{PREFIX}.system.announce"
 
 
 # The registry's log stream and its subject.

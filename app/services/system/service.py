@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 
 import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
@@ -38,6 +40,8 @@ class SystemService:
         self._service: Service | None = None
         self._kv: KeyValue | None = None
         self._announcer: asyncio.Task[None] | None = None
+        self._known: dict[str, ReplicaRecord] = {}
+        self._announcements: Subscription | None = None
 
     async def start(self) -> None:
         """Register on the bus and start announcing."""
@@ -50,8 +54,36 @@ class SystemService:
             endpoints=[Endpoint("info", subjects.system_info(self.node_id), self._info)],
             metadata={"node_id": self.node_id},
         )
+        # Announcements travel on core NATS (cheap, every replica hears them); the KV bucket
+        # seeds a replica that has just started. Reading the bucket per request created a
+        # JetStream consumer per call, which under polling hit the server's consumer limit.
+        self._announcements = await self.bus.nc.subscribe(subjects.REPLICAS_ANNOUNCE, cb=self._heard)
+        await self._seed()
         await self._announce_once()
         self._announcer = asyncio.create_task(self._announce_loop(), name="system-announce")
+
+    async def _seed(self) -> None:
+        assert self._kv is not None
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            return
+        for key in keys:
+            with contextlib.suppress(Exception):
+                entry = await self._kv.get(key)
+                if entry.value:
+                    record = codec.decode(entry.value, ReplicaRecord)
+                    self._known.setdefault(record.node_id, record)
+
+    async def _heard(self, msg: Msg) -> None:
+        try:
+            record = codec.decode(msg.data, ReplicaRecord)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if record.seen_at == 0:  # a replica leaving
+            self._known.pop(record.node_id, None)
+        else:
+            self._known[record.node_id] = record
 
     async def _info(self, data: bytes) -> bytes:
         if data:
@@ -77,7 +109,9 @@ class SystemService:
 
     async def _announce_once(self) -> None:
         assert self._kv is not None
-        await self._kv.put(self.node_id, codec.encode(self._record()))
+        record = codec.encode(self._record())
+        await self.bus.nc.publish(subjects.REPLICAS_ANNOUNCE, record)
+        await self._kv.put(self.node_id, record)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -88,19 +122,9 @@ class SystemService:
                 log.debug("announce failed", extra={"error": str(exc)})
 
     async def replicas(self) -> list[ReplicaRecord]:
-        """Every replica announced within the last REPLICA_TTL_S seconds."""
-        assert self._kv is not None
-        try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            return []
-        out = []
-        for key in keys:
-            with contextlib.suppress(Exception):
-                entry = await self._kv.get(key)
-                if entry.value:
-                    out.append(codec.decode(entry.value, ReplicaRecord))
-        return sorted(out, key=lambda r: r.node_id)
+        """Every replica heard from within the last REPLICA_TTL_S seconds (by its own clock)."""
+        horizon = time.time() - REPLICA_TTL_S
+        return sorted((r for r in self._known.values() if r.seen_at > horizon), key=lambda r: r.node_id)
 
     async def ask(self, node_id: str, timeout: float = 2.0) -> NodeInfo:
         """Ask any replica (this one included) for its NodeInfo over the bus."""
@@ -113,6 +137,12 @@ class SystemService:
             self._announcer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._announcer
+        if self._announcements is not None:
+            with contextlib.suppress(Exception):
+                await self._announcements.unsubscribe()
+        with contextlib.suppress(Exception):
+            gone = msgspec.structs.replace(self._record(), seen_at=0.0)
+            await self.bus.nc.publish(subjects.REPLICAS_ANNOUNCE, codec.encode(gone))
         if self._kv is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._kv.delete(self.node_id), 1.0)
