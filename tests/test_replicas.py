@@ -167,3 +167,26 @@ def test_cluster_status_command(pair: dict[str, Fleetmate], tmp_path: Path) -> N
     dead = run_cli(["cluster", "status", "--addr", "http://127.0.0.1:1"], {}, tmp_path)
     assert dead.returncode == 1
     assert "no address answers" in dead.stderr
+
+
+def test_cluster_view_creates_no_consumers(pair: dict[str, Fleetmate], nats_server: NatsServer) -> None:
+    # Regression: reading the replicas bucket per request made a JetStream consumer each time,
+    # and polling /api/v1/cluster ran into the server's consumer limit (HTTP 500).
+    import asyncio
+
+    import nats
+
+    leader, _ = leader_of(pair)
+
+    async def consumers() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            info = await nc.jetstream().stream_info("KV_fleetmate_replicas")
+            return int(info.state.consumer_count)
+        finally:
+            await nc.close()
+
+    before = asyncio.run(consumers())  # at most the start-up seeding, expiring on their own
+    with httpx.Client(base_url=leader.url) as client:
+        assert all(client.get("/api/v1/cluster").status_code == 200 for _ in range(300))
+    assert asyncio.run(consumers()) <= before
