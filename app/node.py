@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import psutil
 
@@ -20,6 +22,8 @@ from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
 
 log = logging.getLogger("fleetmate.node")
+
+STOP_STEP_TIMEOUT_S = 8.0
 
 
 class Node:
@@ -129,14 +133,20 @@ class Node:
     async def stop(self) -> None:
         """Stop services, close the bus, stop the embedded server; each step bounded in time."""
         self.phase = "stopping"
-        if self.leadership is not None:
-            await self.leadership.stop()
-        if self.registry is not None:
-            await self.registry.stop()
-        if self.system is not None:
-            await self.system.stop()
-        if self.bus is not None:
-            await self.bus.close()
-        if self.embedded is not None:
-            await self.embedded.stop()
+        steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
+            ("leadership", self.leadership.stop if self.leadership else None),
+            ("registry", self.registry.stop if self.registry else None),
+            ("system", self.system.stop if self.system else None),
+            ("bus", self.bus.close if self.bus else None),
+            ("embedded nats-server", self.embedded.stop if self.embedded else None),
+        ]
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                await asyncio.wait_for(step(), STOP_STEP_TIMEOUT_S)
+            except TimeoutError:
+                log.error("a shutdown step did not finish in time; going on", extra={"step": name})
+            except Exception as exc:
+                log.error("a shutdown step failed; going on", extra={"step": name, "error": repr(exc)})
         log.info("fleetmate stopped", extra={"node_id": self.node_id})

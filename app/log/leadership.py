@@ -39,13 +39,14 @@ class Leadership:
         self._last_ok = 0.0
         self.holder: LeaseRecord | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         """Start the loop."""
         self._task = asyncio.create_task(self._run(), name="leadership")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 if self.leading:
                     if await self.backend.renew(self.record):
@@ -79,10 +80,17 @@ class Leadership:
 
     async def stop(self) -> None:
         """Stop the loop; a leader stops its duties and releases the lease for a fast hand-over."""
+        # The flag ends the loop even if a library swallowed the cancellation (seen: the task
+        # stayed "cancelling" in its sleep), and the wait is bounded either way.
+        self._stopping = True
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=self.renew_interval + 5)
+            if not done:
+                log.warning("leadership loop did not stop in time")
+            else:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    self._task.result()
         if self.leading:
             self.leading = False
             await self.on_lose()
