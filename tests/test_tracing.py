@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -22,21 +24,27 @@ _provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
 trace.set_tracer_provider(_provider)
 
 
-async def test_trace_spans_gateway_bus_and_handler(tmp_path: Path, nats_server: NatsServer) -> None:
+@pytest.fixture
+async def node(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Node]:
+    """A started replica on a real nats-server, served in-process through the ASGI app."""
     cfg = config.load(
         None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_NATS_URL": nats_server.url, "FLEETMATE_NODE_ID": "tr"}
     )
-    node = Node(cfg)
-    await node.start()
+    started = Node(cfg)
+    await started.start()
     try:
-        app = create_app(node)
-        EXPORTER.clear()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            r = await client.get("/api/v1/cluster/replicas/tr", headers={"traceparent": _PARENT})
-        assert r.status_code == 200
-        assert r.json()["node_id"] == "tr"
+        yield started
     finally:
-        await node.stop()
+        await started.stop()
+
+
+async def test_trace_spans_gateway_bus_and_handler(node: Node) -> None:
+    app = create_app(node)
+    EXPORTER.clear()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        r = await client.get("/api/v1/cluster/replicas/tr", headers={"traceparent": _PARENT})
+    assert r.status_code == 200
+    assert r.json()["node_id"] == "tr"
 
     spans = {s.name: s for s in EXPORTER.get_finished_spans()}
     http = spans["GET /api/v1/cluster/replicas/{node_id}"]
@@ -58,22 +66,14 @@ async def test_trace_spans_gateway_bus_and_handler(tmp_path: Path, nats_server: 
     assert http.attributes["http.response.status_code"] == 200
 
 
-async def test_trace_without_incoming_context_starts_a_root(tmp_path: Path, nats_server: NatsServer) -> None:
-    cfg = config.load(
-        None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_NATS_URL": nats_server.url, "FLEETMATE_NODE_ID": "tr"}
-    )
-    node = Node(cfg)
-    await node.start()
-    try:
-        app = create_app(node)
-        EXPORTER.clear()
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            assert (await client.get("/api/v1/cluster/replicas/tr")).status_code == 200
-            missing = await client.get("/api/v1/cluster/replicas/ghost")
-        assert missing.status_code == 404
-        assert missing.json() == {"error": "not_found", "message": "replica 'ghost' did not answer"}
-    finally:
-        await node.stop()
+async def test_trace_without_incoming_context_starts_a_root(node: Node) -> None:
+    app = create_app(node)
+    EXPORTER.clear()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.get("/api/v1/cluster/replicas/tr")).status_code == 200
+        missing = await client.get("/api/v1/cluster/replicas/ghost")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "not_found", "message": "replica 'ghost' did not answer"}
     spans = EXPORTER.get_finished_spans()
     roots = [s for s in spans if s.parent is None]
     assert sorted(s.name for s in roots) == ["GET /api/v1/cluster/replicas/{node_id}"] * 2

@@ -344,7 +344,7 @@ class RegistryService:
         self._path(path)
         self._version(version, path)
         await self._read_point(linearizable)
-        result = self.state._check(Check(path, version))
+        result = self.state.check(Check(path, version))
         return result.stat
 
     async def get_acl(self, path: str, linearizable: bool = True) -> tuple[tuple[Acl, ...], Stat]:

@@ -370,7 +370,8 @@ class RegistryState:
         events.append(Event(rev, "deleted", path, node.version))
         events.append(Event(rev, "children", parent, 0))
 
-    def _check(self, cmd: Check) -> Updated:
+    def check(self, cmd: Check) -> Updated:
+        """Raise unless the node exists at the expected version (-1: any); a read, never logged."""
         node = self.nodes.get(cmd.path)
         if node is None:
             raise NoNode(f"no node {cmd.path}", cmd.path)
@@ -419,7 +420,7 @@ class RegistryState:
             case Delete():
                 return self._delete(op, rev, events)
             case Check():
-                return self._check(op)
+                return self.check(op)
         raise RuntimeInconsistency(f"unknown multi op {type(op).__name__}")
 
     def _open(self, cmd: OpenSession) -> SessionOpened:

@@ -13,20 +13,6 @@ from app.services.registry.messages import Acl, Stat
 
 Encoding = Literal["utf-8", "base64"]
 
-_STAT_EXAMPLE = {
-    "czxid": 12,
-    "mzxid": 15,
-    "pzxid": 12,
-    "ctime": 1795433130573,
-    "mtime": 1795433131002,
-    "version": 1,
-    "cversion": 0,
-    "aversion": 0,
-    "ephemeralOwner": 0,
-    "dataLength": 5,
-    "numChildren": 0,
-}
-
 
 def decode_data(data: str, encoding: Encoding) -> bytes:
     """The bytes a client sent as text or base64."""
@@ -263,6 +249,3 @@ class RegistryStatus(msgspec.Struct, frozen=True):
     applied_seq: int
     watches: int
     oldest_resumable_revision: int
-
-
-STAT_EXAMPLE = _STAT_EXAMPLE

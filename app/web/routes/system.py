@@ -111,7 +111,10 @@ class SystemController(Controller):
             raise Unavailable("services are starting")
         records = await node.system.replicas()
         leader_url = next((r.http_url for r in records if r.node_id == info.leader_id), info.http_url)
-        newest = max([info.applied_seq, *(r.applied_seq for r in records)])
+        # This replica's own record is up to 2 s old: use its live position instead.
+        live = {info.node_id: (info.revision, info.applied_seq)}
+        position = {r.node_id: live.get(r.node_id, (r.revision, r.applied_seq)) for r in records}
+        newest = max([info.applied_seq, *(seq for _, seq in position.values())])
         replicas = [
             ReplicaView(
                 node_id=r.node_id,
@@ -122,9 +125,9 @@ class SystemController(Controller):
                 seen_at=r.seen_at,
                 pid=r.pid,
                 host=r.host,
-                revision=info.revision if r.node_id == info.node_id else r.revision,
-                applied_seq=info.applied_seq if r.node_id == info.node_id else r.applied_seq,
-                lag=newest - (info.applied_seq if r.node_id == info.node_id else r.applied_seq),
+                revision=position[r.node_id][0],
+                applied_seq=position[r.node_id][1],
+                lag=newest - position[r.node_id][1],
             )
             for r in records
         ]
