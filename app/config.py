@@ -80,9 +80,39 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class LeaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The leader lease: which backend holds it, how long it lasts, how often it is renewed."""
 
-    backend: Literal["nats"] = "nats"
+    backend: Literal["nats", "sql", "s3"] = "nats"
     ttl: Annotated[float, msgspec.Meta(ge=1.0, le=300.0)] = 5.0
     renew_interval: Annotated[float, msgspec.Meta(ge=0.1, le=60.0)] = 1.0
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "fleetmate"
+
+
+class SqlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A MySQL/MariaDB or PostgreSQL database for the sql lease and the mysql/postgresql snapshot stores."""
+
+    dsn: str = ""
+    table_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")] = "fleetmate_"
+
+
+class S3Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An S3-compatible object store (MinIO, SeaweedFS, AWS) for the s3 lease and snapshot store."""
+
+    endpoint: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    bucket: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")] = "fleetmate"
+    region: str = ""
+    prefix: str = "fleetmate/"
+
+
+class SnapshotConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Snapshots of the applied state: where they go, how often, how many are kept, trimming of the log."""
+
+    store: Literal["file", "s3", "mysql", "postgresql", "memory"] = "file"
+    dir: str = ""
+    every_entries: Annotated[int, msgspec.Meta(ge=0)] = 10000
+    every_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
+    keep: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    trim: bool = True
 
 
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,6 +138,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     registry: RegistryConfig = msgspec.field(default_factory=RegistryConfig)
     lease: LeaseConfig = msgspec.field(default_factory=LeaseConfig)
+    sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
+    s3: S3Config = msgspec.field(default_factory=S3Config)
+    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
 
     @property
     def data_path(self) -> Path:
@@ -134,8 +167,12 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "telemetry": TelemetryConfig,
     "registry": RegistryConfig,
     "lease": LeaseConfig,
+    "sql": SqlConfig,
+    "s3": S3Config,
+    "snapshot": SnapshotConfig,
 }
-SECRET_KEYS = frozenset({"auth.tokens"})
+SECRET_KEYS = frozenset({"auth.tokens", "sql.dsn", "s3.secret_key"})
+SQL_DSN_RE = re.compile(r"^(mysql|mariadb|postgresql|postgres)://[^\s/]+(/[A-Za-z0-9_$-]*)?(\?\S*)?$")
 
 
 def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
@@ -311,6 +348,7 @@ def validate(cfg: Config) -> Config:
     reg = cfg.registry
     if reg.session_timeout_min_ms > reg.session_timeout_max_ms:
         raise ConfigError("registry.session_timeout_min_ms", "must not exceed registry.session_timeout_max_ms")
+    _check_stores(cfg)
     if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
         raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
     for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host)):
@@ -324,6 +362,29 @@ def validate(cfg: Config) -> Config:
             f"binding {cfg.http.host} (not loopback) needs an API token: set auth.tokens or auth.tokens_file",
         )
     return cfg
+
+
+def sql_flavor(dsn: str) -> str:
+    """'mysql' or 'postgresql' for a DSN (mariadb:// counts as mysql, postgres:// as postgresql)."""
+    scheme = dsn.split("://", 1)[0]
+    return {"mariadb": "mysql", "postgres": "postgresql"}.get(scheme, scheme)
+
+
+def _check_stores(cfg: Config) -> None:
+    if cfg.sql.dsn and not SQL_DSN_RE.match(cfg.sql.dsn):
+        raise ConfigError("sql.dsn", "must look like mysql://user:pass@host:port/db or postgresql://user@host/db")
+    if cfg.s3.endpoint and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", cfg.s3.endpoint):
+        raise ConfigError("s3.endpoint", f"{cfg.s3.endpoint!r} is not an http(s)://host:port URL")
+    if cfg.lease.backend == "sql" and not cfg.sql.dsn:
+        raise ConfigError("lease.backend", "'sql' needs sql.dsn")
+    if "s3" in (cfg.lease.backend, cfg.snapshot.store) and not cfg.s3.endpoint:
+        key = "lease.backend" if cfg.lease.backend == "s3" else "snapshot.store"
+        raise ConfigError(key, "'s3' needs s3.endpoint")
+    if cfg.snapshot.store in ("mysql", "postgresql"):
+        if not cfg.sql.dsn:
+            raise ConfigError("snapshot.store", f"{cfg.snapshot.store!r} needs sql.dsn")
+        if sql_flavor(cfg.sql.dsn) != cfg.snapshot.store:
+            raise ConfigError("snapshot.store", f"{cfg.snapshot.store!r} does not match the scheme of sql.dsn")
 
 
 def _check_data_dir(path: Path) -> None:
@@ -366,10 +427,14 @@ def parse_tokens(cfg: Config) -> tuple[Token, ...]:
 
 def secrets(cfg: Config) -> tuple[str, ...]:
     """Every secret string in the configuration, so logs can redact them."""
+    found: list[str] = [cfg.s3.secret_key] if cfg.s3.secret_key else []
+    password = re.match(r"^\w+://[^:@/]+:([^@/]+)@", cfg.sql.dsn)
+    if password:
+        found.append(password.group(1))
     try:
-        return tuple(t.secret for t in parse_tokens(cfg))
+        return (*found, *(t.secret for t in parse_tokens(cfg)))
     except ConfigError:
-        return ()
+        return tuple(found)
 
 
 def to_dict(cfg: Config, *, masked: bool = True) -> dict[str, Any]:
@@ -377,6 +442,10 @@ def to_dict(cfg: Config, *, masked: bool = True) -> dict[str, Any]:
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     if masked:
         data["auth"]["tokens"] = [t.split(":", 1)[0] + ":***" for t in cfg.auth.tokens]
+        if cfg.sql.dsn:
+            data["sql"]["dsn"] = re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", cfg.sql.dsn)
+        if cfg.s3.secret_key:
+            data["s3"]["secret_key"] = "***"
     return data
 
 
