@@ -20,6 +20,8 @@ from app.log.lease.base import LeaseRecord
 from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
+from app.storage.snapshots import registry as snapshot_stores
+from app.storage.snapshots.base import SnapshotStore
 
 log = logging.getLogger("fleetmate.node")
 
@@ -40,6 +42,7 @@ class Node:
         self.system: SystemService | None = None
         self.registry: RegistryService | None = None
         self.leadership: Leadership | None = None
+        self.snapshot_store: SnapshotStore | None = None
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
 
@@ -70,7 +73,17 @@ class Node:
         self.system = SystemService(self.bus, self.node_id, self.describe)
         await self.system.start()
         self.phase = "catching up with the registry log"
-        self.registry = RegistryService(self.bus, cfg.registry, cfg.data_path, self.node_id)
+        self.snapshot_store = snapshot_stores.create(cfg)
+        await self.snapshot_store.open()
+        self.registry = RegistryService(
+            self.bus,
+            cfg.registry,
+            cfg.data_path,
+            self.node_id,
+            snapshot_store=self.snapshot_store,
+            snapshot_cfg=cfg.snapshot,
+            peers_applied=self._peers_applied,
+        )
         await self.registry.start()
         self.phase = "joining the leader election"
         backend = lease_backends.create(cfg.lease, self.bus, cfg.registry.stream_replicas)
@@ -92,6 +105,19 @@ class Node:
                 "startup_s": round(time.monotonic() - self._started_mono, 3),
             },
         )
+
+    async def _peers_applied(self) -> list[int]:
+        """The applied log sequence of every other live replica (the log is not trimmed past them)."""
+        if self.system is None:
+            return []
+        return [r.applied_seq for r in await self.system.replicas() if r.node_id != self.node_id]
+
+    def newest_applied_seq(self) -> int:
+        """The highest applied sequence among this replica and the others' last announcements."""
+        mine = self.registry.log.applied_seq if self.registry else 0
+        if self.system is None:
+            return mine
+        return max([mine, *(r.applied_seq for r in self.system.known())])
 
     def uptime(self) -> float:
         """Seconds since this process started."""
@@ -137,6 +163,7 @@ class Node:
             ("leadership", self.leadership.stop if self.leadership else None),
             ("registry", self.registry.stop if self.registry else None),
             ("system", self.system.stop if self.system else None),
+            ("snapshot store", self.snapshot_store.close if self.snapshot_store else None),
             ("bus", self.bus.close if self.bus else None),
             ("embedded nats-server", self.embedded.stop if self.embedded else None),
         ]

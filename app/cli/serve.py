@@ -14,6 +14,8 @@ from app import telemetry
 from app.bus.connection import BusError
 from app.bus.embedded import EmbeddedNatsError
 from app.config import Config
+from app.log.engine import LogFailed
+from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
 from app.web.app import create_app
 from app.web.server import HttpServer, PortInUse, resolve_port
@@ -62,7 +64,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
             done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
         failure = start_task.exception() if start_task.done() else None
         if failure is not None:
-            if isinstance(failure, BusError | EmbeddedNatsError):
+            if isinstance(failure, BusError | EmbeddedNatsError | NoUsableSnapshot | LogFailed):
                 log.error("start-up failed", extra={"error": str(failure)})
             else:
                 log.error("start-up failed", exc_info=failure)

@@ -18,6 +18,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
 from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
+from app.log.snapshots import LogBounds
 
 log = logging.getLogger("fleetmate.log")
 
@@ -45,6 +46,10 @@ class Machine(Protocol[C_contra]):
 
 class LogFailed(RuntimeError):
     """The applier stopped (an entry could not be applied): this replica cannot serve."""
+
+
+class LogTrimmed(LogFailed):
+    """The log was trimmed past what this replica applied."""
 
 
 class SharedLog(Generic[C]):
@@ -88,8 +93,8 @@ class SharedLog(Generic[C]):
         self.applied_commands = 0
         self.apply_seconds = 0.0
 
-    async def start(self) -> None:
-        """Declare the stream, subscribe from the next unapplied sequence, start applying."""
+    async def prepare(self) -> LogBounds:
+        """Declare the stream (idempotent) and return its bounds, so a caller can restore first."""
         await ensure_stream(
             self.bus.js,
             StreamConfig(
@@ -102,9 +107,14 @@ class SharedLog(Generic[C]):
             ),
         )
         info = await self.bus.js.stream_info(self.stream)
-        if info.state.first_seq > self.applied_seq + 1 and info.state.messages:
+        return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
+
+    async def start(self) -> None:
+        """Subscribe from the next unapplied sequence and start applying (call prepare() first)."""
+        bounds = await self.prepare()
+        if bounds.first_seq > self.applied_seq + 1:
             raise LogFailed(
-                f"stream {self.stream} starts at {info.state.first_seq} but this replica applied only "
+                f"stream {self.stream} starts at {bounds.first_seq} but this replica applied only "
                 f"{self.applied_seq}: it needs a snapshot"
             )
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
@@ -176,6 +186,10 @@ class SharedLog(Generic[C]):
             seq = msg.metadata.sequence.stream
             if seq <= last:
                 continue  # redelivery after a consumer reset
+            if seq != last + 1:
+                # Stream sequences are contiguous unless the log was trimmed: entries this
+                # replica never applied are gone, so it must restart and restore a snapshot.
+                raise LogTrimmed(f"entry {last + 1} is gone (next in the log: {seq}); restart to restore a snapshot")
             try:
                 commands = self.decode(msg.data)
             except Exception as exc:  # every replica skips the same undecodable entry
@@ -249,6 +263,15 @@ class SharedLog(Generic[C]):
             except Exception as exc:
                 fut.set_exception(exc)
                 fut.exception()  # mark retrieved: every waiter may have timed out already
+
+    async def trim(self, through_seq: int) -> None:
+        """Delete the log's entries up to and including through_seq (a snapshot covers them)."""
+        await self.bus.js.purge_stream(self.stream, seq=through_seq + 1)
+
+    async def bounds(self) -> LogBounds:
+        """The stream's current first and last sequence."""
+        info = await self.bus.js.stream_info(self.stream)
+        return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics."""

@@ -62,6 +62,30 @@ class _NodeCollector(Collector):
             yield CounterMetricFamily(
                 "fleetmate_registry_sessions_expired", "Sessions this leader expired", registry.keeper.expired
             )
+            snaps = registry.snapshots
+            age = snaps.age()
+            yield GaugeMetricFamily(
+                "fleetmate_snapshot_age_seconds",
+                "Seconds since the newest known snapshot was taken (-1: none yet)",
+                -1.0 if age is None else age,
+            )
+            yield GaugeMetricFamily(
+                "fleetmate_snapshot_seq",
+                "Log sequence of the newest known snapshot",
+                snaps.last.seq if snaps.last else 0,
+            )
+            yield CounterMetricFamily("fleetmate_snapshots_taken", "Snapshots this replica took", snaps.taken)
+            yield CounterMetricFamily(
+                "fleetmate_snapshot_failures", "Snapshots that failed to save or restore", snaps.failures
+            )
+            yield GaugeMetricFamily(
+                "fleetmate_log_trimmed_through_seq", "The log was trimmed through this sequence", snaps.trimmed_to
+            )
+            yield GaugeMetricFamily(
+                "fleetmate_registry_log_lag",
+                "Log entries behind the most advanced replica heard from",
+                max(0, node.newest_applied_seq() - registry.log.applied_seq),
+            )
         lead = node.leadership
         if lead is not None:
             yield GaugeMetricFamily("fleetmate_lease_leader", "1 while this replica holds the lease", lead.leading)

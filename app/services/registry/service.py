@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -17,9 +17,10 @@ from nats.errors import TimeoutError as NatsTimeout
 from app.bus import codec, subjects
 from app.bus.connection import Bus
 from app.bus.micro import HandlerError, call, serve_every_subscriber
-from app.config import RegistryConfig
+from app.config import RegistryConfig, SnapshotConfig
 from app.log.batcher import AppendError
 from app.log.engine import LogFailed, SharedLog
+from app.log.snapshots import Image, Snapshotter, needs_restore
 from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
@@ -57,6 +58,8 @@ from app.services.registry.sessions import SessionKeeper
 from app.services.registry.state import RegistryState, SessionRecord
 from app.services.registry.store import RegistryStore
 from app.services.registry.watches import WatchHub
+from app.storage.snapshots.base import SnapshotStore
+from app.storage.snapshots.memory import MemorySnapshotStore
 
 log = logging.getLogger("fleetmate.registry")
 
@@ -64,6 +67,11 @@ _entry_enc = msgspec.msgpack.Encoder()
 _entry_dec = msgspec.msgpack.Decoder(Entry)
 
 MultiOp = Create | SetData | Delete | Check
+SNAPSHOT_SERVICE = "registry"
+
+
+async def _no_peers() -> list[int]:
+    return []
 
 
 def _encode(commands: Sequence[Command]) -> bytes:
@@ -89,15 +97,23 @@ def new_session_id() -> int:
 class RegistryService:
     """One replica's registry: every write goes through the log; reads come from applied state."""
 
-    def __init__(self, bus: Bus, cfg: RegistryConfig, data_dir: Path, node_id: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        cfg: RegistryConfig,
+        data_dir: Path,
+        node_id: str,
+        *,
+        snapshot_store: SnapshotStore | None = None,
+        snapshot_cfg: SnapshotConfig | None = None,
+        peers_applied: Callable[[], Awaitable[list[int]]] | None = None,
+    ) -> None:
         self.bus = bus
         self.cfg = cfg
         self.node_id = node_id
         self.state = RegistryState()
         self.store = RegistryStore(data_dir / "registry.sqlite", cfg.event_history)
         self.watches = WatchHub(cfg.event_history)
-        applied_seq, events = self.store.load(self.state)
-        self.watches.load(events, self.state.revision)
         self.log: SharedLog[Command] = SharedLog(
             bus,
             stream=subjects.REGISTRY_STREAM,
@@ -109,15 +125,41 @@ class RegistryService:
             decode=_decode,
             commit=lambda seq, evs: self.store.commit(self.state, seq, evs),
             on_applied=self.watches.publish,
-            applied_seq=applied_seq,
+            applied_seq=0,
         )
         self.keeper = SessionKeeper(self.state, self._append_raw, node_id)
         self._keepalives: Subscription | None = None
+        self.snapshots = Snapshotter(
+            snapshot_store or MemorySnapshotStore(),
+            snapshot_cfg or SnapshotConfig(),
+            service=SNAPSHOT_SERVICE,
+            node_id=node_id,
+            image=self._image,
+            applied_seq=lambda: self.log.applied_seq,
+            is_leader=lambda: self.keeper.leading,
+            peers_applied=peers_applied or _no_peers,
+            trim=self.log.trim,
+        )
+
+    def _image(self) -> Image:
+        seq, revision, data = self.store.image()
+        return Image(seq, revision, data)
 
     async def start(self) -> None:
-        """Catch up with the log; leading comes later, from the lease (become_leader)."""
+        """Restore a snapshot if this replica needs one, catch up with the log, start snapshotting.
+
+        Leading comes later, from the lease (become_leader).
+        """
+        bounds = await self.log.prepare()
+        local_seq = self.store.applied_seq()
+        if needs_restore(local_seq, bounds):
+            await self.snapshots.restore(local_seq, bounds, self.store.install)
+        applied_seq, events = self.store.load(self.state)
+        self.watches.load(events, self.state.revision)
+        self.log.applied_seq = applied_seq
         await self.log.start()
         await self.log.barrier(timeout=60)
+        self.snapshots.start()
         log.info(
             "registry ready",
             extra={
@@ -145,8 +187,9 @@ class RegistryService:
                 log.debug("keepalive unsubscribe failed", extra={"error": str(exc)})
 
     async def stop(self) -> None:
-        """Stop leading, appending and applying; close the store."""
+        """Stop leading, snapshotting, appending and applying; close the store."""
         await self.stop_leading()
+        await self.snapshots.stop()
         await self.log.stop()
         self.store.close()
 

@@ -40,6 +40,53 @@ class RegistryStore:
         self.conn.executescript(_SCHEMA)
         self._since_trim = 0
 
+    def applied_seq(self) -> int:
+        """The log sequence the file has applied (0 for a new file)."""
+        row = self.conn.execute("SELECT seq FROM applied WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def image(self) -> tuple[int, int, bytes]:
+        """(applied seq, revision, the whole database as bytes), consistent: taken between commits."""
+        row = self.conn.execute("SELECT seq, revision FROM applied WHERE id = 1").fetchone()
+        seq, revision = row or (0, 0)
+        return seq, revision, self.conn.serialize()
+
+    def install(self, data: bytes) -> int:
+        """Replace the file with a snapshot image; return the sequence the image applied.
+
+        The image is checked (it must open as a registry database) before anything local is
+        touched; then it is written beside the file and renamed over it.
+        """
+        if len(data) >= 100 and data[18:20] == b"\x02\x02":
+            # The image of a WAL database says so in its header; an in-memory copy cannot be
+            # in WAL mode, so mark it as a rollback-journal file (the new file turns WAL on open).
+            data = data[:18] + b"\x01\x01" + data[20:]
+        probe = sqlite3.connect(":memory:")
+        try:
+            try:
+                probe.deserialize(data)
+                row = probe.execute("SELECT seq FROM applied WHERE id = 1").fetchone()
+                probe.execute("SELECT count(*) FROM nodes").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise ValueError(f"not a registry image: {exc}") from exc
+            seq = int(row[0]) if row else 0
+            tmp = self.path.with_name(self.path.name + ".restore")
+            tmp.unlink(missing_ok=True)
+            target = sqlite3.connect(tmp)
+            try:
+                probe.backup(target)
+            finally:
+                target.close()
+        finally:
+            probe.close()
+        self.conn.close()
+        for suffix in ("-wal", "-shm"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        tmp.replace(self.path)
+        self.conn = open_db(self.path)
+        self.conn.executescript(_SCHEMA)
+        return seq
+
     def load(self, state: RegistryState) -> tuple[int, list[Event]]:
         """Fill state from the file; return (applied stream sequence, retained events oldest first)."""
         row = self.conn.execute("SELECT seq, revision, term, leader FROM applied WHERE id = 1").fetchone()

@@ -123,8 +123,12 @@ class SystemService:
 
     async def replicas(self) -> list[ReplicaRecord]:
         """Every replica heard from within the last REPLICA_TTL_S seconds (by its own clock)."""
+        return sorted(self.known(), key=lambda r: r.node_id)
+
+    def known(self) -> list[ReplicaRecord]:
+        """Every replica heard from within the last REPLICA_TTL_S seconds, in no order (sync)."""
         horizon = time.time() - REPLICA_TTL_S
-        return sorted((r for r in self._known.values() if r.seen_at > horizon), key=lambda r: r.node_id)
+        return [r for r in self._known.values() if r.seen_at > horizon]
 
     async def ask(self, node_id: str, timeout: float = 2.0) -> NodeInfo:
         """Ask any replica (this one included) for its NodeInfo over the bus."""

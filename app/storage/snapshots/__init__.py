@@ -1,0 +1,1 @@
+"""Snapshot stores: one module per backend behind the interface in base.py."""
