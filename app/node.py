@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import psutil
 
 from app import __version__
@@ -43,6 +44,7 @@ class Node:
         self.registry: RegistryService | None = None
         self.leadership: Leadership | None = None
         self.snapshot_store: SnapshotStore | None = None
+        self.stream_replicas = 1
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
 
@@ -69,15 +71,19 @@ class Node:
         self.phase = "connecting to NATS"
         self.bus = Bus(self.nats_servers, name=f"fleetmate-{self.node_id}")
         await self.bus.connect(cfg.nats.connect_timeout)
+        self.stream_replicas = cfg.registry.stream_replicas or min(3, self.bus.cluster_size())
+        log.info(
+            "log replicas chosen", extra={"replicas": self.stream_replicas, "nats_servers": self.bus.cluster_size()}
+        )
         self.phase = "starting services"
-        self.system = SystemService(self.bus, self.node_id, self.describe)
+        self.system = SystemService(self.bus, self.node_id, self.describe, replicas=self.stream_replicas)
         await self.system.start()
         self.phase = "catching up with the registry log"
         self.snapshot_store = snapshot_stores.create(cfg)
         await self.snapshot_store.open()
         self.registry = RegistryService(
             self.bus,
-            cfg.registry,
+            msgspec.structs.replace(cfg.registry, stream_replicas=self.stream_replicas),
             cfg.data_path,
             self.node_id,
             snapshot_store=self.snapshot_store,
@@ -86,7 +92,7 @@ class Node:
         )
         await self.registry.start()
         self.phase = "joining the leader election"
-        backend = lease_backends.create(cfg.lease, self.bus, cfg.registry.stream_replicas)
+        backend = lease_backends.create(cfg.lease, self.bus, self.stream_replicas)
         self.leadership = Leadership(
             backend,
             LeaseRecord(self.node_id, time.time(), self.http_url),

@@ -102,6 +102,12 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
 
+    def cluster_size(self) -> int:
+        """How many servers the connected NATS cluster advertises (1 for a lone server)."""
+        nc = self._nc
+        urls = nc._server_info.get("connect_urls") if nc is not None else None
+        return max(1, len(urls or ()))
+
     async def jetstream_ok(self, timeout: float = 2.0) -> str | None:
         """None when JetStream answers; otherwise the reason it does not."""
         if not self.connected:

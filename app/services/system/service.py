@@ -33,8 +33,9 @@ REPLICA_TTL_S = 15.0
 class SystemService:
     """Answers `fleetmate.system.<node>.info` and keeps this replica's record fresh."""
 
-    def __init__(self, bus: Bus, node_id: str, describe: Callable[[], NodeInfo]) -> None:
+    def __init__(self, bus: Bus, node_id: str, describe: Callable[[], NodeInfo], replicas: int = 1) -> None:
         self.bus = bus
+        self.kv_replicas = replicas
         self.node_id = node_id
         self.describe = describe
         self._service: Service | None = None
@@ -45,7 +46,7 @@ class SystemService:
 
     async def start(self) -> None:
         """Register on the bus and start announcing."""
-        self._kv = await ensure_kv(self.bus.js, subjects.REPLICAS_BUCKET, ttl=REPLICA_TTL_S)
+        self._kv = await ensure_kv(self.bus.js, subjects.REPLICAS_BUCKET, ttl=REPLICA_TTL_S, replicas=self.kv_replicas)
         self._service = await start_service(
             self.bus.nc,
             name=subjects.SYSTEM_SERVICE,
