@@ -15,6 +15,7 @@ from app.config import parse_tokens
 from app.node import Node
 from app.web.auth import TokenGuard
 from app.web.errors import HANDLERS
+from app.web.fastpath import FastPath
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
@@ -32,7 +33,8 @@ def create_app(node: Node) -> Observe:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     tokens = parse_tokens(node.cfg)
-    guards: list[Any] = [TokenGuard(tokens)] if tokens else []
+    guard = TokenGuard(tokens) if tokens else None
+    guards: list[Any] = [guard] if guard else []
     litestar = Litestar(
         route_handlers=[SystemController, prometheus, *registry_routes(node), *watch_routes(node)],
         state=State({"node": node}),
@@ -51,4 +53,4 @@ def create_app(node: Node) -> Observe:
     limiter = RateLimiter(node.cfg.registry.rate_limit_total, node.cfg.registry.rate_limit_per_client)
     metrics.limits.labels("total").set(node.cfg.registry.rate_limit_total)
     metrics.limits.labels("per_client").set(node.cfg.registry.rate_limit_per_client)
-    return Observe(litestar, metrics, limiter)
+    return Observe(FastPath(litestar, node, guard, metrics.fast), metrics, limiter)

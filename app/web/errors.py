@@ -56,10 +56,16 @@ def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Resp
     return error_response(status, CODES.get(status, f"http_{status}"), message, detail, exc.headers)
 
 
-def _fleetmate_error(request: Request[Any, Any, Any], exc: FleetmateError) -> Response[ErrorBody]:
+def fleetmate_error_parts(exc: FleetmateError) -> tuple[ErrorBody, dict[str, str] | None]:
+    """The body and extra headers of the answer to a FleetmateError (its status is exc.status)."""
     detail = exc.detail() if hasattr(exc, "detail") else None
     headers = {"Retry-After": "1"} if exc.status == 429 else None
-    return error_response(exc.status, exc.code, exc.message, detail, headers)
+    return ErrorBody(exc.code, exc.message, detail), headers
+
+
+def _fleetmate_error(request: Request[Any, Any, Any], exc: FleetmateError) -> Response[ErrorBody]:
+    body, headers = fleetmate_error_parts(exc)
+    return Response(body, status_code=exc.status, headers=headers)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

@@ -147,3 +147,6 @@ class HttpMetrics:
         self.throttled = Counter(
             "fleetmate_rate_limited", "Requests refused with 429 by the rate limit", registry=self.registry
         )
+        self.fast = Counter(
+            "fleetmate_http_fast_path", "Node gets and sets answered by the lean path", registry=self.registry
+        )
