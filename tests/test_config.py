@@ -78,6 +78,25 @@ def test_secrets_masked_in_dict(tmp_path: Path) -> None:
     assert config.secrets(cfg) == ("topsecret99",)
 
 
+def test_store_secrets_masked_and_redacted(tmp_path: Path) -> None:
+    env = {
+        "FLEETMATE_DATA_DIR": str(tmp_path),
+        "FLEETMATE_SQL_DSN": "mysql://fm:dbpass-77@db:3306/fleet",
+        "FLEETMATE_S3_ENDPOINT": "http://minio:9000",
+        "FLEETMATE_S3_SECRET_KEY": "s3secret-88",
+        "FLEETMATE_LEASE_BACKEND": "sql",
+        "FLEETMATE_SNAPSHOT_STORE": "s3",
+    }
+    cfg = config.load(None, env)
+    shown = config.to_toml(config.to_dict(cfg))
+    assert "dbpass-77" not in shown
+    assert "s3secret-88" not in shown
+    assert config.to_dict(cfg)["sql"]["dsn"] == "mysql://fm:***@db:3306/fleet"
+    assert set(config.secrets(cfg)) == {"dbpass-77", "s3secret-88"}
+    assert config.sql_flavor(cfg.sql.dsn) == "mysql"
+    assert config.sql_flavor("postgres://u@h/db") == "postgresql"
+
+
 BAD_ENV = [
     ({"FLEETMATE_HTTP_PORT": "abc"}, "http.port (FLEETMATE_HTTP_PORT): expected an integer, got 'abc'"),
     ({"FLEETMATE_HTTP_PORT": "70000"}, "http.port (FLEETMATE_HTTP_PORT): must be <= 65535"),
@@ -97,6 +116,27 @@ BAD_ENV = [
     ({"FLEETMATE_HTTP_HOST": "0.0.0.0"}, "http.host (FLEETMATE_HTTP_HOST): binding 0.0.0.0 (not loopback) needs"),
     ({"FLEETMATE_HTTP_ADVERTISE_URL": "ftp://x"}, "http.advertise_url (FLEETMATE_HTTP_ADVERTISE_URL): 'ftp://x' is"),
     ({"FLEETMATE_HTTP_PROT": "1"}, "FLEETMATE_HTTP_PROT: unknown FLEETMATE_ variable"),
+    ({"FLEETMATE_LEASE_BACKEND": "zookeeper"}, "lease.backend (FLEETMATE_LEASE_BACKEND): expected one of 'nats'"),
+    ({"FLEETMATE_LEASE_BACKEND": "sql"}, "lease.backend (FLEETMATE_LEASE_BACKEND): 'sql' needs sql.dsn"),
+    ({"FLEETMATE_LEASE_BACKEND": "s3"}, "lease.backend (FLEETMATE_LEASE_BACKEND): 's3' needs s3.endpoint"),
+    ({"FLEETMATE_LEASE_NAME": "a/b"}, "lease.name (FLEETMATE_LEASE_NAME): "),
+    ({"FLEETMATE_SQL_DSN": "sqlite:///x.db"}, "sql.dsn (FLEETMATE_SQL_DSN): must look like mysql://"),
+    ({"FLEETMATE_SQL_TABLE_PREFIX": "1; drop"}, "sql.table_prefix (FLEETMATE_SQL_TABLE_PREFIX): "),
+    ({"FLEETMATE_S3_ENDPOINT": "minio:9000"}, "s3.endpoint (FLEETMATE_S3_ENDPOINT): 'minio:9000' is not an http(s)"),
+    ({"FLEETMATE_S3_BUCKET": "Bad_Bucket"}, "s3.bucket (FLEETMATE_S3_BUCKET): "),
+    ({"FLEETMATE_SNAPSHOT_STORE": "tape"}, "snapshot.store (FLEETMATE_SNAPSHOT_STORE): expected one of 'file'"),
+    ({"FLEETMATE_SNAPSHOT_STORE": "s3"}, "snapshot.store (FLEETMATE_SNAPSHOT_STORE): 's3' needs s3.endpoint"),
+    ({"FLEETMATE_SNAPSHOT_STORE": "mysql"}, "snapshot.store (FLEETMATE_SNAPSHOT_STORE): 'mysql' needs sql.dsn"),
+    (
+        {"FLEETMATE_SNAPSHOT_STORE": "mysql", "FLEETMATE_SQL_DSN": "postgresql://u@h/db"},
+        "snapshot.store (FLEETMATE_SNAPSHOT_STORE): 'mysql' does not match the scheme of sql.dsn",
+    ),
+    ({"FLEETMATE_SNAPSHOT_KEEP": "0"}, "snapshot.keep (FLEETMATE_SNAPSHOT_KEEP): must be >= 1"),
+    ({"FLEETMATE_SNAPSHOT_EVERY_ENTRIES": "-5"}, "snapshot.every_entries (FLEETMATE_SNAPSHOT_EVERY_ENTRIES): must be"),
+    (
+        {"FLEETMATE_REGISTRY_STREAM_REPLICAS": "7"},
+        "registry.stream_replicas (FLEETMATE_REGISTRY_STREAM_REPLICAS): must",
+    ),
 ]
 
 
