@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from opentelemetry import trace
@@ -44,6 +45,7 @@ def setup(cfg: TelemetryConfig, node_id: str, exporter: SpanExporter | None = No
     return provider
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
-    """fleetmate's tracer from the current global provider."""
+    """fleetmate's tracer (a proxy until the global provider is set, which OpenTelemetry allows once)."""
     return trace.get_tracer(TRACER_NAME, __version__)

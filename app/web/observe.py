@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from typing import Any
 
 import msgspec
 from litestar.enums import ScopeType
@@ -52,6 +53,7 @@ class Observe:
         self.app = app
         self.metrics = metrics
         self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -92,5 +94,14 @@ class Observe:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
             elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(elapsed)
+            key = (method, route, status)
+            children = self._children.get(key)
+            if children is None:  # labels() builds and locks per call: look each series up once
+                children = (
+                    self.metrics.requests.labels(method, route, str(status)),
+                    self.metrics.latency.labels(method, route),
+                )
+                if len(self._children) < 10_000:
+                    self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
