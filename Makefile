@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint typecheck pytest bench install clean
+.PHONY: help run test lint typecheck pytest bench install clean test-deps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,7 +34,16 @@ lint: $(STAMP) ## ruff (lint and format check)
 typecheck: $(STAMP) ## mypy --strict on app/
 	$(VENV)/bin/mypy app
 
-pytest: $(STAMP) ## the test suite alone
+# The tests start their own MariaDB and PostgreSQL 15 on free ports (never the system services):
+# install the Debian packages once if the binaries are missing.
+test-deps: ## install mariadb-server and postgresql (Debian/Ubuntu) if the tests' binaries are missing
+	@export PATH="$$PATH:/usr/sbin:/sbin"; \
+	if ! command -v mariadbd >/dev/null || ! command -v mariadb-install-db >/dev/null \
+		|| [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then \
+		echo "mariadb-server or postgresql is missing; installing them (Debian/Ubuntu)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server postgresql >/dev/null; fi
+
+pytest: $(STAMP) test-deps ## the test suite alone
 	$(PY) -m pytest -ra -q
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests

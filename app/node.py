@@ -92,7 +92,7 @@ class Node:
         )
         await self.registry.start()
         self.phase = "joining the leader election"
-        backend = lease_backends.create(cfg.lease, self.bus, self.stream_replicas)
+        backend = lease_backends.create(cfg, self.bus, self.stream_replicas)
         self.leadership = Leadership(
             backend,
             LeaseRecord(self.node_id, time.time(), self.http_url),
@@ -167,6 +167,7 @@ class Node:
         self.phase = "stopping"
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("leadership", self.leadership.stop if self.leadership else None),
+            ("lease backend", self.leadership.backend.close if self.leadership else None),
             ("registry", self.registry.stop if self.registry else None),
             ("system", self.system.stop if self.system else None),
             ("snapshot store", self.snapshot_store.close if self.snapshot_store else None),

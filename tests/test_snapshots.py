@@ -59,10 +59,30 @@ def _wipe(fm: Fleetmate) -> None:
         file.unlink()
 
 
-def _replica(tmp_path: Path, nats: NatsServer, store: str, snap_dir: Path) -> Fleetmate:
+def _store_env(request: pytest.FixtureRequest, store: str, tag: str) -> dict[str, str]:
+    """Variables pointing a replica at the test session's own MariaDB, PostgreSQL or S3 server."""
+    if store == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        return {
+            "FLEETMATE_S3_ENDPOINT": s3.endpoint,
+            "FLEETMATE_S3_ACCESS_KEY": s3.access_key,
+            "FLEETMATE_S3_SECRET_KEY": s3.secret_key,
+            "FLEETMATE_S3_BUCKET": s3.bucket,  # a new bucket needs new SeaweedFS volumes: share the warm one
+            "FLEETMATE_S3_PREFIX": f"{tag}/",
+        }
+    if store in ("mysql", "postgresql"):
+        server = request.getfixturevalue("mariadb" if store == "mysql" else "postgres")
+        return {"FLEETMATE_SQL_DSN": server.dsn, "FLEETMATE_SQL_TABLE_PREFIX": f"{tag}_"}
+    return {}
+
+
+def _replica(
+    tmp_path: Path, nats: NatsServer, store: str, snap_dir: Path, extra: dict[str, str] | None = None
+) -> Fleetmate:
     return Fleetmate(
         tmp_path / "r1",
         env={
+            **(extra or {}),
             "FLEETMATE_NATS_URL": nats.url,
             "FLEETMATE_NODE_ID": "r1",
             "FLEETMATE_SNAPSHOT_STORE": store,
@@ -95,13 +115,18 @@ def _fill(fm: Fleetmate, api: httpx.Client) -> None:
     wait_for(lambda: _metric(fm, "fleetmate_log_trimmed_through_seq") > 0, 10, "the log trimmed")
 
 
-def test_file_store_wipe_restore_replay(tmp_path: Path, nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("store", ["file", "s3", "mysql", "postgresql"])
+def test_wipe_restore_replay(
+    tmp_path: Path, nats_server: NatsServer, request: pytest.FixtureRequest, store: str
+) -> None:
     snap_dir = tmp_path / "snapshots"
-    fm = _replica(tmp_path, nats_server, "file", snap_dir).start()
+    extra = _store_env(request, store, f"wipe{abs(hash(str(tmp_path))) % 10**8}")
+    fm = _replica(tmp_path, nats_server, store, snap_dir, extra).start()
     try:
         api = httpx.Client(base_url=fm.url, timeout=10)
         _fill(fm, api)
-        assert len(list((snap_dir / "registry").glob("*.snap"))) == 2  # keep = 2
+        if store == "file":
+            assert len(list((snap_dir / "registry").glob("*.snap"))) == 2  # keep = 2
         _write(api, 1000, 7)  # a tail after the last snapshot, to be replayed
         before = _tree(api)
         assert fm.stop() == 0
@@ -109,7 +134,7 @@ def test_file_store_wipe_restore_replay(tmp_path: Path, nats_server: NatsServer)
         fm.restart()
         api = httpx.Client(base_url=fm.url, timeout=10)
         (restored,) = fm.logged("restored from snapshot")
-        assert restored["store"] == "file"
+        assert restored["store"] == store
         assert _tree(api) == before
         # Writes go on from where the state left off.
         assert api.put("/api/v1/registry/nodes/snap/k1", json={"data": "after"}).json()["stat"]["version"] == (

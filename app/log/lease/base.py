@@ -58,6 +58,9 @@ class LeaseBackend(ABC):
             except Exception as exc:  # it will expire by itself
                 log.warning("lease release failed", extra={"error": repr(exc)})
 
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections (SQL pools, HTTP clients); called once at shutdown."""
+
     async def current(self) -> LeaseRecord | None:
         """The current holder, or None."""
         return await self._read()

@@ -6,19 +6,25 @@ from collections.abc import Callable
 
 from app.bus import subjects
 from app.bus.connection import Bus
-from app.config import LeaseConfig
+from app.config import Config
 from app.log.lease.base import LeaseBackend
 from app.log.lease.nats import NatsLease
+from app.log.lease.s3 import S3Lease
+from app.log.lease.sql import SqlLease
 
-Factory = Callable[[LeaseConfig, Bus, int], LeaseBackend]
+Factory = Callable[[Config, Bus, int], LeaseBackend]
 
 BACKENDS: dict[str, Factory] = {
     NatsLease.name: lambda cfg, bus, replicas: NatsLease(
-        bus, subjects.LEASE_BUCKET, subjects.LEASE_KEY, cfg.ttl, replicas
+        bus, subjects.LEASE_BUCKET, subjects.LEASE_KEY, cfg.lease.ttl, replicas
     ),
+    SqlLease.name: lambda cfg, bus, replicas: SqlLease(
+        cfg.sql.dsn, cfg.sql.table_prefix, cfg.lease.name, cfg.lease.ttl
+    ),
+    S3Lease.name: lambda cfg, bus, replicas: S3Lease(cfg.s3, cfg.lease.name, cfg.lease.ttl),
 }
 
 
-def create(cfg: LeaseConfig, bus: Bus, replicas: int) -> LeaseBackend:
-    """The configured backend."""
-    return BACKENDS[cfg.backend](cfg, bus, replicas)
+def create(cfg: Config, bus: Bus, replicas: int) -> LeaseBackend:
+    """The backend named by `lease.backend`."""
+    return BACKENDS[cfg.lease.backend](cfg, bus, replicas)

@@ -8,6 +8,9 @@ from app.config import Config
 from app.storage.snapshots.base import SnapshotStore
 from app.storage.snapshots.file import FileSnapshotStore
 from app.storage.snapshots.memory import MemorySnapshotStore
+from app.storage.snapshots.mysql import MySQLSnapshotStore
+from app.storage.snapshots.postgresql import PostgreSQLSnapshotStore
+from app.storage.snapshots.s3 import S3SnapshotStore
 
 
 def snapshot_dir(cfg: Config) -> Path:
@@ -22,4 +25,8 @@ def create(cfg: Config) -> SnapshotStore:
         return FileSnapshotStore(snapshot_dir(cfg))
     if kind == "memory":
         return MemorySnapshotStore()
-    raise NotImplementedError(kind)
+    if kind == "s3":
+        return S3SnapshotStore(cfg.s3)
+    if kind == "mysql":
+        return MySQLSnapshotStore(cfg.sql.dsn, cfg.sql.table_prefix)
+    return PostgreSQLSnapshotStore(cfg.sql.dsn, cfg.sql.table_prefix)
