@@ -171,6 +171,18 @@ class Fleetmate:
             self.proc.kill()
             self.proc.wait()
 
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, wait_ready: bool = True, timeout: float = 20) -> Fleetmate:
+        """Start again with the same directory and environment (kill first if it still runs); a fresh log."""
+        self.kill()
+        if self._reader:
+            self._reader.join(2)
+        self.lines, self.raw, self.url = [], [], ""
+        return self.start(wait_ready=wait_ready, timeout=timeout)
+
 
 def run_cli(
     args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 30
@@ -202,3 +214,86 @@ def running(fm: Fleetmate, wait_ready: bool = True) -> Iterator[Fleetmate]:
             for kid in kids:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     kid.kill()
+
+
+class ReplicaSet:
+    """fleetmate replicas on shared NATS URL(s), each on a fixed HTTP port so that a restart keeps its address."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        nats_url: str,
+        names: tuple[str, ...] = ("r1", "r2", "r3"),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.replicas: dict[str, Fleetmate] = {}
+        for name in names:
+            port = free_port()
+            self.replicas[name] = Fleetmate(
+                workdir / name,
+                env={
+                    "FLEETMATE_NATS_URL": nats_url,
+                    "FLEETMATE_NODE_ID": name,
+                    "FLEETMATE_HTTP_PORT": str(port),
+                    "FLEETMATE_WORKERS": "1",
+                    **(env or {}),
+                },
+            )
+        self.urls = {name: f"http://127.0.0.1:{fm.env['FLEETMATE_HTTP_PORT']}" for name, fm in self.replicas.items()}
+        self.startup_failures: list[tuple[str, list[str]]] = []
+
+    def __getitem__(self, name: str) -> Fleetmate:
+        return self.replicas[name]
+
+    def start(self, timeout: float = 60, retry_failed_start: bool = False) -> ReplicaSet:
+        """Start every replica at once, then wait until each is ready; a replica that exits fails.
+
+        retry_failed_start (benchmarks only) starts it once more and keeps its error lines in
+        `startup_failures`, so a long run reports a failed start instead of ending there.
+        """
+        for fm in self.replicas.values():
+            fm.start(wait_ready=False)
+        for name, fm in self.replicas.items():
+
+            def ready_or_exited(fm: Fleetmate = fm) -> str | None:
+                if not fm.alive:
+                    return "exited"
+                return fm._ready_url()
+
+            found = wait_for(ready_or_exited, timeout, f"{name} ready line")
+            if found != "exited":
+                fm.url = found
+                continue
+            time.sleep(0.2)  # let the reader take the last lines
+            errors = [line for line in fm.raw if '"level":"error"' in line or '"level":"critical"' in line]
+            self.startup_failures.append((name, errors or fm.raw[-6:]))
+            if not retry_failed_start:
+                raise AssertionError(f"{name} exited during start-up: {fm.raw[-6:]}")
+            fm.restart(timeout=timeout)
+        return self
+
+    def live(self) -> list[str]:
+        return [name for name, fm in self.replicas.items() if fm.alive]
+
+    def view(self, name: str, timeout: float = 2) -> dict[str, Any]:
+        """/api/v1/cluster as replica name sees it."""
+        body: dict[str, Any] = httpx.get(self.urls[name] + "/api/v1/cluster", timeout=timeout).json()
+        return body
+
+    def leader(self, timeout: float = 30) -> str:
+        """The lease holder, once every live replica names the same one and it says it leads."""
+
+        def settled() -> str | None:
+            names = self.live()
+            views = {name: self.view(name) for name in names}
+            leaders = [name for name, v in views.items() if v.get("role") == "leader"]
+            if len(leaders) != 1 or any(v["leader"]["node_id"] != leaders[0] for v in views.values()):
+                return None
+            return leaders[0]
+
+        found: str = wait_for(settled, timeout, "one lease holder named by every live replica", 0.1)
+        return found
+
+    def close(self) -> None:
+        for fm in self.replicas.values():
+            fm.kill()

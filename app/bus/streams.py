@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger("fleetmate.bus")
+
+STREAM_NAME_IN_USE = 10058
+
+
+def _retryable(exc: Exception) -> bool:
+    """A timeout (no meta leader yet), or another replica creating the same stream at the same moment."""
+    if isinstance(exc, TimeoutError | NatsTimeout):
+        return True
+    return isinstance(exc, APIError) and exc.err_code == STREAM_NAME_IN_USE
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: int = 30) -> None:
@@ -28,12 +38,16 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: in
                 await js.add_stream(config)
                 log.info("stream created", extra={"stream": config.name})
                 return
-            if info.config.subjects != config.subjects or info.config.max_age != config.max_age:
+            if (
+                info.config.subjects != config.subjects
+                or info.config.max_age != config.max_age
+                or info.config.num_replicas != config.num_replicas
+            ):
                 await js.update_stream(config)
                 log.info("stream updated", extra={"stream": config.name})
             return
-        except TimeoutError:
-            if attempt == attempts - 1:
+        except (TimeoutError, NatsTimeout, APIError) as exc:
+            if attempt == attempts - 1 or not _retryable(exc):
                 raise
             await asyncio.sleep(0.5)
 
@@ -64,8 +78,8 @@ async def ensure_kv(
                 )
                 log.info("kv bucket created", extra={"bucket": bucket})
                 return kv
-        except TimeoutError:
-            if attempt == attempts - 1:
+        except (TimeoutError, NatsTimeout, APIError) as exc:
+            if attempt == attempts - 1 or not _retryable(exc):
                 raise
             await asyncio.sleep(0.5)
     raise RuntimeError("unreachable")

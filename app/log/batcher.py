@@ -47,8 +47,8 @@ class Batcher(Generic[C]):
         *,
         max_commands: int = 1024,
         max_bytes: int = 4 << 20,
-        publish_timeout: float = 5.0,
-        retries: int = 3,
+        publish_timeout: float = 1.0,
+        give_up_after: float = 9.0,
     ) -> None:
         self.js = js
         self.subject = subject
@@ -56,8 +56,12 @@ class Batcher(Generic[C]):
         self.pending = pending
         self.max_commands = max_commands
         self.max_bytes = max_bytes
+        # Short attempts, retried until give_up_after: an attempt sent to a NATS server that just
+        # died (or to a stream whose leader is being elected) is abandoned after a second instead
+        # of holding the log for five, so writes resume about a second after the new stream leader
+        # exists. The msg id makes every retry of one entry count once.
         self.publish_timeout = publish_timeout
-        self.retries = retries
+        self.give_up_after = give_up_after
         # Msg ids are unique per process run, so a retried publish is deduplicated by JetStream.
         self._prefix = f"{node_id}.{os.getpid()}.{os.urandom(4).hex()}."
         self._ids = itertools.count(1)
@@ -115,7 +119,11 @@ class Batcher(Generic[C]):
         self.pending[msg_id] = Pending([f for _, f in batch])
         headers = {MSG_ID_HEADER: msg_id}
         last: Exception | None = None
-        for attempt in range(self.retries):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.give_up_after
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 await self.js.publish(self.subject, payload, timeout=self.publish_timeout, headers=headers)
                 self.entries += 1
@@ -123,8 +131,10 @@ class Batcher(Generic[C]):
                 return
             except (NatsTimeout, TimeoutError, APIError, ConnectionError) as exc:
                 last = exc
-                log.warning("log append failed; retrying", extra={"attempt": attempt + 1, "error": repr(exc)})
-                await asyncio.sleep(0.1 * (attempt + 1))
+                if loop.time() >= deadline:
+                    break
+                log.warning("log append failed; retrying", extra={"attempt": attempt, "error": repr(exc)})
+                await asyncio.sleep(min(0.05 * attempt, 0.25))
             except Exception as exc:  # the connection may be closing: fail these writers, keep the loop
                 last = exc
                 break

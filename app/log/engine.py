@@ -13,7 +13,9 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
 from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
@@ -106,8 +108,7 @@ class SharedLog(Generic[C]):
                 max_msg_size=8 << 20,
             ),
         )
-        info = await self.bus.js.stream_info(self.stream)
-        return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
+        return await self.bounds(patience=15.0)
 
     async def start(self) -> None:
         """Subscribe from the next unapplied sequence and start applying (call prepare() first)."""
@@ -125,7 +126,9 @@ class SharedLog(Generic[C]):
             stream=self.stream,
             cb=self._receive,
             ordered_consumer=True,
-            idle_heartbeat=2.0,
+            # The ordered consumer lives on the stream leader: when that server dies, missed heartbeats
+            # are how it notices and re-creates itself elsewhere, so keep them frequent.
+            idle_heartbeat=0.5,
             config=cfg,
         )
         self._task = asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}")
@@ -268,10 +271,24 @@ class SharedLog(Generic[C]):
         """Delete the log's entries up to and including through_seq (a snapshot covers them)."""
         await self.bus.js.purge_stream(self.stream, seq=through_seq + 1)
 
-    async def bounds(self) -> LogBounds:
-        """The stream's current first and last sequence."""
-        info = await self.bus.js.stream_info(self.stream)
-        return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
+    async def bounds(self, patience: float = 0.0) -> LogBounds:
+        """The stream's current first and last sequence.
+
+        With patience, "not found" and timeouts are retried that long: right after an R3
+        stream is created its own leader may not be elected yet, and a server that has not
+        heard of the stream answers 404 (seen on a fresh 3-server cluster).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            try:
+                info = await self.bus.js.stream_info(self.stream)
+                return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
+            except (NotFoundError, TimeoutError, NatsTimeout) as exc:
+                if loop.time() >= deadline:
+                    raise
+                log.info("stream not answering yet; retrying", extra={"stream": self.stream, "error": repr(exc)})
+                await asyncio.sleep(0.25)
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics."""

@@ -60,7 +60,10 @@ class SystemService:
         # JetStream consumer per call, which under polling hit the server's consumer limit.
         self._announcements = await self.bus.nc.subscribe(subjects.REPLICAS_ANNOUNCE, cb=self._heard)
         await self._seed()
-        await self._announce_once()
+        try:
+            await self._announce_once()
+        except Exception as exc:  # a bucket another replica has only just created may not answer yet
+            log.warning("first announcement failed; the announce loop retries", extra={"error": repr(exc)})
         self._announcer = asyncio.create_task(self._announce_loop(), name="system-announce")
 
     async def _seed(self) -> None:
