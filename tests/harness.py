@@ -91,6 +91,7 @@ class Fleetmate:
             "FLEETMATE_NATS_PORT": "0",
             "FLEETMATE_LOG_FORMAT": "json",
             "FLEETMATE_NODE_ID": "t1",
+            "FLEETMATE_WORKERS": "1",  # one process per replica unless a test asks for workers
             **(env or {}),
         }
         self.args = args or []

@@ -226,3 +226,11 @@ def test_config_keys_lists_every_variable(tmp_path: Path) -> None:
     assert result.returncode == 0
     for env in config.env_keys():
         assert env in result.stdout
+
+
+def test_auto_workers_leave_a_core_to_the_embedded_nats_server(tmp_path: Path) -> None:
+    embedded = config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path)})
+    external = config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_NATS_URL": "nats://n1:4222"})
+    assert embedded.workers == 0
+    assert [config.auto_workers(embedded, n) for n in (1, 2, 8)] == [1, 1, 7]
+    assert [config.auto_workers(external, n) for n in (1, 2, 8)] == [1, 2, 8]

@@ -85,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fleetmate: config error: workers: {workers} is not between 0 and 64", file=sys.stderr)
             return EXIT_CONFIG
         logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
+        workers = workers or config.auto_workers(cfg, os.cpu_count() or 1)
         if args.worker or workers == 1:
             from app.cli.serve import run
 
             return run(cfg, worker=args.worker, ready_fd=args.ready_fd)
         from app.cli.supervisor import run as supervise
 
-        return supervise(cfg, workers or (os.cpu_count() or 1), args.config)
+        return supervise(cfg, workers, args.config)
     if args.command == "cluster":
         from app.cli.cluster import status
 
