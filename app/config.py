@@ -86,6 +86,18 @@ class LeaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "fleetmate"
 
 
+FourLetterWord = Literal["ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "dirs"]
+
+
+class ZkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ZooKeeper wire-protocol listener."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 2181
+    four_letter_words: tuple[FourLetterWord, ...] = ("ruok", "srvr", "stat", "mntr", "conf", "envi")
+
+
 class SqlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A MySQL/MariaDB or PostgreSQL database for the sql lease and the mysql/postgresql snapshot stores."""
 
@@ -141,6 +153,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
     s3: S3Config = msgspec.field(default_factory=S3Config)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    zk: ZkConfig = msgspec.field(default_factory=ZkConfig)
 
     @property
     def data_path(self) -> Path:
@@ -170,6 +183,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "sql": SqlConfig,
     "s3": S3Config,
     "snapshot": SnapshotConfig,
+    "zk": ZkConfig,
 }
 SECRET_KEYS = frozenset({"auth.tokens", "sql.dsn", "s3.secret_key"})
 SQL_DSN_RE = re.compile(r"^(mysql|mariadb|postgresql|postgres)://[^\s/]+(/[A-Za-z0-9_$-]*)?(\?\S*)?$")
@@ -351,7 +365,7 @@ def validate(cfg: Config) -> Config:
     _check_stores(cfg)
     if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
         raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
-    for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host)):
+    for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host), ("zk.host", cfg.zk.host)):
         if not host or any(c.isspace() for c in host):
             raise ConfigError(key, f"{host!r} is not a host name or address")
     parse_tokens(cfg)  # raises on a malformed token

@@ -38,6 +38,7 @@ class Node:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.http_url = ""
+        self.zk_address = ""
         self.embedded: EmbeddedNats | None = None
         self.bus: Bus | None = None
         self.system: SystemService | None = None
@@ -107,6 +108,7 @@ class Node:
             extra={
                 "node_id": self.node_id,
                 "http": self.http_url,
+                "zk": self.zk_address,
                 "nats": ",".join(self.nats_servers),
                 "startup_s": round(time.monotonic() - self._started_mono, 3),
             },
@@ -142,6 +144,7 @@ class Node:
             started_at=self.started_at,
             uptime_s=round(self.uptime(), 3),
             http_url=self.http_url,
+            zk_address=self.zk_address,
             nats_servers=self.nats_servers,
             nats_connected_url=self.bus.connected_url if self.bus else "",
             embedded_nats=self.embedded is not None,

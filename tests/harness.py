@@ -92,6 +92,7 @@ class Fleetmate:
             "FLEETMATE_LOG_FORMAT": "json",
             "FLEETMATE_NODE_ID": "t1",
             "FLEETMATE_WORKERS": "1",  # one process per replica unless a test asks for workers
+            "FLEETMATE_ZK_PORT": "0",  # never ZooKeeper's standard port
             **(env or {}),
         }
         self.args = args or []
@@ -99,6 +100,7 @@ class Fleetmate:
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.url = ""
+        self.zk = ""  # host:port of its ZooKeeper listener, from the ready line
         self._reader: threading.Thread | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 20) -> Fleetmate:
@@ -134,6 +136,7 @@ class Fleetmate:
         for line in self.lines:
             if line.get("msg") == "fleetmate ready":
                 url: str = line["http"]
+                self.zk = line.get("zk", "")
                 return url
         return None
 

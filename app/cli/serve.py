@@ -19,6 +19,7 @@ from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
 from app.web.app import create_app
 from app.web.server import HttpServer, PortInUse, resolve_port
+from app.zk.server import ZkServer
 
 log = logging.getLogger("fleetmate.serve")
 
@@ -47,6 +48,16 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
         return EXIT_FAILED
     http = HttpServer(create_app(node), cfg.http.host, port)
     node.http_url = cfg.http.advertise_url or http.url
+    zk: ZkServer | None = None
+    if cfg.zk.enabled:
+        # Bound before the node is ready (like HTTP): early clients are closed and retry.
+        zk = ZkServer(node, cfg.zk.host, cfg.zk.port, reuse_port=worker)
+        try:
+            await zk.start()
+        except OSError as exc:
+            log.error("cannot listen for ZooKeeper clients", extra={"key": "zk.port", "error": str(exc)})
+            return EXIT_FAILED
+        node.zk_address = zk.address
     http_task = http.start()
     log.info("http gateway listening", extra={"url": http.url})
 
@@ -80,6 +91,8 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await http.stop()
+        if zk is not None:
+            await zk.stop()
         await node.stop()
         provider.shutdown()
     return code

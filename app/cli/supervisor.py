@@ -79,12 +79,15 @@ class Worker:
             await terminate(self.proc, STOP_GRACE_S, self.node_id)
 
 
-def _worker_env(cfg: Config, index: int, node_id: str, port: int, nats_url: str, http_url: str) -> dict[str, str]:
+def _worker_env(
+    cfg: Config, index: int, node_id: str, port: int, nats_url: str, http_url: str, zk_port: int
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         FLEETMATE_NODE_ID=node_id,
         FLEETMATE_DATA_DIR=str(cfg.data_path / "workers" / node_id),
         FLEETMATE_HTTP_PORT=str(port),
+        FLEETMATE_ZK_PORT=str(zk_port),
         FLEETMATE_HTTP_ADVERTISE_URL=cfg.http.advertise_url or http_url,
         FLEETMATE_WORKERS="1",
     )
@@ -105,6 +108,13 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
     except (PortInUse, OSError) as exc:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return 1
+    zk_port = 0
+    if cfg.zk.enabled:
+        try:
+            zk_port = resolve_port(cfg.zk.host, cfg.zk.port)
+        except (PortInUse, OSError) as exc:
+            log.error("cannot listen for ZooKeeper clients", extra={"key": "zk.port", "error": str(exc)})
+            return 1
     host = cfg.http.host
     http_url = f"http://{host}:{port}"
     embedded: EmbeddedNats | None = None
@@ -126,7 +136,7 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
     workers = []
     for i in range(count):
         node_id = f"{cfg.node_id}-w{i + 1}"
-        workers.append(Worker(i, node_id, _worker_env(cfg, i, node_id, port, nats_url, http_url), args))
+        workers.append(Worker(i, node_id, _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port), args))
     code = 0
     try:
         for worker in workers:
@@ -140,6 +150,7 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
                 extra={
                     "node_id": cfg.node_id,
                     "http": http_url,
+                    "zk": f"{cfg.zk.host}:{zk_port}" if cfg.zk.enabled else "",
                     "nats": nats_url or ",".join(cfg.nats.url),
                     "workers": count,
                     "startup_s": round(time.monotonic() - started, 3),

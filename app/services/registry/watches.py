@@ -32,12 +32,15 @@ class WatchOverflow(Exception):
 class Subscription:
     """A persistent watch: events for a path (and its subtree when recursive) in revision order."""
 
-    def __init__(self, hub: WatchHub, sid: int, path: str, recursive: bool) -> None:
+    def __init__(
+        self, hub: WatchHub, sid: int, path: str, recursive: bool, callback: Callable[[Event], None] | None = None
+    ) -> None:
         self.hub = hub
         self.id = sid
         self.path = path
         self.recursive = recursive
         self.queue: asyncio.Queue[Event | WatchOverflow] = asyncio.Queue()
+        self.callback = callback  # when set, events go to it at once instead of the queue
         self.closed = False
 
     def matches(self, event: Event) -> bool:
@@ -49,6 +52,9 @@ class Subscription:
 
     def push(self, event: Event) -> None:
         if self.closed:
+            return
+        if self.callback is not None:
+            self.callback(event)
             return
         if self.queue.qsize() >= SLOW_CONSUMER_LIMIT:
             self.queue.put_nowait(WatchOverflow(f"watcher fell {SLOW_CONSUMER_LIMIT} events behind"))
@@ -143,17 +149,20 @@ class WatchHub:
 
     # ---- persistent -----------------------------------------------------------------------------
 
-    def subscribe(self, path: str, recursive: bool, since: int | None = None) -> Subscription:
+    def subscribe(
+        self, path: str, recursive: bool, since: int | None = None, callback: Callable[[Event], None] | None = None
+    ) -> Subscription:
         """A persistent watch; with `since`, first replay retained events with revision >= since.
 
-        Raises Compacted when events at `since` may have been dropped from the history.
+        Events go to `callback` when given (called while the log applies), else to the
+        subscription's queue. Raises Compacted when events at `since` may have been dropped.
         """
         if since is not None and since <= self.compacted:
             raise Compacted(
                 f"revision {since} is compacted: the oldest revision that can be resumed is {self.compacted + 1}",
                 path,
             )
-        sub = Subscription(self, next(self._ids), path, recursive)
+        sub = Subscription(self, next(self._ids), path, recursive, callback)
         if since is not None:
             for event in self.history:
                 if event.revision >= since and sub.matches(event):

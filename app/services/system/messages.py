@@ -21,6 +21,7 @@ class ReplicaRecord(msgspec.Struct, frozen=True):
     host: str
     revision: int = 0  # registry revision applied when announced
     applied_seq: int = 0  # log sequence applied when announced
+    zk_address: str = ""  # host:port of its ZooKeeper listener ("" when off)
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -40,6 +41,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     rss_bytes: int
     revision: int = 0
     applied_seq: int = 0
+    zk_address: str = ""
 
 
 class InfoRequest(msgspec.Struct, frozen=True):

@@ -109,6 +109,7 @@ class SystemService:
             host=socket.gethostname(),
             revision=info.revision,
             applied_seq=info.applied_seq,
+            zk_address=info.zk_address,
         )
 
     async def _announce_once(self) -> None:

@@ -54,6 +54,7 @@ class ReplicaView(msgspec.Struct, frozen=True):
     revision: int
     applied_seq: int
     lag: int
+    zk_address: str = ""
 
 
 class ClusterView(msgspec.Struct, frozen=True):
@@ -71,6 +72,7 @@ class ClusterView(msgspec.Struct, frozen=True):
     revision: int
     applied_seq: int
     replicas: list[ReplicaView]
+    zk_address: str = ""
 
 
 def _node(state: State) -> Node:
@@ -128,6 +130,7 @@ class SystemController(Controller):
                 revision=position[r.node_id][0],
                 applied_seq=position[r.node_id][1],
                 lag=newest - position[r.node_id][1],
+                zk_address=r.zk_address,
             )
             for r in records
         ]
@@ -144,6 +147,7 @@ class SystemController(Controller):
             revision=info.revision,
             applied_seq=info.applied_seq,
             replicas=replicas,
+            zk_address=info.zk_address,
         )
 
     @get(

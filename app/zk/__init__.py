@@ -1,0 +1,1 @@
+"""The ZooKeeper wire protocol front end: existing ZooKeeper clients talk to the registry unchanged."""

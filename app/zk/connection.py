@@ -1,0 +1,577 @@
+"""One ZooKeeper client connection: handshake, session, requests in FIFO order, watches, auth.
+
+Order, as ZooKeeper promises it per session: writes go to the log in the order they arrive
+(each is submitted before the next request is looked at) and their replies are sent in that
+order once applied; a read waits until every earlier write of the session has been answered,
+then reads the applied state and answers at once. Watch events are written while the log
+applies, so a client always gets the event before any reply that shows the change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from app.errors import FleetmateError
+from app.services.registry import paths
+from app.services.registry.errors import NoAuth, NoNode, RegistryError, SessionExpired, Unimplemented
+from app.services.registry.messages import (
+    PERM_ADMIN,
+    PERM_CREATE,
+    PERM_DELETE,
+    PERM_READ,
+    PERM_WRITE,
+    Check,
+    Create,
+    Created,
+    Delete,
+    Event,
+    SetData,
+    Updated,
+)
+from app.services.registry.service import RegistryService
+from app.services.registry.watches import OneShotKind, Subscription
+from app.zk import auth
+from app.zk import protocol as p
+from app.zk.jute import JuteError, Writer
+
+if TYPE_CHECKING:
+    from app.zk.server import ZkServer
+
+log = logging.getLogger("fleetmate.zk")
+
+WRITE_OPS = frozenset({p.CREATE, p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL, p.DELETE, p.SET_DATA, p.SET_ACL, p.MULTI})
+MAX_IN_FLIGHT = 1024
+CONNECT_TIMEOUT_S = 10.0
+
+
+class NoWatcher(RegistryError):
+    """removeWatches/checkWatches found no such watch."""
+
+    code = "NoWatcher"
+    zk_code = -121
+    status = 404
+
+
+class Closing(Exception):
+    """Stop serving this connection (after its reply, if any, was sent)."""
+
+
+class ZkConnection:
+    """Serves one TCP connection until the client leaves, the session ends, or a packet is bad."""
+
+    def __init__(self, server: ZkServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.peer = f"{peer[0]}:{peer[1]}"
+        self.ids: list[tuple[str, str]] = [("ip", str(peer[0]))]
+        self.session_id = 0
+        self.timeout_ms = 0
+        self.received = 0
+        self.sent = 0
+        self.started = time.time()
+        self._replies: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._wake = asyncio.Event()
+        self._inbox: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue(MAX_IN_FLIGHT)
+        self._one_shot: dict[tuple[str, str], int] = {}  # (path, "data"|"children") -> hub handle
+        self._persistent: dict[tuple[str, bool], Subscription] = {}
+        self._last_event: Event | None = None
+        self._last_keepalive = 0.0
+        self._closing = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def registry(self) -> RegistryService:
+        registry = self.server.node.registry
+        if registry is None:
+            raise Closing("the registry is not running")
+        return registry
+
+    # ---- life cycle -----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the connection to its end; never raises."""
+        reason = "client closed the connection"
+        try:
+            first = await asyncio.wait_for(self.reader.readexactly(4), CONNECT_TIMEOUT_S)
+            if first in self.server.four_letter_words.known:
+                self._write(self.server.four_letter_words.answer(first.decode(), self.server))
+                reason = "four-letter word answered"
+                return
+            await self._handshake(await self._frame(first))
+            self._tasks = [
+                asyncio.create_task(self._process(), name="zk-process"),
+                asyncio.create_task(self._reply_loop(), name="zk-replies"),
+            ]
+            reading = asyncio.create_task(self._read_loop(), name="zk-read")
+            done, _ = await asyncio.wait({reading, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, Closing):
+                    reason = str(exc)
+                elif exc is not None and not isinstance(exc, asyncio.IncompleteReadError | ConnectionError):
+                    raise exc
+            reading.cancel()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        except Closing as exc:
+            reason = str(exc)
+        except JuteError as exc:
+            reason = f"malformed packet: {exc}"
+            log.warning("closing a ZooKeeper connection", extra={"peer": self.peer, "reason": reason})
+        except Exception as exc:
+            reason = f"internal error: {exc!r}"
+            log.exception("ZooKeeper connection failed", extra={"peer": self.peer})
+        finally:
+            await self._cleanup(reason)
+
+    async def _cleanup(self, reason: str) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for _, task in self._replies:
+            task.cancel()
+        registry = self.server.node.registry
+        if registry is not None:
+            for (path, kind), handle in self._one_shot.items():
+                registry.watches.cancel_once(path, "exists" if kind == "data" else "children", handle)
+        for sub in self._persistent.values():
+            sub.close()
+        self._one_shot.clear()
+        self._persistent.clear()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        log.debug("ZooKeeper connection closed", extra={"peer": self.peer, "reason": reason})
+
+    async def _frame(self, head: bytes | None = None) -> bytes:
+        if head is None:
+            head = await self.reader.readexactly(4)
+        size = int.from_bytes(head, "big", signed=True)
+        if size < 0 or size > self.server.max_packet:
+            raise JuteError(f"packet length {size} is outside 0..{self.server.max_packet}")
+        return await self.reader.readexactly(size)
+
+    def _write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+            self.sent += 1
+            self.server.sent += 1
+
+    # ---- handshake ------------------------------------------------------------------------------
+
+    async def _handshake(self, data: bytes) -> None:
+        req = p.read_connect(data)
+        registry = self.registry
+        if req.session_id == 0:
+            password = os.urandom(p.PASSWORD_BYTES)
+            opened = await registry.open_session(max(1, req.timeout_ms), password)
+            self.session_id, self.timeout_ms = opened.session_id, opened.timeout_ms
+        else:
+            if req.last_zxid_seen > registry.revision:
+                await registry.sync()  # the client saw more than this replica applied: catch up first
+            if req.last_zxid_seen > registry.revision:
+                raise Closing(f"client has seen revision {req.last_zxid_seen}, this replica {registry.revision}")
+            record = registry.state.sessions.get(req.session_id)
+            if record is None or record.password != req.password:
+                self._write(p.connect_response(0, 0, bytes(p.PASSWORD_BYTES), req.read_only))
+                await self.writer.drain()
+                raise Closing(f"session 0x{req.session_id:x} expired or the password does not match")
+            password = record.password
+            self.session_id, self.timeout_ms = record.session_id, record.timeout_ms
+            await self._keepalive()
+        self._write(p.connect_response(self.timeout_ms, self.session_id, password, req.read_only))
+        self._last_keepalive = time.monotonic()
+        self.server.connections.add(self)
+        log.debug("ZooKeeper session attached", extra={"peer": self.peer, "session": f"0x{self.session_id:x}"})
+
+    async def _keepalive(self) -> None:
+        try:
+            await self.registry.keepalive(self.session_id)
+        except SessionExpired:
+            self._closing = True
+            raise Closing(f"session 0x{self.session_id:x} expired") from None
+
+    def _maybe_keepalive(self) -> None:
+        now = time.monotonic()
+        if now - self._last_keepalive < self.timeout_ms / 3000:
+            return
+        self._last_keepalive = now
+
+        async def refresh() -> None:
+            try:
+                await self._keepalive()
+            except Closing:
+                self.writer.close()
+            except FleetmateError as exc:
+                log.debug("keepalive failed", extra={"session": f"0x{self.session_id:x}", "error": str(exc)})
+
+        task = asyncio.create_task(refresh(), name="zk-keepalive")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # ---- the request pipeline -------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self._frame()
+            self.received += 1
+            self.server.received += 1
+            await self._inbox.put(p.read_request(data))  # bounded: back-pressure on a client that does not wait
+
+    async def _process(self) -> None:
+        while True:
+            xid, op, req = await self._inbox.get()
+            if self.session_id not in self.registry.state.sessions:
+                raise Closing(f"session 0x{self.session_id:x} expired")
+            self._maybe_keepalive()
+            if op in WRITE_OPS:
+                task = asyncio.create_task(self._guard(xid, op, self._write_op(xid, op, req)))
+                self._replies.append((xid, task))
+                self._drained.clear()
+                self._wake.set()
+                continue
+            if op == p.CLOSE_SESSION:
+                await self._drained.wait()
+                await self.registry.close_session(self.session_id)
+                self._write(Writer().header(xid, self.registry.revision, p.OK).frame())
+                await self.writer.drain()
+                raise Closing("session closed by the client")
+            await self._drained.wait()
+            self._write(await self._guard(xid, op, self._read_op(xid, op, req)))
+
+    async def _reply_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._replies:
+                _, task = self._replies[0]
+                reply = await task
+                self._replies.popleft()
+                self._write(reply)
+            self._drained.set()
+            await self.writer.drain()
+
+    async def _guard(self, xid: int, op: int, work: Awaitable[Writer | bytes]) -> bytes:
+        """Run one request; turn its errors into a reply header with ZooKeeper's code."""
+        started = time.perf_counter()
+        try:
+            return await self._outcome(xid, op, work)
+        finally:
+            self.server.record((time.perf_counter() - started) * 1000)
+
+    async def _outcome(self, xid: int, op: int, work: Awaitable[Writer | bytes]) -> bytes:
+        try:
+            out = await work
+        except RegistryError as exc:
+            return Writer().header(xid, self.registry.revision, exc.zk_code).frame()
+        except Closing:
+            raise
+        except FleetmateError as exc:
+            code = -7 if exc.status in (503, 504) else p.SYSTEM_ERROR
+            log.warning("ZooKeeper request failed", extra={"op": op, "error": str(exc)})
+            return Writer().header(xid, self.registry.revision, code).frame()
+        if isinstance(out, bytes):
+            return out
+        # Replies are built after the work, so the header's zxid includes the write itself.
+        head = Writer().header(xid, self.registry.revision, p.OK)
+        head.buf += out.buf[4:]
+        return head.frame()
+
+    # ---- ACLs -----------------------------------------------------------------------------------
+
+    def _require(self, path: str, perm: int) -> None:
+        node = self.registry.state.nodes.get(path)
+        if node is None:
+            raise NoNode(f"no node {path}", path)
+        if not auth.allowed(node.acl, perm, self.ids):
+            raise NoAuth(f"not authorised for {path}", path)
+
+    def _path(self, path: str, allow_root: bool = True) -> str:
+        return paths.validate(path, self.registry.cfg.max_path_bytes, allow_root=allow_root)
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    def _create_cmd(self, req: p.CreateRequest) -> Create:
+        flags = p.CREATE_FLAGS.get(req.flags)
+        if flags is None:
+            raise Unimplemented(f"create mode {req.flags} is not supported", req.path)
+        ephemeral, sequential, container, ttl = flags
+        if ttl:
+            raise Unimplemented("TTL nodes are not supported", req.path)
+        self._path(req.path + ("0" if sequential else ""), allow_root=False)
+        self._require(paths.parent_of(req.path), PERM_CREATE)
+        acl = auth.resolve(req.acl, self.ids, req.path)
+        return Create(req.path, req.data, self.session_id if ephemeral else 0, sequential, container, False, acl, 0)
+
+    async def _write_op(self, xid: int, op: int, req: Any) -> Writer | bytes:
+        registry = self.registry
+        if op in (p.CREATE, p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL):
+            if op == p.CREATE_CONTAINER and req.flags != p.CONTAINER:
+                req = p.CreateRequest(req.path, req.data, req.acl, p.CONTAINER)
+            cmd = self._create_cmd(req)
+            created = await registry.create(
+                cmd.path,
+                cmd.data,
+                session_id=cmd.session_id,
+                sequential=cmd.sequential,
+                container=cmd.container,
+                acl=cmd.acl,
+            )
+            w = Writer().ustring(created.path)
+            return p.write_stat(w, created.stat) if op != p.CREATE else w
+        if op == p.DELETE:
+            self._path(req.path, allow_root=False)
+            self._require(paths.parent_of(req.path), PERM_DELETE)
+            await registry.delete(req.path, req.version)
+            return Writer()
+        if op == p.SET_DATA:
+            self._path(req.path)
+            self._require(req.path, PERM_WRITE)
+            updated = await registry.set(req.path, req.data, req.version)
+            return p.write_stat(Writer(), updated.stat)
+        if op == p.SET_ACL:
+            self._path(req.path)
+            self._require(req.path, PERM_ADMIN)
+            updated = await registry.set_acl(req.path, auth.resolve(req.acl, self.ids, req.path), req.version)
+            return p.write_stat(Writer(), updated.stat)
+        try:
+            return await self._multi(req)
+        except RegistryError as exc:
+            if exc.failed_index < 0:
+                raise
+            return self._multi_failure(xid, exc, len(req.ops))
+
+    async def _multi(self, req: p.MultiRequest) -> Writer:
+        ops: list[Create | SetData | Delete | Check] = []
+        for index, (op, sub) in enumerate(req.ops):
+            try:
+                if op in (p.CREATE, p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL):
+                    ops.append(self._create_cmd(sub))
+                elif op == p.DELETE:
+                    self._path(sub.path, allow_root=False)
+                    self._require(paths.parent_of(sub.path), PERM_DELETE)
+                    ops.append(Delete(sub.path, sub.version))
+                elif op == p.SET_DATA:
+                    self._path(sub.path)
+                    if sub.path in self.registry.state.nodes:
+                        self._require(sub.path, PERM_WRITE)
+                    ops.append(SetData(sub.path, sub.data, sub.version))
+                else:
+                    self._path(sub.path)
+                    ops.append(Check(sub.path, sub.version))
+            except RegistryError as err:
+                err.failed_index = index
+                raise
+        done = await self.registry.multi(ops)
+        w = Writer()
+        for (op, _), result in zip(req.ops, done.results, strict=True):
+            w.int(op).bool(False).int(p.OK)
+            if op == p.CREATE:
+                assert isinstance(result, Created)
+                w.ustring(result.path)
+            elif op in (p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL):
+                assert isinstance(result, Created)
+                p.write_stat(w.ustring(result.path), result.stat)
+            elif op == p.SET_DATA:
+                assert isinstance(result, Updated)
+                p.write_stat(w, result.stat)
+        return w.int(-1).bool(True).int(-1)
+
+    def _multi_failure(self, xid: int, exc: RegistryError, count: int) -> bytes:
+        # ZooKeeper's shape: ops before the failing one report OK, the failing one its code,
+        # the rest RuntimeInconsistency; each as an error result. The reply header says OK: the
+        # failure is in the results (clients read them and raise per operation).
+        w = Writer().header(xid, self.registry.revision, p.OK)
+        for index in range(count):
+            code = p.OK if index < exc.failed_index else exc.zk_code
+            if index > exc.failed_index:
+                code = p.RUNTIME_INCONSISTENCY
+            w.int(p.ERROR).bool(False).int(code).int(code)
+        return w.int(-1).bool(True).int(-1).frame()
+
+    # ---- reads and session requests -------------------------------------------------------------
+
+    async def _read_op(self, xid: int, op: int, req: Any) -> Writer | bytes:
+        registry = self.registry
+        state = registry.state
+        if op == p.PING:
+            return Writer().header(p.XID_PING, registry.revision, p.OK).frame()
+        if op == p.GET_DATA:
+            self._path(req.path)
+            self._require(req.path, PERM_READ)
+            data, stat = state.get(req.path)
+            if req.watch:
+                self._watch_once(req.path, "data")
+            return p.write_stat(Writer().buffer(data), stat)
+        if op == p.EXISTS:
+            self._path(req.path)
+            if req.watch:
+                self._watch_once(req.path, "data")
+            return p.write_stat(Writer(), state.stat(req.path))
+        if op in (p.GET_CHILDREN, p.GET_CHILDREN2):
+            self._path(req.path)
+            self._require(req.path, PERM_READ)
+            names = state.child_names(req.path)
+            if req.watch:
+                self._watch_once(req.path, "children")
+            w = Writer().strings(names)
+            return p.write_stat(w, state.stat(req.path)) if op == p.GET_CHILDREN2 else w
+        if op == p.SYNC:
+            self._path(req.path)
+            await registry.sync()
+            return Writer().ustring(req.path)
+        if op == p.GET_ACL:
+            self._path(req.path)
+            acl, stat = await registry.get_acl(req.path, linearizable=False)
+            return p.write_stat(p.write_acl(Writer(), acl), stat)
+        if op == p.CHECK:
+            self._path(req.path)
+            registry.state.check(Check(req.path, req.version))
+            return Writer()
+        if op == p.MULTI_READ:
+            return self._multi_read(xid, req)
+        if op == p.GET_EPHEMERALS:
+            prefix = req.path or "/"
+            mine = sorted(x for x in state.ephemerals.get(self.session_id, ()) if x.startswith(prefix))
+            return Writer().strings(mine)
+        if op == p.GET_ALL_CHILDREN_NUMBER:
+            self._path(req.path)
+            state.stat(req.path)
+            return Writer().int(len(state.descendants(req.path)))
+        if op == p.ADD_WATCH:
+            self._path(req.path)
+            if req.kind not in (p.ADD_WATCH_PERSISTENT, p.ADD_WATCH_PERSISTENT_RECURSIVE):
+                raise Unimplemented(f"addWatch mode {req.kind} is not supported", req.path)
+            self._watch_persistent(req.path, req.kind == p.ADD_WATCH_PERSISTENT_RECURSIVE)
+            return Writer()
+        if op in (p.REMOVE_WATCHES, p.CHECK_WATCHES):
+            self._path(req.path)
+            return self._remove_watches(req.path, req.kind, remove=op == p.REMOVE_WATCHES, xid=xid)
+        if op in (p.SET_WATCHES, p.SET_WATCHES2):
+            self._set_watches(req)
+            return Writer().header(p.XID_SET_WATCHES, registry.revision, p.OK).frame()
+        if op == p.AUTH:
+            return await self._auth(req)
+        if op == p.WHO_AM_I:
+            w = Writer().int(len(self.ids))
+            for scheme, ident in self.ids:
+                w.ustring(scheme).ustring(ident.split(":", 1)[0] if scheme == "digest" else ident)
+            return w
+        raise Unimplemented(f"op code {op} is not supported")
+
+    def _multi_read(self, xid: int, req: p.MultiRequest) -> bytes:
+        state = self.registry.state
+        w = Writer().header(xid, self.registry.revision, p.OK)
+        for op, sub in req.ops:
+            try:
+                self._path(sub.path)
+                self._require(sub.path, PERM_READ)
+                if op == p.GET_DATA:
+                    data, stat = state.get(sub.path)
+                    p.write_stat(w.int(op).bool(False).int(p.OK).buffer(data), stat)
+                else:
+                    w.int(op).bool(False).int(p.OK).strings(state.child_names(sub.path))
+            except RegistryError as exc:
+                w.int(p.ERROR).bool(False).int(exc.zk_code).int(exc.zk_code)
+        return w.int(-1).bool(True).int(-1).frame()
+
+    async def _auth(self, req: p.AuthRequest) -> bytes:
+        if req.scheme == "digest":
+            text = req.auth.decode("utf-8", "replace")
+            if ":" in text:
+                ident = ("digest", auth.digest_id(text))
+                if ident not in self.ids:
+                    self.ids.append(ident)
+                return Writer().header(p.XID_AUTH, self.registry.revision, p.OK).frame()
+        # ZooKeeper answers a failed auth with AuthFailed and closes the connection.
+        self._write(Writer().header(p.XID_AUTH, self.registry.revision, p.AUTH_FAILED).frame())
+        await self.writer.drain()
+        raise Closing(f"authentication with scheme {req.scheme!r} failed")
+
+    # ---- watches --------------------------------------------------------------------------------
+
+    def _notify(self, event: Event) -> None:
+        # One notification per event per connection, however many of its watches match
+        # (ZooKeeper's server counts a connection once; the client fans out locally).
+        if event is self._last_event:
+            return
+        self._last_event = event
+        self._write(p.notification(event.revision, p.EVENT_TYPES[event.type], event.path))
+
+    def _watch_once(self, path: str, kind: str) -> None:
+        key = (path, kind)
+        if key in self._one_shot:
+            return
+
+        def fired(event: Event) -> None:
+            self._one_shot.pop(key, None)
+            self._notify(event)
+
+        hub_kind: OneShotKind = "exists" if kind == "data" else "children"
+        self._one_shot[key] = self.registry.watches.watch_once(path, hub_kind, fired)
+
+    def _watch_persistent(self, path: str, recursive: bool) -> None:
+        key = (path, recursive)
+        if key not in self._persistent:
+            self._persistent[key] = self.registry.watches.subscribe(path, recursive, callback=self._notify)
+
+    def _remove_watches(self, path: str, kind: int, *, remove: bool, xid: int) -> Writer:
+        kinds = {p.WATCH_CHILDREN: ["children"], p.WATCH_DATA: ["data"], p.WATCH_ANY: ["data", "children"]}.get(kind)
+        if kinds is None:
+            raise Unimplemented(f"watcher type {kind} is not supported", path)
+        found = [(path, k) for k in kinds if (path, k) in self._one_shot]
+        persistent = [key for key in self._persistent if key[0] == path] if kind == p.WATCH_ANY else []
+        if not found and not persistent:
+            raise NoWatcher(f"no watch of type {kind} on {path}", path)
+        if remove:
+            for key in found:
+                handle = self._one_shot.pop(key)
+                self.registry.watches.cancel_once(path, "exists" if key[1] == "data" else "children", handle)
+            for pkey in persistent:
+                self._persistent.pop(pkey).close()
+        return Writer()
+
+    def _set_watches(self, req: p.SetWatchesRequest) -> None:
+        # After a reconnect: fire at once what changed since the client's last zxid (ZooKeeper's rules).
+        state = self.registry.state
+        rel = req.relative_zxid
+        fired: list[tuple[int, str]] = []
+        for path in req.data:
+            node = state.nodes.get(path)
+            if node is None:
+                fired.append((p.EV_DELETED, path))
+            elif node.mzxid > rel:
+                fired.append((p.EV_CHANGED, path))
+            else:
+                self._watch_once(path, "data")
+        for path in req.exist:
+            if path in state.nodes:
+                fired.append((p.EV_CREATED, path))
+            else:
+                self._watch_once(path, "data")
+        for path in req.child:
+            node = state.nodes.get(path)
+            if node is None:
+                fired.append((p.EV_DELETED, path))
+            elif node.pzxid > rel:
+                fired.append((p.EV_CHILDREN, path))
+            else:
+                self._watch_once(path, "children")
+        for path in req.persistent:
+            self._watch_persistent(path, False)
+        for path in req.persistent_recursive:
+            self._watch_persistent(path, True)
+        for event_type, path in fired:
+            self._write(p.notification(state.revision, event_type, path))

@@ -1,0 +1,135 @@
+"""ZooKeeper's four-letter words on the client port (ruok, srvr, stat, mntr, conf, envi, cons, wchs, dirs)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import platform
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+from app import __version__
+
+if TYPE_CHECKING:
+    from app.zk.server import ZkServer
+
+ALL_WORDS = ("ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "dirs")
+
+
+class FourLetterWords:
+    """Answers the whitelisted words; any other known word gets ZooKeeper's refusal line."""
+
+    def __init__(self, whitelist: tuple[str, ...]) -> None:
+        self.whitelist = frozenset(whitelist)
+        self.known = frozenset(w.encode() for w in ALL_WORDS)
+
+    def answer(self, word: str, server: ZkServer) -> bytes:
+        """The text to send back before closing the connection."""
+        if word not in self.whitelist:
+            return f"{word} is not executed because it is not in the whitelist.\n".encode()
+        text: str = getattr(self, f"_{word}")(server)
+        return text.encode()
+
+    @staticmethod
+    def _ruok(server: ZkServer) -> str:
+        return "imok"
+
+    @staticmethod
+    def _mode(server: ZkServer) -> str:
+        lead = server.node.leadership
+        if lead is None:
+            return "standalone"
+        return "leader" if lead.leading else "follower"
+
+    def _srvr(self, server: ZkServer) -> str:
+        registry = server.node.registry
+        nodes = len(registry.state.nodes) if registry else 0
+        revision = registry.revision if registry else 0
+        return (
+            f"Zookeeper version: fleetmate-{__version__}, protocol 3.8-compatible\n"
+            f"Latency min/avg/max: {server.latency_text()}\n"
+            f"Received: {server.received}\n"
+            f"Sent: {server.sent}\n"
+            f"Connections: {len(server.connections)}\n"
+            f"Outstanding: 0\n"
+            f"Zxid: 0x{revision:x}\n"
+            f"Mode: {self._mode(server)}\n"
+            f"Node count: {nodes}\n"
+        )
+
+    def _stat(self, server: ZkServer) -> str:
+        clients = "".join(
+            f" /{c.peer}[1](queued=0,recved={c.received},sent={c.sent},sid=0x{c.session_id:x})\n"
+            for c in sorted(server.connections, key=lambda c: c.started)
+        )
+        return self._srvr(server).replace("Latency", f"Clients:\n{clients}\nLatency", 1)
+
+    def _cons(self, server: ZkServer) -> str:
+        return (
+            "".join(
+                f" /{c.peer}[1](queued=0,recved={c.received},sent={c.sent},sid=0x{c.session_id:x},to={c.timeout_ms})\n"
+                for c in sorted(server.connections, key=lambda c: c.started)
+            )
+            + "\n"
+        )
+
+    def _mntr(self, server: ZkServer) -> str:
+        registry = server.node.registry
+        watches = registry.watches.one_shot_count() + registry.watches.subscription_count() if registry else 0
+        rows = [
+            ("zk_version", f"fleetmate-{__version__}"),
+            ("zk_server_state", self._mode(server)),
+            ("zk_avg_latency", server.latency_avg_ms()),
+            ("zk_packets_received", server.received),
+            ("zk_packets_sent", server.sent),
+            ("zk_num_alive_connections", len(server.connections)),
+            ("zk_outstanding_requests", 0),
+            ("zk_znode_count", len(registry.state.nodes) if registry else 0),
+            ("zk_watch_count", watches),
+            ("zk_ephemerals_count", sum(len(v) for v in registry.state.ephemerals.values()) if registry else 0),
+            ("zk_approximate_data_size", sum(len(n.data) for n in registry.state.nodes.values()) if registry else 0),
+            (
+                "zk_open_file_descriptor_count",
+                len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
+            ),
+            ("zk_zxid", registry.revision if registry else 0),
+        ]
+        return "".join(f"{k}\t{v}\n" for k, v in rows)
+
+    def _conf(self, server: ZkServer) -> str:
+        cfg = server.node.cfg
+        return (
+            f"clientPort={server.port}\n"
+            f"clientPortAddress={cfg.zk.host}\n"
+            f"dataDir={cfg.data_path}\n"
+            f"minSessionTimeout={cfg.registry.session_timeout_min_ms}\n"
+            f"maxSessionTimeout={cfg.registry.session_timeout_max_ms}\n"
+            f"maxClientCnxns=0\n"
+            f"serverId={cfg.node_id}\n"
+            f"jute.maxbuffer={server.max_packet}\n"
+        )
+
+    def _envi(self, server: ZkServer) -> str:
+        return (
+            "Environment:\n"
+            f"zookeeper.version=fleetmate-{__version__}\n"
+            f"host.name={socket.gethostname()}\n"
+            f"python.version={platform.python_version()}\n"
+            f"python.executable={sys.executable}\n"
+            f"os.name={platform.system()}\n"
+            f"os.arch={platform.machine()}\n"
+            f"os.version={platform.release()}\n"
+            f"user.name={getpass.getuser()}\n"
+            f"user.dir={os.getcwd()}\n"
+        )
+
+    def _wchs(self, server: ZkServer) -> str:
+        registry = server.node.registry
+        count = registry.watches.one_shot_count() + registry.watches.subscription_count() if registry else 0
+        return f"{len(server.connections)} connections watching\nTotal watches:{count}\n"
+
+    def _dirs(self, server: ZkServer) -> str:
+        path = server.node.cfg.data_path / "registry.sqlite"
+        size = path.stat().st_size if path.exists() else 0
+        return f"datadir_size: {size}\nlogdir_size: 0\n"

@@ -1,0 +1,90 @@
+"""The ZooKeeper listener: accepts connections on the client port and serves each one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from app.zk.connection import ZkConnection
+from app.zk.fourletter import FourLetterWords
+
+if TYPE_CHECKING:
+    from app.node import Node
+
+log = logging.getLogger("fleetmate.zk")
+
+
+class ZkServer:
+    """One listener per process; with workers, every worker binds the same port (SO_REUSEPORT)."""
+
+    def __init__(self, node: Node, host: str, port: int, *, reuse_port: bool = False) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.reuse_port = reuse_port
+        self.four_letter_words = FourLetterWords(node.cfg.zk.four_letter_words)
+        # A packet may carry the largest znode data plus its path and headers (jute.maxbuffer).
+        self.max_packet = node.cfg.registry.max_data_bytes + node.cfg.registry.max_path_bytes + 4096
+        self.connections: set[ZkConnection] = set()
+        self.received = 0
+        self.sent = 0
+        self._lat_n = 0
+        self._lat_sum = self._lat_min = self._lat_max = 0.0
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> str:
+        """host:port as bound."""
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start accepting."""
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, reuse_port=self.reuse_port or None, limit=1 << 20
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.info("zookeeper listener ready", extra={"address": self.address})
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ZkConnection(self, reader, writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def stop(self) -> None:
+        """Stop accepting and close every connection (their sessions live on until they time out)."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handlers):
+            task.cancel()
+        for task in list(self._handlers):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def record(self, ms: float) -> None:
+        """One request's time from dequeue to reply."""
+        self._lat_n += 1
+        self._lat_sum += ms
+        self._lat_min = ms if self._lat_n == 1 else min(self._lat_min, ms)
+        self._lat_max = max(self._lat_max, ms)
+
+    def latency_text(self) -> str:
+        """min/avg/max request latency in ms, as srvr prints it."""
+        return f"{self._lat_min:.0f}/{self.latency_avg_ms():.1f}/{self._lat_max:.0f}"
+
+    def latency_avg_ms(self) -> float:
+        """Average request latency in ms."""
+        return self._lat_sum / self._lat_n if self._lat_n else 0.0
