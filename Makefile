@@ -34,14 +34,15 @@ lint: $(STAMP) ## ruff (lint and format check)
 typecheck: $(STAMP) ## mypy --strict on app/
 	$(VENV)/bin/mypy app
 
-# The tests start their own MariaDB and PostgreSQL 15 on free ports (never the system services):
-# install the Debian packages once if the binaries are missing.
-test-deps: ## install mariadb-server and postgresql (Debian/Ubuntu) if the tests' binaries are missing
+# The tests start their own MariaDB and PostgreSQL 15 on free ports (never the system services)
+# and drive Debian's zkCli.sh: install the Debian packages once if their binaries are missing.
+test-deps: ## install mariadb-server, postgresql and zookeeper (Debian/Ubuntu) if the tests' binaries are missing
 	@export PATH="$$PATH:/usr/sbin:/sbin"; \
 	if ! command -v mariadbd >/dev/null || ! command -v mariadb-install-db >/dev/null \
-		|| [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then \
-		echo "mariadb-server or postgresql is missing; installing them (Debian/Ubuntu)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server postgresql >/dev/null; fi
+		|| [ ! -x /usr/lib/postgresql/15/bin/postgres ] || [ ! -f /usr/share/zookeeper/bin/zkCli.sh ]; then \
+		echo "mariadb-server, postgresql or zookeeper is missing; installing them (Debian/Ubuntu)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			mariadb-server postgresql zookeeper >/dev/null; fi
 
 pytest: $(STAMP) test-deps ## the test suite alone
 	$(PY) -m pytest -ra -q
