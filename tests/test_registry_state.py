@@ -1246,3 +1246,25 @@ def test_sequential_name_may_end_in_slash() -> None:
     result, _ = ok(state, Create("/q/", sequential=True))
     assert result.path == "/q/0000000000"
     fails(state, Create("/q/"), BadArguments)
+
+
+def test_ttl_node_is_reaped_only_when_childless_and_unmodified_for_its_ttl() -> None:
+
+    s = RegistryState()
+    s.apply(LeaderElected(1, "n1", 0))
+    created, _ = s.apply(Create("/t", b"", time_ms=1_000, ttl_ms=500))
+    assert isinstance(created, Created)
+    assert s.containers_to_reap(1_400) == []
+    assert s.containers_to_reap(0) == []  # no clock given: TTL nodes are left alone
+    refused, _ = s.apply(ReapContainer("/t", 1, 1_400))
+    assert isinstance(refused, BadArguments)
+    s.apply(Create("/t/kid", b"", time_ms=1_000))
+    assert s.containers_to_reap(5_000) == []
+    s.apply(Delete("/t/kid"))
+    assert s.containers_to_reap(5_000) == ["/t"]
+    deleted, events = s.apply(ReapContainer("/t", 1, 5_000))
+    assert isinstance(deleted, Deleted)
+    assert [e.type for e in events] == ["deleted", "children"]
+    for bad in (Create("/e", b"", session_id=7, ttl_ms=5), Create("/c", b"", container=True, ttl_ms=5)):
+        result, _ = s.apply(bad)
+        assert isinstance(result, RegistryError)

@@ -322,3 +322,28 @@ def test_session_moves_to_another_replica(tmp_path: Path, nats_server: NatsServe
             assert zk.exists("/moving") is not None
             with kazoo(survivor.zk) as other:
                 assert other.exists("/moving").ephemeralOwner == sid
+
+
+def test_ttl_nodes_go_when_unmodified_and_childless(fm: Fleetmate) -> None:
+    client = WireClient(fm.zk)
+    acl = struct.pack(">ii", 1, 31) + pack_string("world") + pack_string("anyone")
+
+    def create_ttl(path: str, flags: int, ttl_ms: int) -> int:
+        body = pack_string(path) + struct.pack(">i", 0) + acl + struct.pack(">iq", flags, ttl_ms)
+        return client.request(21, body)[1]
+
+    try:
+        assert create_ttl("/ttl-a", 5, 1500) == 0
+        assert create_ttl("/ttl-parent", 5, 1500) == 0
+        assert create_ttl("/ttl-bad", 5, 0) == -8  # BadArguments: a TTL must be positive
+        assert create_ttl("/ttl-bad", 0, 1500) == -8  # a plain persistent node takes no TTL
+        with kazoo(fm.zk) as zk:
+            zk.create("/ttl-parent/kid")
+            assert zk.exists("/ttl-a") is not None
+            wait_for(lambda: zk.exists("/ttl-a") is None, 10, "the TTL node to be reaped")
+            assert zk.exists("/ttl-parent") is not None  # it has a child
+            zk.delete("/ttl-parent/kid")
+            wait_for(lambda: zk.exists("/ttl-parent") is None, 10, "the emptied TTL node to be reaped")
+            assert zk.exists("/ttl-bad") is None
+    finally:
+        client.close()

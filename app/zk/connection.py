@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from app.errors import FleetmateError
 from app.services.registry import paths
-from app.services.registry.errors import NoAuth, NoNode, RegistryError, SessionExpired, Unimplemented
+from app.services.registry.errors import (
+    BadArguments,
+    NoAuth,
+    NoNode,
+    RegistryError,
+    SessionExpired,
+    Unimplemented,
+)
 from app.services.registry.messages import (
     PERM_ADMIN,
     PERM_CREATE,
@@ -308,12 +315,15 @@ class ZkConnection:
         if flags is None:
             raise Unimplemented(f"create mode {req.flags} is not supported", req.path)
         ephemeral, sequential, container, ttl = flags
-        if ttl:
-            raise Unimplemented("TTL nodes are not supported", req.path)
+        if ttl and req.ttl_ms <= 0:
+            raise BadArguments("a TTL node needs a TTL above 0 ms (createTTL)", req.path)
+        if req.ttl_ms and not ttl:
+            raise BadArguments(f"create mode {req.flags} takes no TTL", req.path)
         self._path(req.path + ("0" if sequential else ""), allow_root=False)
         self._require(paths.parent_of(req.path), PERM_CREATE)
         acl = auth.resolve(req.acl, self.ids, req.path)
-        return Create(req.path, req.data, self.session_id if ephemeral else 0, sequential, container, False, acl, 0)
+        owner = self.session_id if ephemeral else 0
+        return Create(req.path, req.data, owner, sequential, container, False, acl, 0, req.ttl_ms)
 
     async def _write_op(self, xid: int, op: int, req: Any) -> Writer | bytes:
         registry = self.registry
@@ -328,6 +338,7 @@ class ZkConnection:
                 sequential=cmd.sequential,
                 container=cmd.container,
                 acl=cmd.acl,
+                ttl_ms=cmd.ttl_ms,
             )
             w = Writer().ustring(created.path)
             return p.write_stat(w, created.stat) if op != p.CREATE else w

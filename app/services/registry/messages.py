@@ -12,6 +12,7 @@ PERM_ALL = 31
 
 KIND_PERSISTENT = 0
 KIND_CONTAINER = 1
+KIND_TTL = 2
 
 
 class Acl(msgspec.Struct, frozen=True, array_like=True):
@@ -56,6 +57,7 @@ class Create(msgspec.Struct, frozen=True, tag="create", array_like=True):
     parents: bool = False
     acl: tuple[Acl, ...] = OPEN_ACL_UNSAFE
     time_ms: int = 0
+    ttl_ms: int = 0  # > 0: a TTL node, reaped by the leader when childless and unmodified that long
 
 
 class SetData(msgspec.Struct, frozen=True, tag="set", array_like=True):
@@ -131,10 +133,12 @@ class LeaderElected(msgspec.Struct, frozen=True, tag="leader", array_like=True):
 
 
 class ReapContainer(msgspec.Struct, frozen=True, tag="reap", array_like=True):
-    """The leader (of `term`) removes a container node that had children and is empty again."""
+    """The leader (of `term`) removes a container node that had children and is empty again,
+    or a TTL node with no children not modified for its TTL as of `time_ms` (the leader's clock)."""
 
     path: str
     term: int
+    time_ms: int = 0
 
 
 Command = (

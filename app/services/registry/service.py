@@ -241,6 +241,7 @@ class RegistryService:
         parents: bool,
         acl: tuple[Acl, ...] | None,
         now: int,
+        ttl_ms: int = 0,
     ) -> Create:
         if path == paths.ROOT:
             raise NodeExists("the root node always exists", path)
@@ -252,7 +253,9 @@ class RegistryService:
             raise BadArguments("session ids are positive", path)
         if acl is not None and not acl:
             raise InvalidACL("an ACL needs at least one entry", path)
-        return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now)
+        if ttl_ms < 0 or (ttl_ms and (session_id or container)):
+            raise BadArguments("a TTL node is persistent (not ephemeral nor a container), with a positive TTL", path)
+        return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now, ttl_ms)
 
     async def create(
         self,
@@ -264,8 +267,12 @@ class RegistryService:
         container: bool = False,
         parents: bool = False,
         acl: tuple[Acl, ...] | None = None,
+        ttl_ms: int = 0,
     ) -> Created:
-        """Create a node; ephemeral when session_id is given. Returns the actual path and stat."""
+        """Create a node; ephemeral when session_id is given, a TTL node when ttl_ms > 0.
+
+        Returns the actual path and stat.
+        """
         cmd = self._create_cmd(
             path,
             data,
@@ -275,6 +282,7 @@ class RegistryService:
             parents=parents,
             acl=acl,
             now=_now_ms(),
+            ttl_ms=ttl_ms,
         )
         result = await self._append(cmd, len(data) + len(path) + 32)
         assert isinstance(result, Created)
@@ -325,6 +333,7 @@ class RegistryService:
                                 parents=op.parents,
                                 acl=op.acl,
                                 now=now,
+                                ttl_ms=op.ttl_ms,
                             )
                         )
                         size += len(op.data)

@@ -32,11 +32,13 @@ class SessionKeeper:
         append: Callable[[Command], Awaitable[Any]],
         node_id: str,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
         self.append = append
         self.node_id = node_id
         self.clock = clock
+        self.wall_clock = wall_clock  # TTL nodes compare with mtime, which is wall-clock ms
         self.term = 0
         self.last_seen: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -97,8 +99,9 @@ class SessionKeeper:
                     self.last_seen.pop(sid, None)
                 if self.clock() - last_reap >= REAP_EVERY_S:
                     last_reap = self.clock()
-                    for path in self.state.containers_to_reap():
-                        await self.append(ReapContainer(path, self.term))
+                    now_ms = int(self.wall_clock() * 1000)
+                    for path in self.state.containers_to_reap(now_ms):
+                        await self.append(ReapContainer(path, self.term, now_ms))
             except Exception as exc:  # the bus may be reconnecting; try again next tick
                 log.warning("session keeper round failed", extra={"error": repr(exc)})
 

@@ -23,6 +23,7 @@ from app.services.registry.errors import (
 from app.services.registry.messages import (
     KIND_CONTAINER,
     KIND_PERSISTENT,
+    KIND_TTL,
     OPEN_ACL_UNSAFE,
     Acl,
     Check,
@@ -67,6 +68,7 @@ class Znode(msgspec.Struct, frozen=True, array_like=True):
     ephemeral_owner: int
     kind: int
     acl: tuple[Acl, ...]
+    ttl_ms: int = 0
 
 
 class SessionRecord(msgspec.Struct, frozen=True, array_like=True):
@@ -185,11 +187,17 @@ class RegistryState:
             level = below
         return out
 
-    def containers_to_reap(self) -> list[str]:
-        """Container nodes that had children and have none now (the leader reaps them)."""
-        return [
-            p for p, n in self.nodes.items() if n.kind == KIND_CONTAINER and n.cversion > 0 and not self.children[p]
-        ]
+    def containers_to_reap(self, now_ms: int = 0) -> list[str]:
+        """Container nodes that had children and have none now, and childless TTL nodes not modified
+        for their TTL by now_ms (the leader's clock; 0 leaves TTL nodes out): the leader reaps them."""
+        return [p for p, n in self.nodes.items() if self._reapable(p, n, now_ms)]
+
+    def _reapable(self, path: str, node: Znode, now_ms: int) -> bool:
+        if self.children[path]:
+            return False
+        if node.kind == KIND_CONTAINER:
+            return node.cversion > 0
+        return node.kind == KIND_TTL and now_ms > 0 and now_ms - node.mtime >= node.ttl_ms
 
     # ---- apply ------------------------------------------------------------------------------
 
@@ -231,7 +239,7 @@ class RegistryState:
                 return Noted(f"leader {cmd.node_id} term {cmd.term}")
             case ReapContainer():
                 self._check_term(cmd.term)
-                return self._reap(cmd.path, rev, events)
+                return self._reap(cmd.path, rev, events, cmd.time_ms)
             case Check():
                 raise BadArguments("check is only valid inside multi", cmd.path)
         raise BadArguments(f"unknown command {type(cmd).__name__}")
@@ -289,6 +297,10 @@ class RegistryState:
             raise InvalidACL("an ACL needs at least one entry", cmd.path)
         if cmd.container and (cmd.session_id or cmd.sequential):
             raise BadArguments("a container node cannot be ephemeral or sequential", cmd.path)
+        if cmd.ttl_ms and (cmd.session_id or cmd.container or cmd.ttl_ms < 0):
+            raise BadArguments(
+                "a TTL node is persistent (not ephemeral nor a container), with a positive TTL", cmd.path
+            )
         if cmd.session_id and cmd.session_id not in self.sessions:
             raise SessionExpired(f"session 0x{cmd.session_id:x} does not exist", cmd.path)
         parent = paths.parent_of(cmd.path)
@@ -308,8 +320,10 @@ class RegistryState:
             raise NodeExists(f"{path} already exists", path)
         for ancestor in missing:
             self._add_node(ancestor, b"", 0, KIND_PERSISTENT, OPEN_ACL_UNSAFE, rev=rev, now=now, events=events)
-        kind = KIND_CONTAINER if cmd.container else KIND_PERSISTENT
-        self._add_node(path, cmd.data, cmd.session_id, kind, cmd.acl, rev=rev, now=now, events=events)
+        kind = KIND_CONTAINER if cmd.container else KIND_TTL if cmd.ttl_ms else KIND_PERSISTENT
+        self._add_node(
+            path, cmd.data, cmd.session_id, kind, cmd.acl, rev=rev, now=now, events=events, ttl_ms=cmd.ttl_ms
+        )
         return Created(path, self._stat(path, self.nodes[path]))
 
     def _add_node(
@@ -323,10 +337,11 @@ class RegistryState:
         rev: int,
         now: int,
         events: list[Event],
+        ttl_ms: int = 0,
     ) -> None:
         parent = paths.parent_of(path)
         pnode = self.nodes[parent]
-        self._put_node(path, Znode(data, rev, rev, rev, now, now, 0, 0, 0, owner, kind, acl))
+        self._put_node(path, Znode(data, rev, rev, rev, now, now, 0, 0, 0, owner, kind, acl, ttl_ms))
         self._put_node(parent, msgspec.structs.replace(pnode, cversion=pnode.cversion + 1, pzxid=rev))
         self._link(path, True)
         if owner:
@@ -445,13 +460,15 @@ class RegistryState:
         self.dirty_sessions.add(session_id)
         return SessionClosed(session_id, tuple(owned))
 
-    def _reap(self, path: str, rev: int, events: list[Event]) -> Result:
+    def _reap(self, path: str, rev: int, events: list[Event], now_ms: int = 0) -> Result:
         node = self.nodes.get(path)
         if node is None:
             raise NoNode(f"no node {path}", path)
-        if node.kind != KIND_CONTAINER or node.cversion == 0:
-            raise BadArguments(f"{path} is not a container that has had children", path)
+        if not ((node.kind == KIND_CONTAINER and node.cversion > 0) or node.kind == KIND_TTL):
+            raise BadArguments(f"{path} is not a container that has had children, nor a TTL node", path)
         if self.children[path]:
             raise NotEmpty(f"{path} has children", path)
+        if not self._reapable(path, node, now_ms):
+            raise BadArguments(f"{path} was modified within its TTL", path)
         self._remove_node(path, rev, events)
         return Deleted(path, (path,))

@@ -119,6 +119,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
             container=data.container,
             parents=data.parents,
             acl=tuple(a.to_acl() for a in data.acl) if data.acl is not None else None,
+            ttl_ms=data.ttl_ms,
         )
         return StatView(created.path, created.stat)
 

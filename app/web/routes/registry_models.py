@@ -63,7 +63,8 @@ class StatView(msgspec.Struct, frozen=True):
 
 
 class CreateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Create a node. ephemeral needs session_id; sequential appends a 10-digit counter."""
+    """Create a node. ephemeral needs session_id; sequential appends a 10-digit counter; ttl_ms > 0 makes a
+    TTL node, deleted once it has no children and was not modified for that long."""
 
     data: str = ""
     encoding: Encoding = "utf-8"
@@ -73,6 +74,7 @@ class CreateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     container: bool = False
     parents: bool = False
     acl: list[AclEntry] | None = None
+    ttl_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class SetBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
