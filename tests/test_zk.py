@@ -347,3 +347,23 @@ def test_ttl_nodes_go_when_unmodified_and_childless(fm: Fleetmate) -> None:
             assert zk.exists("/ttl-bad") is None
     finally:
         client.close()
+
+
+def test_watch_event_arrives_before_any_reply_showing_the_change(fm: Fleetmate) -> None:
+    with kazoo(fm.zk) as writer:
+        writer.create("/order", b"0")
+        reader = WireClient(fm.zk)
+        try:
+            for n in range(1, 30):
+                get = pack_string("/order") + b"\x01"  # getData with watch
+                reader.request(4, get)
+                writer.set("/order", str(n).encode())
+                _, err, body = reader.request(4, pack_string("/order") + b"\x00")
+                assert err == 0
+                size = struct.unpack_from(">i", body)[0]
+                assert body[4 : 4 + size] == str(n).encode()
+                # The reply shows the change, so the event must already be here.
+                assert reader.notifications == [(3, 3, "/order")], n
+                reader.notifications.clear()
+        finally:
+            reader.close()
