@@ -61,6 +61,7 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: Port = 21520
     connect_timeout: Seconds = 5.0
     sync_always: bool = True
+    step_down_on_stop: bool = True
 
 
 class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

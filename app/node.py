@@ -12,8 +12,10 @@ import msgspec
 import psutil
 
 from app import __version__
+from app.bus import subjects
 from app.bus.connection import Bus
 from app.bus.embedded import EmbeddedNats
+from app.bus.streams import step_down_if_leading
 from app.config import Config
 from app.log.leadership import Leadership
 from app.log.lease import registry as lease_backends
@@ -114,6 +116,13 @@ class Node:
             },
         )
 
+    async def _step_down_streams(self) -> None:
+        """Move the log's (and the lease bucket's) stream leadership off this replica's NATS server."""
+        if self.bus is None or not self.cfg.nats.step_down_on_stop:
+            return
+        streams = [subjects.REGISTRY_STREAM, f"KV_{subjects.LEASE_BUCKET}"]
+        await step_down_if_leading(self.bus.nc, streams, self.bus.server_name)
+
     async def _peers_applied(self) -> list[int]:
         """The applied log sequence of every other live replica (the log is not trimmed past them)."""
         if self.system is None:
@@ -169,6 +178,7 @@ class Node:
         """Stop services, close the bus, stop the embedded server; each step bounded in time."""
         self.phase = "stopping"
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
+            ("stream leader step-down", self._step_down_streams if self.stream_replicas > 1 else None),
             ("leadership", self.leadership.stop if self.leadership else None),
             ("lease backend", self.leadership.backend.close if self.leadership else None),
             ("registry", self.registry.stop if self.registry else None),

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests import natscluster
-from tests.harness import ReplicaSet, wait_for
+from tests.harness import Fleetmate, ReplicaSet, wait_for
 from tests.natscluster import REGISTRY_STREAM, NatsCluster, replica_env
 
 # NATS Raft (server/raft.go): a follower calls an election after 4-9 s without a leader; allow a margin.
@@ -175,3 +175,29 @@ def test_stream_leader_killed_writes_resume_nothing_lost(nats_cluster: NatsClust
     nats_cluster.restart(victim)
     info = nats_cluster.stream_info(REGISTRY_STREAM)
     assert info["config"]["num_replicas"] == 3
+
+
+def test_graceful_stop_steps_the_log_leader_away(
+    tmp_path: Path, nats_cluster: NatsCluster, replicas: ReplicaSet
+) -> None:
+    # A replica connected only to the server that leads the log: its graceful stop moves the
+    # leadership elsewhere, so that server (its "host") can go down without a Raft election.
+    leader_index = nats_cluster.wait_stream_leader(REGISTRY_STREAM)
+    leader_name = nats_cluster.members[leader_index].name
+    extra = Fleetmate(
+        tmp_path / "r4",
+        env={**replica_env(), "FLEETMATE_NATS_URL": nats_cluster.members[leader_index].url, "FLEETMATE_NODE_ID": "r4"},
+    ).start()
+    try:
+        assert extra.stop() == 0
+        (moved,) = extra.logged("stepped stream leadership away before stopping")
+        assert REGISTRY_STREAM in moved["streams"]
+        assert moved["server"] == leader_name
+        assert wait_for(
+            lambda: nats_cluster.stream_leader(REGISTRY_STREAM) not in (None, leader_name), 10, "new leader"
+        )
+        # Writes go on at once through the remaining replicas.
+        url = next(iter(replicas.urls.values()))
+        assert httpx.post(node(url, "/after-stepdown"), json={"data": "x"}, timeout=10).status_code == 201
+    finally:
+        extra.kill()

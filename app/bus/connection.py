@@ -102,6 +102,12 @@ class Bus:
             reconnected_cb=on_reconnect,
         )
 
+    @property
+    def server_name(self) -> str:
+        """The name of the NATS server this connection is on ("" before connecting)."""
+        nc = self._nc
+        return str(nc._server_info.get("server_name", "")) if nc is not None else ""
+
     def cluster_size(self) -> int:
         """How many servers the connected NATS cluster advertises (1 for a lone server)."""
         nc = self._nc

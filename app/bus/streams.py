@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
+from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
@@ -83,3 +85,32 @@ async def ensure_kv(
                 raise
             await asyncio.sleep(0.5)
     raise RuntimeError("unreachable")
+
+
+class _Cluster(msgspec.Struct):
+    leader: str = ""
+
+
+class _LeaderInfo(msgspec.Struct):
+    cluster: _Cluster = msgspec.field(default_factory=_Cluster)
+
+
+async def step_down_if_leading(nc: Client, streams: list[str], server_name: str, timeout: float = 2.0) -> list[str]:
+    """Ask JetStream to move the leadership of each stream that `server_name` leads to another server.
+
+    Used on a graceful stop: when the host then goes down with its nats-server, the log is not
+    left waiting out a Raft election timeout (4-9 s). Returns the streams that were stepped down.
+    """
+    moved = []
+    for stream in streams:
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)
+            if msgspec.json.decode(reply.data, type=_LeaderInfo).cluster.leader != server_name:
+                continue
+            await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=timeout)
+            moved.append(stream)
+        except Exception as exc:  # best effort: the stop goes on
+            log.warning("stream leader step-down failed", extra={"stream": stream, "error": repr(exc)})
+    if moved:
+        log.info("stepped stream leadership away before stopping", extra={"streams": moved, "server": server_name})
+    return moved
