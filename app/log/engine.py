@@ -46,6 +46,9 @@ class Machine(Protocol[C_contra]):
     def apply(self, cmd: C_contra) -> tuple[Any, list[Any]]: ...
 
 
+DEADLINE_SWEEP_S = 0.05
+
+
 class LogFailed(RuntimeError):
     """The applier stopped (an entry could not be applied): this replica cannot serve."""
 
@@ -89,6 +92,8 @@ class SharedLog(Generic[C]):
         self._sub: Any = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._tiebreak = itertools.count()
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
         self._barrier_task: asyncio.Task[None] | None = None
         self.applied_entries = 0
@@ -138,7 +143,7 @@ class SharedLog(Generic[C]):
     async def stop(self) -> None:
         """Stop appending and applying."""
         await self.batcher.stop()
-        for task in (self._task, self._barrier_task):
+        for task in (self._task, self._barrier_task, self._sweeper):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -152,12 +157,28 @@ class SharedLog(Generic[C]):
     # ---- append -------------------------------------------------------------------------------
 
     async def append(self, command: C, size: int = 64, timeout: float = 10.0) -> Any:
-        """Append one command and return its apply result once this replica has applied it."""
+        """Append one command and return its apply result once this replica has applied it.
+
+        Raises TimeoutError after `timeout` seconds (the entry may still be applied later).
+        """
         if self.failed:
             raise LogFailed(self.failed)
         fut = self.batcher.submit(command, size)
-        async with asyncio.timeout(timeout):  # cheaper than wait_for on this hot path
-            return await fut
+        # One sweeper for every deadline instead of a timer per write: at tens of thousands of
+        # writes a second, asyncio.timeout() alone cost ~4% of the loop.
+        heapq.heappush(self._deadlines, (time.monotonic() + timeout, next(self._tiebreak), fut))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_deadlines(), name=f"deadlines-{self.stream}")
+        return await fut
+
+    async def _sweep_deadlines(self) -> None:
+        while self._deadlines:
+            await asyncio.sleep(DEADLINE_SWEEP_S)
+            now = time.monotonic()
+            while self._deadlines and (self._deadlines[0][0] <= now or self._deadlines[0][2].done()):
+                _, _, fut = heapq.heappop(self._deadlines)
+                if not fut.done():
+                    fut.set_exception(TimeoutError("the write was not applied in time"))
 
     # ---- apply --------------------------------------------------------------------------------
 

@@ -89,7 +89,8 @@ class ZkConnection:
         self._drained = asyncio.Event()
         self._drained.set()
         self._wake = asyncio.Event()
-        self._inbox: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue(MAX_IN_FLIGHT)
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
         self._one_shot: dict[tuple[str, str], int] = {}  # (path, "data"|"children") -> hub handle
         self._persistent: dict[tuple[str, bool], Subscription] = {}
         self._last_event: Event | None = None
@@ -116,10 +117,7 @@ class ZkConnection:
                 reason = "four-letter word answered"
                 return
             await self._handshake(await self._frame(first))
-            self._tasks = [
-                asyncio.create_task(self._process(), name="zk-process"),
-                asyncio.create_task(self._reply_loop(), name="zk-replies"),
-            ]
+            self._tasks = [asyncio.create_task(self._reply_loop(), name="zk-replies")]
             reading = asyncio.create_task(self._read_loop(), name="zk-read")
             done, _ = await asyncio.wait({reading, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -159,6 +157,7 @@ class ZkConnection:
         self._one_shot.clear()
         self._persistent.clear()
         with contextlib.suppress(Exception):
+            self._flush()
             self.writer.close()
         log.debug("ZooKeeper connection closed", extra={"peer": self.peer, "reason": reason})
 
@@ -171,10 +170,24 @@ class ZkConnection:
         return await self.reader.readexactly(size)
 
     def _write(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
-            self.sent += 1
-            self.server.sent += 1
+        # Everything written in one turn of the loop (replies, watch events) leaves in one send,
+        # in the order written.
+        self._out.append(data)
+        self.sent += 1
+        self.server.sent += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self.writer.is_closing():
+            self.writer.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
+        self._out.clear()
+
+    async def _drain(self) -> None:
+        self._flush()
+        await self.writer.drain()
 
     # ---- handshake ------------------------------------------------------------------------------
 
@@ -193,7 +206,7 @@ class ZkConnection:
             record = registry.state.sessions.get(req.session_id)
             if record is None or record.password != req.password:
                 self._write(p.connect_response(0, 0, bytes(p.PASSWORD_BYTES), req.read_only))
-                await self.writer.drain()
+                await self._drain()
                 raise Closing(f"session 0x{req.session_id:x} expired or the password does not match")
             password = record.password
             self.session_id, self.timeout_ms = record.session_id, record.timeout_ms
@@ -231,31 +244,31 @@ class ZkConnection:
     # ---- the request pipeline -------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        # Requests are handled in the order read, without a queue between reading and handling:
+        # a read that waits for earlier writes holds back reading, which is the back-pressure.
         while True:
             data = await self._frame()
             self.received += 1
             self.server.received += 1
-            await self._inbox.put(p.read_request(data))  # bounded: back-pressure on a client that does not wait
-
-    async def _process(self) -> None:
-        while True:
-            xid, op, req = await self._inbox.get()
+            xid, op, req = p.read_request(data)
             if self.session_id not in self.registry.state.sessions:
                 raise Closing(f"session 0x{self.session_id:x} expired")
             self._maybe_keepalive()
             if op in WRITE_OPS:
+                if len(self._replies) >= MAX_IN_FLIGHT:
+                    await self._drained.wait()
                 task = asyncio.create_task(self._guard(xid, op, self._write_op(xid, op, req)))
                 self._replies.append((xid, task))
                 self._drained.clear()
                 self._wake.set()
                 continue
-            if op == p.CLOSE_SESSION:
+            if not self._drained.is_set():
                 await self._drained.wait()
+            if op == p.CLOSE_SESSION:
                 await self.registry.close_session(self.session_id)
                 self._write(Writer().header(xid, self.registry.revision, p.OK).frame())
-                await self.writer.drain()
+                await self._drain()
                 raise Closing("session closed by the client")
-            await self._drained.wait()
             self._write(await self._guard(xid, op, self._read_op(xid, op, req)))
 
     async def _reply_loop(self) -> None:
@@ -268,7 +281,7 @@ class ZkConnection:
                 self._replies.popleft()
                 self._write(reply)
             self._drained.set()
-            await self.writer.drain()
+            await self._drain()
 
     async def _guard(self, xid: int, op: int, work: Awaitable[Writer | bytes]) -> bytes:
         """Run one request; turn its errors into a reply header with ZooKeeper's code."""
@@ -508,7 +521,7 @@ class ZkConnection:
                 return Writer().header(p.XID_AUTH, self.registry.revision, p.OK).frame()
         # ZooKeeper answers a failed auth with AuthFailed and closes the connection.
         self._write(Writer().header(p.XID_AUTH, self.registry.revision, p.AUTH_FAILED).frame())
-        await self.writer.drain()
+        await self._drain()
         raise Closing(f"authentication with scheme {req.scheme!r} failed")
 
     # ---- watches --------------------------------------------------------------------------------

@@ -107,12 +107,17 @@ class RegistryStore:
         conn = self.conn
         conn.execute("BEGIN")
         try:
+            upserts, deletes = [], []
             for path in nodes:
                 node = state.nodes.get(path)
                 if node is None:
-                    conn.execute("DELETE FROM nodes WHERE path = ?", (path,))
+                    deletes.append((path,))
                 else:
-                    conn.execute("INSERT OR REPLACE INTO nodes (path, row) VALUES (?, ?)", (path, _enc.encode(node)))
+                    upserts.append((path, _enc.encode(node)))
+            if deletes:
+                conn.executemany("DELETE FROM nodes WHERE path = ?", deletes)
+            if upserts:
+                conn.executemany("INSERT OR REPLACE INTO nodes (path, row) VALUES (?, ?)", upserts)
             for sid in sessions:
                 record = state.sessions.get(sid)
                 if record is None:
