@@ -532,7 +532,7 @@ class ZkConnection:
         if event is self._last_event:
             return
         self._last_event = event
-        self._write(p.notification(event.revision, p.EVENT_TYPES[event.type], event.path))
+        self._write(self.server.encoded(event))
 
     def _watch_once(self, path: str, kind: str) -> None:
         key = (path, kind)

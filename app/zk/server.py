@@ -7,8 +7,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from app.services.registry.messages import Event
 from app.zk.connection import ZkConnection
 from app.zk.fourletter import FourLetterWords
+from app.zk.protocol import EVENT_TYPES, notification
 
 if TYPE_CHECKING:
     from app.node import Node
@@ -30,6 +32,8 @@ class ZkServer:
         self.connections: set[ZkConnection] = set()
         self.received = 0
         self.sent = 0
+        self._last_event: Event | None = None
+        self._last_packet = b""
         self._lat_n = 0
         self._lat_sum = self._lat_min = self._lat_max = 0.0
         self._server: asyncio.Server | None = None
@@ -73,6 +77,13 @@ class ZkServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def encoded(self, event: Event) -> bytes:
+        """The notification packet for an event, encoded once for all the connections it goes to."""
+        if event is not self._last_event:
+            self._last_event = event
+            self._last_packet = notification(event.revision, EVENT_TYPES[event.type], event.path)
+        return self._last_packet
 
     def record(self, ms: float) -> None:
         """One request's time from dequeue to reply."""
