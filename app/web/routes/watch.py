@@ -17,7 +17,7 @@ from app.node import Node
 from app.services.registry import paths
 from app.services.registry.errors import BadArguments
 from app.services.registry.messages import Event
-from app.services.registry.watches import WatchOverflow
+from app.services.registry.watches import Mailbox, WatchOverflow
 
 _enc = msgspec.json.Encoder()
 
@@ -33,9 +33,11 @@ _CLIENT_GONE = object()
 
 
 @functools.lru_cache(maxsize=4096)
-def _event_text(e: Event) -> str:
-    """An event's JSON, encoded once however many watchers receive it."""
-    return _enc.encode({"type": e.type, "path": e.path, "revision": e.revision, "version": e.version}).decode()
+def _event_message(e: Event) -> Any:
+    """An event's ASGI send message, built once however many watchers receive it (servers do not
+    change the messages they are given)."""
+    text = _enc.encode({"type": e.type, "path": e.path, "revision": e.revision, "version": e.version}).decode()
+    return {"type": "websocket.send", "bytes": None, "text": text}
 
 
 def watch_routes(node: Node) -> list[WebsocketRouteHandler]:
@@ -68,7 +70,7 @@ def watch_routes(node: Node) -> list[WebsocketRouteHandler]:
             await registry.sync()
             sub = None
             if once:
-                queue: asyncio.Queue[object] = asyncio.Queue()
+                queue: Mailbox[object] = Mailbox()
                 registry.watches.watch_once(path, kind, queue.put_nowait)
             else:
                 sub = registry.watches.subscribe(path, recursive, since)
@@ -91,7 +93,7 @@ def watch_routes(node: Node) -> list[WebsocketRouteHandler]:
                     failure = ("slow_consumer", str(item))
                     break
                 assert isinstance(item, Event)
-                await socket.send_text(_event_text(item))
+                await socket.send(_event_message(item))  # one layer less than send_text
                 if once:
                     break
         except WebSocketDisconnect:
