@@ -1,13 +1,17 @@
-"""The lean path for node get/set answers exactly as the Litestar routes do, and hands everything unusual to them."""
+"""The lean paths: node get/set answer as the Litestar routes do (anything unusual goes to them); the watch socket."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from tests.harness import Fleetmate, running
 
@@ -109,3 +113,43 @@ def test_both_paths_share_one_route_label(fm: Fleetmate) -> None:
     routes = set(re.findall(r'fleetmate_http_requests_total\{method="GET",route="([^"]+)"', text))
     assert "/api/v1/registry/nodes/{path}" in routes
     assert not any("path:path" in r for r in routes)
+
+
+def _ws(fm: Fleetmate, query: str, token: str | None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return connect(
+        fm.url.replace("http", "ws", 1) + "/api/v1/watch?" + query, open_timeout=5, additional_headers=headers
+    )
+
+
+def test_watch_socket_checks_tokens(fm: Fleetmate) -> None:
+    for token in (None, "wrong-token-123"):
+        with pytest.raises(InvalidStatus) as refused:
+            _ws(fm, "path=/", token)
+        assert refused.value.response.status_code == 403
+    for token in (READ, ADMIN):
+        with _ws(fm, "path=/", token) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "ready"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("path=relative", "path"),
+        ("path=/&since=-1", "since must be >= 0"),
+        ("path=/&since=abc", "since must be an integer"),
+        ("path=/&recursive=maybe", "recursive must be true or false"),
+        ("path=/&once=true&kind=everything", "kind must be one of"),
+        ("path=/&colour=red", "unknown parameter(s): colour"),
+    ],
+)
+def test_watch_socket_bad_queries_get_a_clear_error(fm: Fleetmate, query: str, message: str) -> None:
+    with _ws(fm, query, READ) as ws:
+        error = json.loads(ws.recv(timeout=5))
+        assert error["type"] == "error"
+        assert error["error"] == "BadArguments"
+        assert message in error["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4000

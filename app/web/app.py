@@ -21,7 +21,7 @@ from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
 from app.web.routes.registry import registry_routes
 from app.web.routes.system import SystemController
-from app.web.routes.watch import watch_routes
+from app.web.routes.watch import WatchSocket
 
 
 def create_app(node: Node) -> Observe:
@@ -36,7 +36,7 @@ def create_app(node: Node) -> Observe:
     guard = TokenGuard(tokens) if tokens else None
     guards: list[Any] = [guard] if guard else []
     litestar = Litestar(
-        route_handlers=[SystemController, prometheus, *registry_routes(node), *watch_routes(node)],
+        route_handlers=[SystemController, prometheus, *registry_routes(node)],
         state=State({"node": node}),
         exception_handlers=HANDLERS,
         guards=guards,
@@ -53,4 +53,4 @@ def create_app(node: Node) -> Observe:
     limiter = RateLimiter(node.cfg.registry.rate_limit_total, node.cfg.registry.rate_limit_per_client)
     metrics.limits.labels("total").set(node.cfg.registry.rate_limit_total)
     metrics.limits.labels("per_client").set(node.cfg.registry.rate_limit_per_client)
-    return Observe(FastPath(litestar, node, guard, metrics.fast), metrics, limiter)
+    return Observe(FastPath(litestar, node, guard, metrics.fast, WatchSocket(node, guard)), metrics, limiter)

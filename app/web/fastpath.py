@@ -1,4 +1,4 @@
-"""A lean ASGI path for the hottest routes (get and set of one node), beside the Litestar routes that document them.
+"""A lean ASGI path for the hottest routes (get and set of one node, the watch socket), beside Litestar.
 
 Profiles put a third of each request in framework work (routing, parameter parsing, dependency
 resolution, response building). A GET or PUT of `/api/v1/registry/nodes/<path>` in its plain form
@@ -21,6 +21,7 @@ from app.node import Node
 from app.web.auth import TokenGuard
 from app.web.errors import fleetmate_error_parts
 from app.web.routes.registry_models import NodeView, SetBody, StatView, decode_data, encode_data
+from app.web.routes.watch import WATCH_PATH, WatchSocket
 
 PREFIX = "/api/v1/registry/nodes"
 ROUTE = PREFIX + "/{path}"  # the template Litestar reports for these routes (metrics, spans)
@@ -41,8 +42,9 @@ async def _answer(send: Send, status: int, body: bytes, extra: dict[str, str] | 
 class FastPath:
     """Sits between the Observe layer and Litestar."""
 
-    def __init__(self, app: ASGIApp, node: Node, guard: TokenGuard | None, hits: Counter) -> None:
+    def __init__(self, app: ASGIApp, node: Node, guard: TokenGuard | None, hits: Counter, watch: WatchSocket) -> None:
         self.app = app
+        self.watch = watch
         self.node = node
         self.guard = guard
         self.hits = hits
@@ -60,6 +62,9 @@ class FastPath:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.WEBSOCKET and scope["path"] == WATCH_PATH:
+            await self.watch(scope, receive, send)
+            return
         if scope["type"] == ScopeType.HTTP:
             path: str = scope["path"]
             method: str = scope["method"]
