@@ -164,6 +164,8 @@ def test_cluster_status_command(pair: dict[str, Fleetmate], tmp_path: Path) -> N
     assert lines[1].startswith("registry: revision ")
     rows = {line.split()[0]: line.split()[1] for line in lines[5:]}
     assert rows == {leader.env["FLEETMATE_NODE_ID"]: "leader", follower.env["FLEETMATE_NODE_ID"]: "follower"}
+    zk_column = {line.split()[0]: line.split()[3] for line in lines[5:]}
+    assert zk_column == {leader.env["FLEETMATE_NODE_ID"]: leader.zk, follower.env["FLEETMATE_NODE_ID"]: follower.zk}
     dead = run_cli(["cluster", "status", "--addr", "http://127.0.0.1:1"], {}, tmp_path)
     assert dead.returncode == 1
     assert "no address answers" in dead.stderr

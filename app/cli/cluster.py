@@ -48,14 +48,16 @@ def status(args: argparse.Namespace) -> int:
     print(f"nats: {', '.join(view['nats_servers'])}", file=out)
     print(file=out)
     print(
-        f"{'replica':<20}{'role':<10}{'http':<34}{'revision':>10}{'lag':>6}{'version':>9}{'up':>9}{'seen':>8}",
+        f"{'replica':<20}{'role':<10}{'http':<34}{'zookeeper':<22}{'revision':>10}{'lag':>6}{'version':>9}"
+        f"{'up':>9}{'seen':>8}",
         file=out,
     )
     for r in view["replicas"]:
         up = f"{now - r['started_at']:.0f}s"
         seen = f"{max(0.0, now - r['seen_at']):.1f}s"
         print(
-            f"{r['node_id']:<20}{r['role']:<10}{r['http_url']:<34}{r['revision']:>10}{r['lag']:>6}"
+            f"{r['node_id']:<20}{r['role']:<10}{r['http_url']:<34}{r.get('zk_address') or '-':<22}"
+            f"{r['revision']:>10}{r['lag']:>6}"
             f"{r['version']:>9}{up:>9}{seen:>8}",
             file=out,
         )
