@@ -119,10 +119,13 @@ def test_compose_has_three_fleetmate_replicas_on_the_nats_cluster() -> None:
         assert env["FLEETMATE_HTTP_HOST"] == "0.0.0.0", name
         assert env.get("FLEETMATE_AUTH_TOKENS"), f"{name} binds 0.0.0.0 without a token"
         assert set(NATS_NODES) <= set(svc["depends_on"]), name
+        assert "minio" in svc["depends_on"], f"{name} keeps snapshots in MinIO: it must wait for it"
+        assert env["FLEETMATE_SNAPSHOT_STORE"] == "s3", name
+        assert env["FLEETMATE_ZK_HOST"] == "0.0.0.0", name
         assert svc.get("volumes"), name
         assert svc.get("healthcheck"), name
         host_ports.update(str(port).rsplit(":", 1)[0] for port in svc["ports"])
-    assert host_ports == {"21511", "21512", "21513"}
+    assert host_ports == {"21511", "21512", "21513", "2182", "2183", "2184"}
 
 
 def test_compose_fleetmate_env_uses_only_known_variables() -> None:
