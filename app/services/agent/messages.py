@@ -1,0 +1,218 @@
+"""Agent messages: host figures, ports, engines, log-cleanup rules and reports, network status."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Proto = Literal["tcp", "udp"]
+Family = Literal["ipv4", "ipv6"]
+
+# ---- host figures ------------------------------------------------------------------------------
+
+
+class DiskUsage(msgspec.Struct, frozen=True):
+    """One mounted file system: where, what, and its size in bytes."""
+
+    mount: str
+    device: str
+    fstype: str
+    total: int
+    used: int
+    free: int
+    percent: float
+
+
+class HostInfo(msgspec.Struct, frozen=True):
+    """A host's figures at one moment (bytes, seconds since the epoch, percent 0..100)."""
+
+    hostname: str
+    time: float
+    cpu_percent: float
+    cpu_cores: int  # logical CPUs
+    cpu_physical_cores: int | None
+    memory_total: int
+    memory_available: int
+    memory_used: int
+    memory_percent: float
+    swap_total: int
+    swap_used: int
+    swap_percent: float
+    load1: float
+    load5: float
+    load15: float
+    boot_time: float
+    uptime: float
+    disks: tuple[DiskUsage, ...]
+
+
+# ---- ports ----------------------------------------------------------------------------------------
+
+
+class ListeningPort(msgspec.Struct, frozen=True):
+    """A socket bound for incoming traffic: TCP in LISTEN, or UDP with no remote end."""
+
+    proto: Proto
+    family: Family
+    address: str
+    port: int
+    pid: int | None = None
+    process: str | None = None
+
+
+class ListeningPorts(msgspec.Struct, frozen=True):
+    """Every listening port seen; complete is False when the system hid sockets from us."""
+
+    ports: tuple[ListeningPort, ...]
+    complete: bool = True
+
+
+class FreePorts(msgspec.Struct, frozen=True):
+    """Ports in [start, end] that nothing listens on; fewer than count when the range ran out."""
+
+    proto: Proto
+    start: int
+    end: int
+    count: int
+    ports: tuple[int, ...]
+
+
+# ---- engines --------------------------------------------------------------------------------------
+
+EngineName = Literal["mysql", "mariadb", "postgresql", "opengauss"]
+
+
+class Engine(msgspec.Struct, frozen=True):
+    """An installed database server binary: path is its real path, links the other names found for it."""
+
+    engine: EngineName
+    version: str  # "10.11.19"; "" when the output held no version number
+    version_line: str  # the first line the binary printed for --version
+    path: str
+    links: tuple[str, ...] = ()
+
+
+class EngineFailure(msgspec.Struct, frozen=True):
+    """A binary that was found but did not report a version (timed out, failed to start, ...)."""
+
+    path: str
+    error: str
+
+
+class EngineScan(msgspec.Struct, frozen=True):
+    """Result of one engine scan."""
+
+    engines: tuple[Engine, ...]
+    failures: tuple[EngineFailure, ...] = ()
+
+
+# ---- log cleanup ----------------------------------------------------------------------------------
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class LogRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A retention rule; a file goes when ANY set limit says so; a rule with no limit deletes nothing.
+
+    pattern is a glob relative to directory ("*.log", "**/*.log.*"). keep_days removes files
+    modified longer ago than that; keep_newest keeps only the N newest matching files;
+    keep_total_bytes removes the oldest files until the matching files add up to no more.
+    """
+
+    directory: str
+    pattern: str = "*"
+    keep_days: NonNegativeFloat | None = None
+    keep_total_bytes: NonNegativeInt | None = None
+    keep_newest: NonNegativeInt | None = None
+    name: str = ""
+
+
+class LogFile(msgspec.Struct, frozen=True):
+    """A file a cleanup deleted (or, in a dry run, would delete), and why."""
+
+    path: str
+    size: int
+    mtime: float
+    reason: str
+
+
+class SkippedFile(msgspec.Struct, frozen=True):
+    """A matching path a cleanup left alone, and why."""
+
+    path: str
+    reason: str
+
+
+class LogCleanReport(msgspec.Struct, frozen=True):
+    """What one cleanup run did; in a dry run, deleted and bytes_freed say what it would do."""
+
+    rule: LogRule
+    time: float
+    dry_run: bool
+    considered: int  # regular files matching the rule inside its directory
+    kept: int
+    deleted: tuple[LogFile, ...]
+    skipped: tuple[SkippedFile, ...]
+    bytes_freed: int
+    open_check_complete: bool = True  # False: some processes' open files could not be inspected
+    error: str | None = None
+
+
+# ---- network --------------------------------------------------------------------------------------
+
+
+class InterfaceAddress(msgspec.Struct, frozen=True):
+    """One address on an interface; family is ipv4, ipv6 or link (MAC)."""
+
+    family: Literal["ipv4", "ipv6", "link"]
+    address: str
+    netmask: str | None = None
+    broadcast: str | None = None
+
+
+class Interface(msgspec.Struct, frozen=True):
+    """A network interface: up/down, speed in Mbit/s (0 when unknown), MTU and addresses."""
+
+    name: str
+    is_up: bool
+    speed_mbps: int
+    mtu: int
+    addresses: tuple[InterfaceAddress, ...]
+
+
+class ClientAddress(msgspec.Struct, frozen=True):
+    """The address this host shows to clients: from a named interface or the route to a host."""
+
+    ip: str
+    source: Literal["interface", "route"]
+    interface: str | None = None
+    target: str | None = None
+
+
+class Target(msgspec.Struct, frozen=True):
+    """A host:port to check for reachability."""
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Reachability(msgspec.Struct, frozen=True):
+    """Result of a TCP connect to a target: round-trip (connect) time in ms, or the error."""
+
+    host: str
+    port: int
+    reachable: bool
+    rtt_ms: float | None = None
+    address: str | None = None
+    error: str | None = None
+
+
+class NetStatus(msgspec.Struct, frozen=True):
+    """Interfaces, the client-facing address (None when undetermined) and reachability checks."""
+
+    interfaces: tuple[Interface, ...]
+    client: ClientAddress | None
+    reachability: tuple[Reachability, ...] = ()
+    error: str | None = None
