@@ -47,6 +47,8 @@ class Machine(Protocol[C_contra]):
 
 
 DEADLINE_SWEEP_S = 0.05
+COMMIT_INTERVAL_S = 0.05
+COMMIT_MAX_EVENTS = 20_000
 
 
 class LogFailed(RuntimeError):
@@ -92,6 +94,9 @@ class SharedLog(Generic[C]):
         self._sub: Any = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._tiebreak = itertools.count()
+        self.committed_seq = applied_seq
+        self._uncommitted_events: list[Any] = []
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._barrier_next: asyncio.Future[int] | None = None
@@ -153,6 +158,8 @@ class SharedLog(Generic[C]):
                 await self._sub.unsubscribe()
             except Exception as exc:  # the connection may already be closed
                 log.debug("unsubscribe failed", extra={"error": str(exc)})
+        if not self.failed:
+            self.flush_commit()
 
     # ---- append -------------------------------------------------------------------------------
 
@@ -234,8 +241,9 @@ class SharedLog(Generic[C]):
                     answered.append((pending, results))
         if last == self.applied_seq:
             return
-        self.commit(last, all_events)
+        self._uncommitted_events.extend(all_events)
         self.applied_seq = last
+        self._schedule_commit()
         for pending, results in answered:
             for fut, result in zip(pending.futures, results, strict=False):
                 if not fut.done():
@@ -247,6 +255,26 @@ class SharedLog(Generic[C]):
             if not fut.done():
                 fut.set_result(None)
         self.apply_seconds += time.perf_counter() - started
+
+    def _schedule_commit(self) -> None:
+        # The SQLite file is a cache of the applied state for a fast restart (the log is the
+        # truth): committing at most every COMMIT_INTERVAL_S instead of after every applied
+        # batch saves most of the commit cost under load, and a crash only replays the entries
+        # applied since the last commit (apply is deterministic, so it reaches the same state).
+        if len(self._uncommitted_events) >= COMMIT_MAX_EVENTS:
+            self.flush_commit()
+        elif self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(COMMIT_INTERVAL_S, self.flush_commit)
+
+    def flush_commit(self) -> None:
+        """Write what was applied since the last commit (state rows, events, applied sequence)."""
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        if self.applied_seq > self.committed_seq:
+            events, self._uncommitted_events = self._uncommitted_events, []
+            self.commit(self.applied_seq, events)
+            self.committed_seq = self.applied_seq
 
     # ---- reads --------------------------------------------------------------------------------
 

@@ -142,6 +142,7 @@ class RegistryService:
         )
 
     def _image(self) -> Image:
+        self.log.flush_commit()  # the image is the file: bring it up to what is applied
         seq, revision, data = self.store.image()
         return Image(seq, revision, data)
 
@@ -156,7 +157,7 @@ class RegistryService:
             await self.snapshots.restore(local_seq, bounds, self.store.install)
         applied_seq, events = self.store.load(self.state)
         self.watches.load(events, self.state.revision)
-        self.log.applied_seq = applied_seq
+        self.log.applied_seq = self.log.committed_seq = applied_seq
         await self.log.start()
         await self.log.barrier(timeout=60)
         self.snapshots.start()
