@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -47,6 +48,7 @@ from app.services.registry.messages import (
     Created,
     Delete,
     Deleted,
+    Event,
     ExpireSession,
     LeaderElected,
     Multi,
@@ -1268,3 +1270,27 @@ def test_ttl_node_is_reaped_only_when_childless_and_unmodified_for_its_ttl() -> 
     for bad in (Create("/e", b"", session_id=7, ttl_ms=5), Create("/c", b"", container=True, ttl_ms=5)):
         result, _ = s.apply(bad)
         assert isinstance(result, RegistryError)
+
+
+def test_store_keeps_the_newest_events_across_commits_and_restarts(tmp_path: Path) -> None:
+    from app.services.registry.store import RegistryStore
+
+    state = RegistryState()
+    store = RegistryStore(tmp_path / "r.sqlite", history=5)
+    revisions: list[int] = []
+    for round_ in range(4):
+        events: list[Event] = []
+        for i in range(3):
+            _, evs = state.apply(Create(f"/n{round_}-{i}", b"", time_ms=1))
+            events.extend(e for e in evs if e.type == "created")
+        revisions.extend(e.revision for e in events)
+        store.commit(state, round_ + 1, events)
+        store._trim_events()
+    store.close()
+    again = RegistryStore(tmp_path / "r.sqlite", history=5)
+    seq, kept = again.load(RegistryState())
+    assert seq == 4
+    assert [e.revision for e in kept] == revisions[-5:]
+    # Batches older than the five newest events are gone from the file.
+    (rows,) = again.conn.execute("SELECT count(*) FROM event_batches").fetchone()
+    assert rows == 2

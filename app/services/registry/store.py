@@ -21,13 +21,18 @@ CREATE TABLE IF NOT EXISTS applied (
 );
 CREATE TABLE IF NOT EXISTS nodes (path TEXT PRIMARY KEY, row BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, row BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS events (pos INTEGER PRIMARY KEY AUTOINCREMENT, rev INTEGER NOT NULL, row BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS event_batches (
+    pos INTEGER PRIMARY KEY AUTOINCREMENT,
+    count INTEGER NOT NULL,
+    last_rev INTEGER NOT NULL,
+    rows BLOB NOT NULL
+);
 """
 
 _enc = msgspec.msgpack.Encoder()
 _node_dec = msgspec.msgpack.Decoder(Znode)
 _session_dec = msgspec.msgpack.Decoder(SessionRecord)
-_event_dec = msgspec.msgpack.Decoder(Event)
+_events_dec = msgspec.msgpack.Decoder(list[Event])
 
 
 class RegistryStore:
@@ -94,11 +99,16 @@ class RegistryStore:
         nodes = {p: _node_dec.decode(row) for p, row in self.conn.execute("SELECT path, row FROM nodes")}
         sessions = {sid: _session_dec.decode(row) for sid, row in self.conn.execute("SELECT id, row FROM sessions")}
         state.load(nodes, sessions, revision=revision, term=term, leader=leader)
-        events = [
-            _event_dec.decode(row)
-            for (row,) in self.conn.execute("SELECT row FROM events ORDER BY pos DESC LIMIT ?", (self.history,))
-        ]
-        events.reverse()
+        # Newest batches first, until the history is full; each row holds one commit's events.
+        batches: list[list[Event]] = []
+        kept = 0
+        for (rows,) in self.conn.execute("SELECT rows FROM event_batches ORDER BY pos DESC"):
+            if kept >= self.history:
+                break
+            batch = _events_dec.decode(rows)
+            batches.append(batch)
+            kept += len(batch)
+        events = [e for batch in reversed(batches) for e in batch][-self.history :] if self.history else []
         return seq, events
 
     def commit(self, state: RegistryState, applied_seq: int, events: list[Event]) -> None:
@@ -125,12 +135,16 @@ class RegistryStore:
                 else:
                     conn.execute("INSERT OR REPLACE INTO sessions (id, row) VALUES (?, ?)", (sid, _enc.encode(record)))
             if events and self.history:
-                conn.executemany(
-                    "INSERT INTO events (rev, row) VALUES (?, ?)", [(e.revision, _enc.encode(e)) for e in events]
+                # One row per commit (a few hundred events at load), not one per event: a
+                # row per event was most of the commit's cost.
+                kept = events[-self.history :]
+                conn.execute(
+                    "INSERT INTO event_batches (count, last_rev, rows) VALUES (?, ?, ?)",
+                    (len(kept), kept[-1].revision, _enc.encode(kept)),
                 )
-                self._since_trim += len(events)
+                self._since_trim += len(kept)
                 if self._since_trim > max(1000, self.history // 10):
-                    conn.execute("DELETE FROM events WHERE pos <= (SELECT MAX(pos) FROM events) - ?", (self.history,))
+                    self._trim_events()
                     self._since_trim = 0
             conn.execute(
                 "INSERT OR REPLACE INTO applied (id, seq, revision, term, leader) VALUES (1, ?, ?, ?, ?)",
@@ -140,6 +154,15 @@ class RegistryStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _trim_events(self) -> None:
+        # Keep the newest batches that hold `history` events; drop every older batch.
+        total = 0
+        for pos, count in self.conn.execute("SELECT pos, count FROM event_batches ORDER BY pos DESC"):
+            total += count
+            if total >= self.history:
+                self.conn.execute("DELETE FROM event_batches WHERE pos < ?", (pos,))
+                return
 
     def close(self) -> None:
         """Close the file."""
