@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -323,3 +327,57 @@ def test_host_info_is_sane() -> None:
     root = next(d for d in info.disks if d.mount == "/")
     assert root.total > 0
     assert root.used + root.free <= root.total
+
+
+def test_log_cleanup_deletes_nothing_when_it_cannot_see_every_process() -> None:
+    # As an unprivileged user the cleaner cannot read other users' /proc/<pid>/fd, so it cannot
+    # know whether a file is held open for writing: it must delete nothing. A forked child drops
+    # to such a user (no exec: the interpreter lives under /root, which that user cannot enter).
+    import pwd
+
+    from tests.servers import PG_USER, _ensure_pg_user
+
+    _ensure_pg_user()
+    user = pwd.getpwnam(PG_USER)
+    # pytest's own tmp dirs are private to root: this tree must be reachable by the user.
+    base = Path(tempfile.mkdtemp(prefix="fleetmate-logclean-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        _check_cleanup_as(user, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _check_cleanup_as(user: Any, base: Path) -> None:
+    tree = base / "logs"
+    tree.mkdir()
+    old = tree / "old.log"
+    old.write_text("x" * 100)
+    os.utime(old, (time.time() - 10 * DAY, time.time() - 10 * DAY))
+    shutil.chown(tree, user.pw_name)
+    shutil.chown(old, user.pw_name)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, clean, report, exit without running pytest's teardown
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            report = logclean.run(LogRule(directory=str(tree), pattern="*.log", keep_days=1), time.time())
+            payload = [report.open_check_complete, len(report.deleted), [s.reason for s in report.skipped]]
+            os.write(write_end, json.dumps(payload).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    complete, deleted, reasons = json.loads(out)
+    assert complete is False
+    assert deleted == 0
+    assert any("could not see every process" in r for r in reasons)
+    assert old.exists()
