@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from app.services.agent.messages import LogRule
+
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 Exporter = Literal["none", "console", "otlp"]
@@ -62,6 +64,11 @@ class NatsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout: Seconds = 5.0
     sync_always: bool = True
     step_down_on_stop: bool = True
+    token: str = ""
+    token_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -128,6 +135,41 @@ class SnapshotConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trim: bool = True
 
 
+class MembershipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[membership]: node heartbeats and the states the leader derives from them."""
+
+    heartbeat_interval: Seconds = 5.0
+    suspect_after: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    down_after: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+
+
+class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[agent]: what `fleetmate agent` reports about its host, and its log cleanup rules."""
+
+    zone: str = ""
+    rack: str = ""
+    role: str = ""
+    interface: str = ""
+    peers: tuple[str, ...] = ()
+    engine_dirs: tuple[str, ...] = ()
+    log_rules: tuple[LogRule, ...] = ()
+    log_clean_interval: Annotated[float, msgspec.Meta(ge=0, le=604800)] = 3600.0
+    log_clean_dry_run: bool = False
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[metrics]: the DuckDB time-series store, its ingest batches, retention and rollups."""
+
+    enabled: bool = True
+    path: str = ""
+    batch_points: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    flush_interval: Seconds = 0.2
+    raw_retention: Annotated[float, msgspec.Meta(gt=0, le=3.2e8)] = 86400.0
+    rollup_step: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    rollup_retention: Annotated[float, msgspec.Meta(gt=0, le=3.2e8)] = 2592000.0
+    stream_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
+
+
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing."""
 
@@ -155,6 +197,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     s3: S3Config = msgspec.field(default_factory=S3Config)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
     zk: ZkConfig = msgspec.field(default_factory=ZkConfig)
+    membership: MembershipConfig = msgspec.field(default_factory=MembershipConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     @property
     def data_path(self) -> Path:
@@ -185,8 +230,11 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "s3": S3Config,
     "snapshot": SnapshotConfig,
     "zk": ZkConfig,
+    "membership": MembershipConfig,
+    "agent": AgentConfig,
+    "metrics": MetricsConfig,
 }
-SECRET_KEYS = frozenset({"auth.tokens", "sql.dsn", "s3.secret_key"})
+SECRET_KEYS = frozenset({"auth.tokens", "sql.dsn", "s3.secret_key", "nats.token"})
 SQL_DSN_RE = re.compile(r"^(mysql|mariadb|postgresql|postgres)://[^\s/]+(/[A-Za-z0-9_$-]*)?(\?\S*)?$")
 
 
@@ -234,6 +282,12 @@ def _from_env(key: str, raw: str) -> Any:
     tp = _base_type(_key_type(key))
     origin = typing.get_origin(tp)
     if origin is tuple:
+        item = _base_type(typing.get_args(tp)[0])
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            try:
+                return msgspec.json.decode(raw)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(key, f"expected a JSON list of tables: {exc}") from None
         return [part.strip() for part in raw.split(",") if part.strip()]
     if tp is bool:
         low = raw.strip().lower()
@@ -366,6 +420,24 @@ def validate(cfg: Config) -> Config:
     _check_stores(cfg)
     if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
         raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
+    if cfg.nats.token and (len(cfg.nats.token) < 8 or any(c.isspace() for c in cfg.nats.token)):
+        raise ConfigError("nats.token", "must be at least 8 characters with no spaces")
+    if cfg.nats.token_file and not Path(cfg.nats.token_file).expanduser().is_file():
+        raise ConfigError("nats.token_file", f"file not found: {cfg.nats.token_file}")
+    if bool(cfg.nats.tls_cert) != bool(cfg.nats.tls_key):
+        raise ConfigError("nats.tls_cert", "nats.tls_cert and nats.tls_key go together")
+    for key, path in (
+        ("nats.tls_ca", cfg.nats.tls_ca),
+        ("nats.tls_cert", cfg.nats.tls_cert),
+        ("nats.tls_key", cfg.nats.tls_key),
+    ):
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(key, f"file not found: {path}")
+    if cfg.membership.down_after <= cfg.membership.heartbeat_interval:
+        raise ConfigError("membership.down_after", "must be longer than membership.heartbeat_interval")
+    for i, rule in enumerate(cfg.agent.log_rules):
+        if not Path(rule.directory).is_absolute():
+            raise ConfigError(f"agent.log_rules[{i}].directory", f"{rule.directory!r} must be an absolute path")
     for key, host in (("http.host", cfg.http.host), ("nats.host", cfg.nats.host), ("zk.host", cfg.zk.host)):
         if not host or any(c.isspace() for c in host):
             raise ConfigError(key, f"{host!r} is not a host name or address")
@@ -452,7 +524,7 @@ def parse_tokens(cfg: Config) -> tuple[Token, ...]:
 
 def secrets(cfg: Config) -> tuple[str, ...]:
     """Every secret string in the configuration, so logs can redact them."""
-    found: list[str] = [cfg.s3.secret_key] if cfg.s3.secret_key else []
+    found: list[str] = [s for s in (cfg.s3.secret_key, cfg.nats.token) if s]
     password = re.match(r"^\w+://[^:@/]+:([^@/]+)@", cfg.sql.dsn)
     if password:
         found.append(password.group(1))
@@ -471,6 +543,8 @@ def to_dict(cfg: Config, *, masked: bool = True) -> dict[str, Any]:
             data["sql"]["dsn"] = re.sub(r"://([^:@/]+):[^@/]*@", r"://\1:***@", cfg.sql.dsn)
         if cfg.s3.secret_key:
             data["s3"]["secret_key"] = "***"
+        if cfg.nats.token:
+            data["nats"]["token"] = "***"
     return data
 
 
@@ -481,6 +555,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
