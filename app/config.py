@@ -79,6 +79,7 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_timeout_min_ms: Annotated[int, msgspec.Meta(ge=100)] = 4000
     session_timeout_max_ms: Annotated[int, msgspec.Meta(ge=100)] = 40000
     event_history: Annotated[int, msgspec.Meta(ge=0)] = 10000
+    watch_max_pending: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10000
     stream_replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     write_timeout: Seconds = 10.0
     rate_limit_total: Annotated[float, msgspec.Meta(ge=0)] = 0.0

@@ -153,3 +153,80 @@ def test_watch_socket_bad_queries_get_a_clear_error(fm: Fleetmate, query: str, m
             ws.recv(timeout=5)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 4000
+
+
+def _raw_ws(port: int, query: str, token: str) -> Any:
+    """A WebSocket client on a plain socket with a tiny receive buffer, which reads only when told."""
+    import base64
+    import os
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /api/v1/watch?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _frames(sock: Any) -> list[tuple[int, bytes]]:
+    """Every frame until the server closes: (opcode, payload); server frames are not masked."""
+    sock.settimeout(30)
+    buf = b""
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        buf += chunk
+    frames, i = [], 0
+    while i + 2 <= len(buf):
+        opcode, length = buf[i] & 0x0F, buf[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(buf[i : i + 2]), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(buf[i : i + 8]), i + 8
+        frames.append((opcode, buf[i : i + length]))
+        i += length
+        if opcode == 8:
+            break
+    return frames
+
+
+def test_a_watcher_that_stops_reading_is_cut_off_after_its_pending_limit(tmp_path: Path) -> None:
+    env = {"FLEETMATE_AUTH_TOKENS": f"admin:{ADMIN}", "FLEETMATE_REGISTRY_WATCH_MAX_PENDING": "20"}
+    with running(Fleetmate(tmp_path, env=env)) as server:
+        path = "/" + "s" * 3900  # ~4 KB per event frame fills the socket buffers quickly
+        client = _client(server)
+        assert client.post(f"{NODES}{path}", json={"data": ""}).status_code == 201
+        port = int(server.url.rsplit(":", 1)[1])
+        sock = _raw_ws(port, f"path={path}", ADMIN)
+        sets, per_multi = 0, 100
+        for _ in range(40):
+            ops = [{"op": "set", "path": path, "data": str(i)} for i in range(per_multi)]
+            assert client.post("/api/v1/registry/multi", json={"ops": ops}).status_code == 200
+            sets += per_multi
+        frames = _frames(sock)
+        sock.close()
+        texts = [json.loads(payload) for opcode, payload in frames if opcode == 1]
+        assert texts[0]["type"] == "ready"
+        assert texts[-1]["type"] == "error" and texts[-1]["error"] == "slow_consumer", texts[-1]
+        assert "resume with since" in texts[-1]["message"]
+        versions = [t["version"] for t in texts[1:-1]]
+        assert versions == list(range(1, len(versions) + 1)), "events in order, none missing before the cut"
+        assert len(versions) < sets, "the watcher was cut before the last event"
+        assert frames[-1][0] == 8 and int.from_bytes(frames[-1][1][:2]) == 4000
+        # The writes all landed, and a new watch works.
+        assert client.get(f"{NODES}{path}").json()["stat"]["version"] == sets
+        with _ws(server, f"path={path}", ADMIN) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "ready"

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl
 
@@ -28,13 +30,14 @@ from app.node import Node
 from app.services.registry import paths
 from app.services.registry.errors import BadArguments
 from app.services.registry.messages import Event
-from app.services.registry.watches import Mailbox, OneShotKind, WatchOverflow
+from app.services.registry.watches import Mailbox, OneShotKind
 from app.web.auth import TokenGuard
 
 WATCH_PATH = "/api/v1/watch"
 _enc = msgspec.json.Encoder()
 _CLIENT_GONE = object()
 _KINDS = ("data", "exists", "children")
+DRAIN_TIMEOUT_S = 5.0  # how long a closing watch waits for its started sends before the last frame
 
 
 class ClientMessage(msgspec.Struct, frozen=True):
@@ -115,12 +118,118 @@ def parse_query(query_string: bytes) -> WatchQuery:
     )
 
 
+class _Pusher:
+    """One persistent watcher's sending side, fed by the shared fan-out instead of a task of its own.
+
+    Granian starts an ASGI send when it is called and returns an awaitable that completes once
+    the frame is written; the fan-out calls send() and keeps the awaitables, oldest first, to
+    tell a watcher that stopped reading (too many sends not written yet) from one that keeps up.
+    """
+
+    __slots__ = ("_buffer", "_limit", "_pending", "_send", "_wake", "failure")
+
+    def __init__(self, send: Send, wake: asyncio.Future[None], limit: int) -> None:
+        self._send = send
+        self._limit = limit
+        self._pending: deque[Any] = deque()
+        self._buffer: list[Any] | None = []  # events before "ready" went out
+        self.failure: tuple[str, str] | None = None
+        self._wake = wake
+
+    def push(self, message: Any) -> None:
+        """Start sending one event now (called by the fan-out, in event order)."""
+        if self.failure is not None or self._wake.done():
+            return
+        if self._buffer is not None:
+            self._buffer.append(message)
+            return
+        pending = self._pending
+        while pending and pending[0].done():
+            pending.popleft()
+        if len(pending) >= self._limit:
+            self.fail("slow_consumer", f"watcher fell {self._limit} events behind; resume with since")
+            return
+        try:
+            pending.append(self._send(message))
+        except Exception as exc:  # the client went away: the reader sees the disconnect too
+            self.fail("send_failed", str(exc))
+
+    def go_live(self) -> None:
+        """Send what arrived before "ready", then send events as they come."""
+        buffered, self._buffer = self._buffer or [], None
+        for message in buffered:
+            self.push(message)
+
+    def fail(self, code: str, message: str) -> None:
+        if self.failure is None:
+            self.failure = (code, message)
+        self.stop()
+
+    def stop(self) -> None:
+        if not self._wake.done():
+            self._wake.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait for the sends already started (before a close frame goes out)."""
+        for fut in self._pending:
+            with contextlib.suppress(Exception):
+                await fut
+        self._pending.clear()
+
+
+class _FanOut:
+    """Hands each applied event to every matching watcher from one task, in order.
+
+    The log applier only appends to a list (cheap, so writes do not wait for 10,000 sends);
+    this task then starts the sends back to back, yielding to the loop every few hundred so
+    requests keep being served. Per watcher, events keep their order: one queue, one consumer.
+    """
+
+    YIELD_EVERY = 512
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[_Pusher, Event]] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def callback(self, pusher: _Pusher) -> Callable[[Event], None]:
+        """The watch-hub callback of one watcher."""
+        queue = self._queue
+
+        def on_event(event: Event) -> None:
+            queue.append((pusher, event))
+            wake = self._wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="watch-fanout")
+        return on_event
+
+    async def _run(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+            n = 0
+            while queue:
+                pusher, event = queue.popleft()
+                pusher.push(_event_message(event))
+                n += 1
+                if n % self.YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+
+
 class WatchSocket:
     """Serves /api/v1/watch connections for one node."""
 
     def __init__(self, node: Node, guard: TokenGuard | None) -> None:
         self.node = node
         self.guard = guard
+        self._fanout = _FanOut()
 
     def _allowed(self, scope: Scope) -> bool:
         if self.guard is None:
@@ -147,46 +256,59 @@ class WatchSocket:
             query = parse_query(scope["query_string"])
             paths.validate(query.path, registry.cfg.max_path_bytes)
             await registry.sync()
-            sub = None
-            queue: Mailbox[Any] = Mailbox()
-            if query.once:
-                registry.watches.watch_once(query.path, query.kind, queue.put_nowait)
-            else:
-                sub = registry.watches.subscribe(query.path, query.recursive, query.since)
-                queue = cast(Mailbox[Any], sub.queue)
         except FleetmateError as exc:
             await _fail(send, exc.code, exc.message)
             return
+        if query.once:
+            await self._once(query, receive, send)
+            return
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pusher = _Pusher(send, wake, self.node.cfg.registry.watch_max_pending)
+        try:
+            sub = registry.watches.subscribe(query.path, query.recursive, query.since, self._fanout.callback(pusher))
+        except FleetmateError as exc:
+            await _fail(send, exc.code, exc.message)
+            return
+        reader = asyncio.create_task(self._read_client(receive, send))
+        reader.add_done_callback(lambda _: pusher.stop())
+        try:
+            await send(_text({"type": "ready", "revision": registry.revision}))
+            pusher.go_live()
+            await wake
+        except OSError:  # the client went away mid-send
+            return
+        finally:
+            sub.close()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pusher.drain(), DRAIN_TIMEOUT_S)
+        if pusher.failure is not None and pusher.failure[0] != "send_failed":
+            await _fail(send, *pusher.failure)
+
+    async def _once(self, query: WatchQuery, receive: Receive, send: Send) -> None:
+        """A one-shot watch: ready, at most one event, then a normal close."""
+        registry = self.node.registry
+        assert registry is not None
+        queue: Mailbox[Any] = Mailbox()
+        registry.watches.watch_once(query.path, query.kind, queue.put_nowait)
         await send(_text({"type": "ready", "revision": registry.revision}))
-        # One waiting coroutine per watcher and no task per event: with 10,000 watchers every
-        # event wakes 10,000 of these loops, so each wake-up must be cheap.
         reader = asyncio.create_task(self._read_client(receive, send))
         reader.add_done_callback(lambda _: queue.put_nowait(_CLIENT_GONE))
-        failure: tuple[str, str] | None = None
         try:
-            while True:
-                item = await queue.get()
-                if item is _CLIENT_GONE:
-                    return
-                if isinstance(item, WatchOverflow):
-                    failure = ("slow_consumer", str(item))
-                    break
-                await send(_event_message(item))
-                if query.once:
-                    break
-        except OSError:  # the client went away mid-send
+            item = await queue.get()
+            if item is _CLIENT_GONE:
+                return
+            await send(_event_message(item))
+        except OSError:
             return
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            if sub is not None:
-                sub.close()
-        if failure is not None:
-            await _fail(send, *failure)
-        else:
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": 1000, "reason": ""})
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": 1000, "reason": ""})
 
     async def _read_client(self, receive: Receive, send: Send) -> None:
         while True:
