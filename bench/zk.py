@@ -667,12 +667,17 @@ class ZooKeeperTarget(ZooKeeper):
 
 
 class External:
-    """A server someone else started (--fleetmate-addr): no process of ours, so no CPU figures."""
+    """A server someone else started (--fleetmate-addr): CPU figures when it runs on this machine.
+
+    The process is the one listening on the port (a supervisor's workers share it: the first
+    found); its CPU includes children it started (the embedded nats-server).
+    """
 
     def __init__(self, name: str, addr: str) -> None:
         self.name = name
         host, _, port = addr.rpartition(":")
         self.zk_addr = (host or "127.0.0.1", int(port))
+        self._proc: psutil.Process | None = None
 
     def start(self) -> None:
         problem = wait_handshake(*self.zk_addr, 10.0)
@@ -680,6 +685,11 @@ class External:
             raise TargetUnavailable(
                 f"{self.name} at {self.zk_addr[0]}:{self.zk_addr[1]} does not accept a ZooKeeper handshake: {problem}"
             )
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.net_connections("tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == self.zk_addr[1] and conn.pid:
+                    self._proc = psutil.Process(conn.pid)
+                    break
 
     def stop(self) -> None:
         pass
@@ -688,9 +698,21 @@ class External:
         return True
 
     def cpu_s(self) -> float:
+        if self._proc is None:
+            return 0.0
+        with contextlib.suppress(psutil.Error):
+            total = 0.0
+            for proc in (self._proc, *self._proc.children(recursive=True)):
+                t = proc.cpu_times()
+                total += t.user + t.system
+            return total
         return 0.0
 
     def rss_mb(self) -> float:
+        if self._proc is None:
+            return 0.0
+        with contextlib.suppress(psutil.Error):
+            return float(self._proc.memory_info().rss) / (1 << 20)
         return 0.0
 
     def log_problems(self) -> list[str]:

@@ -220,12 +220,14 @@ def test_a_watcher_that_stops_reading_is_cut_off_after_its_pending_limit(tmp_pat
         sock.close()
         texts = [json.loads(payload) for opcode, payload in frames if opcode == 1]
         assert texts[0]["type"] == "ready"
-        assert texts[-1]["type"] == "error" and texts[-1]["error"] == "slow_consumer", texts[-1]
+        assert texts[-1]["type"] == "error", texts[-1]
+        assert texts[-1]["error"] == "slow_consumer", texts[-1]
         assert "resume with since" in texts[-1]["message"]
         versions = [t["version"] for t in texts[1:-1]]
         assert versions == list(range(1, len(versions) + 1)), "events in order, none missing before the cut"
         assert len(versions) < sets, "the watcher was cut before the last event"
-        assert frames[-1][0] == 8 and int.from_bytes(frames[-1][1][:2]) == 4000
+        assert frames[-1][0] == 8
+        assert int.from_bytes(frames[-1][1][:2]) == 4000
         # The writes all landed, and a new watch works.
         assert client.get(f"{NODES}{path}").json()["stat"]["version"] == sets
         with _ws(server, f"path={path}", ADMIN) as ws:

@@ -14,6 +14,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
+from app.aio import Signal
+
 log = logging.getLogger("fleetmate.log")
 
 C = TypeVar("C")
@@ -66,14 +68,16 @@ class Batcher(Generic[C]):
         self._prefix = f"{node_id}.{os.getpid()}.{os.urandom(4).hex()}."
         self._ids = itertools.count(1)
         self._queue: list[tuple[C, int, asyncio.Future[Any]]] = []
-        self._wake = asyncio.Event()
+        self._wake = Signal()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.entries = 0
         self.commands = 0
 
     def start(self) -> None:
         """Start the flusher task."""
-        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.subject}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"batcher-{self.subject}")
 
     async def stop(self) -> None:
         """Stop the flusher; queued commands fail."""
@@ -88,7 +92,8 @@ class Batcher(Generic[C]):
 
     def submit(self, command: C, size: int) -> asyncio.Future[Any]:
         """Queue one command (size: its encoded size estimate); the future gets its apply result."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop or asyncio.get_running_loop()  # see app.aio: not once per command
+        fut: asyncio.Future[Any] = loop.create_future()
         self._queue.append((command, size, fut))
         self._wake.set()
         return fut
@@ -119,7 +124,7 @@ class Batcher(Generic[C]):
         self.pending[msg_id] = Pending([f for _, f in batch])
         headers = {MSG_ID_HEADER: msg_id}
         last: Exception | None = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         deadline = loop.time() + self.give_up_after
         attempt = 0
         while True:

@@ -17,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
+from app.aio import Mailbox
 from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
 from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
@@ -89,7 +90,7 @@ class SharedLog(Generic[C]):
         self.failed: str | None = None
         self._pending: dict[str, Pending] = {}
         self.batcher: Batcher[C] = Batcher(bus.js, subject, encode, self._pending, node_id)
-        self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        self._inbox: Mailbox[Msg] = Mailbox()
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -168,6 +169,14 @@ class SharedLog(Generic[C]):
 
         Raises TimeoutError after `timeout` seconds (the entry may still be applied later).
         """
+        return await self.submit(command, size, timeout)
+
+    def submit(self, command: C, size: int = 64, timeout: float = 10.0) -> asyncio.Future[Any]:
+        """The synchronous half of append(): queue the command; the future gets its apply result.
+
+        For callers that keep many writes in flight without a task each (the ZooKeeper port):
+        the future fails with TimeoutError after `timeout` seconds, or with AppendError.
+        """
         if self.failed:
             raise LogFailed(self.failed)
         fut = self.batcher.submit(command, size)
@@ -176,7 +185,7 @@ class SharedLog(Generic[C]):
         heapq.heappush(self._deadlines, (time.monotonic() + timeout, next(self._tiebreak), fut))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep_deadlines(), name=f"deadlines-{self.stream}")
-        return await fut
+        return fut
 
     async def _sweep_deadlines(self) -> None:
         while self._deadlines:

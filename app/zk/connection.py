@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+from app.aio import Signal
 from app.errors import FleetmateError
 from app.services.registry import paths
 from app.services.registry.errors import (
@@ -85,10 +86,11 @@ class ZkConnection:
         self.received = 0
         self.sent = 0
         self.started = time.time()
-        self._replies: deque[tuple[int, asyncio.Task[bytes]]] = deque()
-        self._drained = asyncio.Event()
+        self._replies: deque[tuple[int, int, asyncio.Future[Any], float]] = deque()
+        self._loop = asyncio.get_running_loop()  # see app.aio: looked up once, not per request
+        self._drained = Signal(self._loop)
         self._drained.set()
-        self._wake = asyncio.Event()
+        self._wake = Signal(self._loop)
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._one_shot: dict[tuple[str, str], int] = {}  # (path, "data"|"children") -> hub handle
@@ -146,8 +148,8 @@ class ZkConnection:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for _, task in self._replies:
-            task.cancel()
+        for _, _, pending, _ in self._replies:
+            pending.cancel()
         registry = self.server.node.registry
         if registry is not None:
             for (path, kind), handle in self._one_shot.items():
@@ -177,7 +179,7 @@ class ZkConnection:
         self.server.sent += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -257,8 +259,7 @@ class ZkConnection:
             if op in WRITE_OPS:
                 if len(self._replies) >= MAX_IN_FLIGHT:
                     await self._drained.wait()
-                task = asyncio.create_task(self._guard(xid, op, self._write_op(xid, op, req)))
-                self._replies.append((xid, task))
+                self._replies.append(self._start_write(xid, op, req))
                 self._drained.clear()
                 self._wake.set()
                 continue
@@ -276,10 +277,12 @@ class ZkConnection:
             await self._wake.wait()
             self._wake.clear()
             while self._replies:
-                _, task = self._replies[0]
-                reply = await task
+                xid, op, fut, started = self._replies[0]
+                if not fut.done():
+                    with contextlib.suppress(Exception):  # _finish() reads the outcome
+                        await fut
                 self._replies.popleft()
-                self._write(reply)
+                self._write(self._finish(xid, op, fut, started))
             self._drained.set()
             await self._drain()
 
@@ -287,27 +290,89 @@ class ZkConnection:
         """Run one request; turn its errors into a reply header with ZooKeeper's code."""
         started = time.perf_counter()
         try:
-            return await self._outcome(xid, op, work)
+            out = await work
+        except Exception as exc:
+            return self._error_reply(xid, op, exc)
         finally:
             self.server.record((time.perf_counter() - started) * 1000)
+        return self._ok_reply(xid, out)
 
-    async def _outcome(self, xid: int, op: int, work: Awaitable[Writer | bytes]) -> bytes:
-        try:
-            out = await work
-        except RegistryError as exc:
+    def _error_reply(self, xid: int, op: int, exc: Exception) -> bytes:
+        if isinstance(exc, RegistryError):
             return Writer().header(xid, self.registry.revision, exc.zk_code).frame()
-        except Closing:
-            raise
-        except FleetmateError as exc:
+        if isinstance(exc, FleetmateError):
             code = -7 if exc.status in (503, 504) else p.SYSTEM_ERROR
             log.warning("ZooKeeper request failed", extra={"op": op, "error": str(exc)})
             return Writer().header(xid, self.registry.revision, code).frame()
+        raise exc
+
+    def _ok_reply(self, xid: int, out: Writer | bytes) -> bytes:
         if isinstance(out, bytes):
             return out
         # Replies are built after the work, so the header's zxid includes the write itself.
         head = Writer().header(xid, self.registry.revision, p.OK)
         head.buf += out.buf[4:]
         return head.frame()
+
+    def _start_write(self, xid: int, op: int, req: Any) -> tuple[int, int, asyncio.Future[Any], float]:
+        """Check and queue a write; the reply loop answers it, in order, once its future is done.
+
+        create, setData and delete go to the log without a task of their own (a task per write
+        cost more than the write's apply); setACL and multi run as tasks that produce the reply.
+        """
+        started = time.perf_counter()
+        try:
+            if op == p.SET_DATA:
+                self._path(req.path)
+                self._require(req.path, PERM_WRITE)
+                return xid, op, self.registry.submit_set(req.path, req.data, req.version), started
+            if op == p.DELETE:
+                self._path(req.path, allow_root=False)
+                self._require(paths.parent_of(req.path), PERM_DELETE)
+                return xid, op, self.registry.submit_delete(req.path, req.version), started
+            if op in (p.CREATE, p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL):
+                if op == p.CREATE_CONTAINER and req.flags != p.CONTAINER:
+                    req = p.CreateRequest(req.path, req.data, req.acl, p.CONTAINER)
+                cmd = self._create_cmd(req)
+                fut = self.registry.submit_create(
+                    cmd.path,
+                    cmd.data,
+                    session_id=cmd.session_id,
+                    sequential=cmd.sequential,
+                    container=cmd.container,
+                    acl=cmd.acl,
+                    ttl_ms=cmd.ttl_ms,
+                )
+                return xid, op, fut, started
+        except Closing:
+            raise
+        except Exception as exc:
+            failed: asyncio.Future[Any] = self._loop.create_future()
+            failed.set_exception(exc)
+            return xid, op, failed, started
+        return xid, op, self._loop.create_task(self._write_op(xid, op, req)), started
+
+    def _finish(self, xid: int, op: int, fut: asyncio.Future[Any], started: float) -> bytes:
+        """The reply to a write whose future is done."""
+        try:
+            if isinstance(fut, asyncio.Task):  # setACL, multi: the task built the reply body
+                return self._ok_reply(xid, fut.result())
+            return self._ok_reply(xid, self._write_body(op, self.registry.settle(fut)))
+        except Closing:
+            raise
+        except Exception as exc:
+            return self._error_reply(xid, op, exc)
+        finally:
+            self.server.record((time.perf_counter() - started) * 1000)
+
+    @staticmethod
+    def _write_body(op: int, result: Any) -> Writer:
+        if op == p.SET_DATA:
+            return p.write_stat(Writer(), result.stat)
+        if op == p.DELETE:
+            return Writer()
+        w = Writer().ustring(result.path)
+        return p.write_stat(w, result.stat) if op != p.CREATE else w
 
     # ---- ACLs -----------------------------------------------------------------------------------
 
@@ -339,32 +404,8 @@ class ZkConnection:
         return Create(req.path, req.data, owner, sequential, container, False, acl, 0, req.ttl_ms)
 
     async def _write_op(self, xid: int, op: int, req: Any) -> Writer | bytes:
+        """setACL and multi (create, setData and delete go through _start_write)."""
         registry = self.registry
-        if op in (p.CREATE, p.CREATE2, p.CREATE_CONTAINER, p.CREATE_TTL):
-            if op == p.CREATE_CONTAINER and req.flags != p.CONTAINER:
-                req = p.CreateRequest(req.path, req.data, req.acl, p.CONTAINER)
-            cmd = self._create_cmd(req)
-            created = await registry.create(
-                cmd.path,
-                cmd.data,
-                session_id=cmd.session_id,
-                sequential=cmd.sequential,
-                container=cmd.container,
-                acl=cmd.acl,
-                ttl_ms=cmd.ttl_ms,
-            )
-            w = Writer().ustring(created.path)
-            return p.write_stat(w, created.stat) if op != p.CREATE else w
-        if op == p.DELETE:
-            self._path(req.path, allow_root=False)
-            self._require(paths.parent_of(req.path), PERM_DELETE)
-            await registry.delete(req.path, req.version)
-            return Writer()
-        if op == p.SET_DATA:
-            self._path(req.path)
-            self._require(req.path, PERM_WRITE)
-            updated = await registry.set(req.path, req.data, req.version)
-            return p.write_stat(Writer(), updated.stat)
         if op == p.SET_ACL:
             self._path(req.path)
             self._require(req.path, PERM_ADMIN)

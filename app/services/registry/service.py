@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.aio.subscription import Subscription
@@ -201,19 +203,84 @@ class RegistryService:
 
     # ---- append -------------------------------------------------------------------------------
 
+    def _timed_out(self, exc: Exception) -> OperationTimeout:
+        if isinstance(exc, TimeoutError):
+            return OperationTimeout(f"the write was not applied within {self.cfg.write_timeout:.0f}s")
+        return OperationTimeout(str(exc))
+
     async def _append_raw(self, cmd: Command, size: int = 64) -> object:
         try:
             return await self.log.append(cmd, size, self.cfg.write_timeout)
-        except TimeoutError:
-            raise OperationTimeout(f"the write was not applied within {self.cfg.write_timeout:.0f}s") from None
-        except (AppendError, LogFailed) as exc:
-            raise OperationTimeout(str(exc)) from None
+        except (TimeoutError, AppendError, LogFailed) as exc:
+            raise self._timed_out(exc) from None
 
     async def _append(self, cmd: Command, size: int = 64) -> object:
         result = await self._append_raw(cmd, size)
         if isinstance(result, RegistryError):
             raise result
         return result
+
+    # Writes without a coroutine each: the ZooKeeper port keeps thousands in flight, and a task
+    # per write cost more than the write's own apply. submit_*() checks and queues the command;
+    # settle() turns the done future into the result, raising what create/set/delete raise.
+
+    def _submit(self, cmd: Command, size: int) -> asyncio.Future[Any]:
+        try:
+            return self.log.submit(cmd, size, self.cfg.write_timeout)
+        except LogFailed as exc:
+            raise self._timed_out(exc) from None
+
+    def settle(self, fut: asyncio.Future[Any]) -> Any:
+        """The apply result of a done future from submit_*(); raises its RegistryError or OperationTimeout."""
+        try:
+            result = fut.result()
+        except (TimeoutError, AppendError, LogFailed) as exc:
+            raise self._timed_out(exc) from None
+        if isinstance(result, RegistryError):
+            raise result
+        return result
+
+    def submit_set(self, path: str, data: bytes, version: int = -1) -> asyncio.Future[Any]:
+        """set() without waiting: the future settles to Updated."""
+        self._path(path)
+        self._data(data, path)
+        return self._submit(SetData(path, data, self._version(version, path), _now_ms()), len(data) + 48)
+
+    async def _wait(self, fut: asyncio.Future[Any]) -> Any:
+        with contextlib.suppress(Exception):  # settle() raises it, translated
+            await fut
+        return self.settle(fut)
+
+    def submit_delete(self, path: str, version: int = -1, recursive: bool = False) -> asyncio.Future[Any]:
+        """delete() without waiting: the future settles to Deleted."""
+        self._path(path, allow_root=False)
+        return self._submit(Delete(path, self._version(version, path), recursive), 64)
+
+    def submit_create(
+        self,
+        path: str,
+        data: bytes = b"",
+        *,
+        session_id: int = 0,
+        sequential: bool = False,
+        container: bool = False,
+        parents: bool = False,
+        acl: tuple[Acl, ...] | None = None,
+        ttl_ms: int = 0,
+    ) -> asyncio.Future[Any]:
+        """create() without waiting: the future settles to Created."""
+        cmd = self._create_cmd(
+            path,
+            data,
+            session_id=session_id,
+            sequential=sequential,
+            container=container,
+            parents=parents,
+            acl=acl,
+            now=_now_ms(),
+            ttl_ms=ttl_ms,
+        )
+        return self._submit(cmd, len(data) + len(path) + 32)
 
     def _path(self, path: str, *, allow_root: bool = True) -> str:
         return paths.validate(path, self.cfg.max_path_bytes, allow_root=allow_root)
@@ -274,7 +341,7 @@ class RegistryService:
 
         Returns the actual path and stat.
         """
-        cmd = self._create_cmd(
+        fut = self.submit_create(
             path,
             data,
             session_id=session_id,
@@ -282,25 +349,21 @@ class RegistryService:
             container=container,
             parents=parents,
             acl=acl,
-            now=_now_ms(),
             ttl_ms=ttl_ms,
         )
-        result = await self._append(cmd, len(data) + len(path) + 32)
+        result = await self._wait(fut)
         assert isinstance(result, Created)
         return result
 
     async def set(self, path: str, data: bytes, version: int = -1) -> Updated:
         """Replace a node's data if its version matches (-1: any)."""
-        self._path(path)
-        self._data(data, path)
-        result = await self._append(SetData(path, data, self._version(version, path), _now_ms()), len(data) + 48)
+        result = await self._wait(self.submit_set(path, data, version))
         assert isinstance(result, Updated)
         return result
 
     async def delete(self, path: str, version: int = -1, recursive: bool = False) -> Deleted:
         """Delete a node (and, recursive, its subtree)."""
-        self._path(path, allow_root=False)
-        result = await self._append(Delete(path, self._version(version, path), recursive))
+        result = await self._wait(self.submit_delete(path, version, recursive))
         assert isinstance(result, Deleted)
         return result
 

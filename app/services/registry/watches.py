@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Generic, Literal, TypeVar
+from typing import Literal, TypeVar
 
+from app.aio import Mailbox
 from app.services.registry import paths
 from app.services.registry.errors import Compacted
 from app.services.registry.messages import Event
@@ -24,42 +24,6 @@ _FIRES: dict[str, tuple[OneShotKind, ...]] = {
 }
 
 SLOW_CONSUMER_LIMIT = 100_000
-
-
-class Mailbox(Generic[T]):
-    """An unbounded single-consumer queue, lighter than asyncio.Queue: with 10,000 watchers every
-    event is one put and one wake-up per watcher, so each must cost as little as possible."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque[T] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: T) -> None:
-        """Add an item and wake the consumer."""
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> T:
-        """The next item, waiting for one."""
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
-
-    def qsize(self) -> int:
-        """Items waiting."""
-        return len(self._items)
-
-    def empty(self) -> bool:
-        """True when nothing waits."""
-        return not self._items
 
 
 class WatchOverflow(Exception):

@@ -25,12 +25,13 @@ from urllib.parse import parse_qsl
 import msgspec
 from litestar.types import Receive, Scope, Send
 
+from app.aio import Mailbox
 from app.errors import FleetmateError
 from app.node import Node
 from app.services.registry import paths
 from app.services.registry.errors import BadArguments
 from app.services.registry.messages import Event
-from app.services.registry.watches import Mailbox, OneShotKind
+from app.services.registry.watches import OneShotKind
 from app.web.auth import TokenGuard
 
 WATCH_PATH = "/api/v1/watch"
