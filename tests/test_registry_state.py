@@ -1013,6 +1013,18 @@ def test_expire_session_removes_ephemerals_and_respects_terms() -> None:
     ok(state, ExpireSession(3, 4))  # a newer term than the last elected is not stale
 
 
+def test_a_multi_with_a_term_is_fenced_once_a_newer_leader_exists() -> None:
+    state = build(Create("/m"), LeaderElected(3, "n1"))
+    ok(state, Multi((SetData("/m", b"a"),), 0, 3))
+    ok(state, LeaderElected(4, "n2"))
+    before = state.stat("/m")
+    fails(state, Multi((SetData("/m", b"b"),), 0, 3), StaleTerm)
+    assert state.stat("/m") == before
+    assert state.nodes["/m"].data == b"a"
+    ok(state, Multi((SetData("/m", b"c"),), 0, 4))
+    ok(state, Multi((SetData("/m", b"d"),)))  # no term: not a leader's duty, never fenced
+
+
 def test_leader_elected_terms() -> None:
     state = build()
     fails(state, LeaderElected(0, "n1"), StaleTerm)

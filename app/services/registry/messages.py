@@ -100,6 +100,7 @@ class Multi(msgspec.Struct, frozen=True, tag="multi", array_like=True):
 
     ops: tuple[Op, ...]
     time_ms: int = 0
+    term: int = 0  # > 0: a leader's write, refused (StaleTerm) unless this is still the latest term
 
 
 class OpenSession(msgspec.Struct, frozen=True, tag="open", array_like=True):

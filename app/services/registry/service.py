@@ -376,8 +376,12 @@ class RegistryService:
         assert isinstance(result, Updated)
         return result
 
-    async def multi(self, ops: Sequence[MultiOp]) -> MultiDone:
-        """Apply ops atomically; on failure raises the failing op's error (failed_index set)."""
+    async def multi(self, ops: Sequence[MultiOp], term: int = 0) -> MultiDone:
+        """Apply ops atomically; on failure raises the failing op's error (failed_index set).
+
+        A leader's duty passes its lease term: the multi is then refused with StaleTerm once a
+        newer leader has been elected, so a deposed leader cannot overwrite its successor.
+        """
         if not ops:
             raise BadArguments("multi needs at least one operation")
         now = _now_ms()
@@ -418,7 +422,7 @@ class RegistryService:
             size += len(op.path) + 16
         if size > self.cfg.max_data_bytes + (64 << 10):
             raise BadArguments(f"multi is {size} bytes; the limit is {self.cfg.max_data_bytes} plus 64 KiB")
-        result = await self._append(Multi(tuple(checked), now), size)
+        result = await self._append(Multi(tuple(checked), now, term), size)
         assert isinstance(result, MultiDone)
         return result
 

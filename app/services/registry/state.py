@@ -405,6 +405,8 @@ class RegistryState:
         return Updated(cmd.path, self._stat(cmd.path, new))
 
     def _multi(self, cmd: Multi, rev: int, events: list[Event]) -> MultiDone:
+        if cmd.term and cmd.term != self.term:
+            raise StaleTerm(f"term {cmd.term} is not the current leader's term {self.term}")
         self._undo = []
         local: list[Event] = []
         results: list[Created | Updated | Deleted] = []
