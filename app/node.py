@@ -13,13 +13,16 @@ import psutil
 
 from app import __version__
 from app.bus import subjects
-from app.bus.connection import Bus
-from app.bus.embedded import EmbeddedNats
+from app.bus.connection import Bus, client_token, tls_context
+from app.bus.embedded import EmbeddedNats, server_token
 from app.bus.streams import step_down_if_leading
 from app.config import Config
 from app.log.leadership import Leadership
 from app.log.lease import registry as lease_backends
 from app.log.lease.base import LeaseRecord
+from app.services.agent.hostinfo import host_info
+from app.services.membership.service import MembershipService
+from app.services.metrics.service import MetricsService
 from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
@@ -46,6 +49,8 @@ class Node:
         self.system: SystemService | None = None
         self.registry: RegistryService | None = None
         self.leadership: Leadership | None = None
+        self.membership: MembershipService | None = None
+        self.metrics: MetricsService | None = None
         self.snapshot_store: SnapshotStore | None = None
         self.stream_replicas = 1
         self.phase = "starting"
@@ -61,18 +66,27 @@ class Node:
     async def start(self) -> None:
         """Start the embedded nats-server (if configured), connect, and start the services."""
         cfg = self.cfg
+        nats_cfg = cfg.nats
         if cfg.embedded_nats:
             self.phase = "starting the embedded nats-server"
+            token = server_token(
+                host=nats_cfg.host, token=nats_cfg.token, token_file=nats_cfg.token_file, data_dir=cfg.data_path
+            )
             self.embedded = EmbeddedNats(
                 data_dir=cfg.data_path,
                 name=cfg.node_id,
-                host=cfg.nats.host,
-                port=cfg.nats.port,
-                sync_always=cfg.nats.sync_always,
+                host=nats_cfg.host,
+                port=nats_cfg.port,
+                sync_always=nats_cfg.sync_always,
+                token=token,
             )
             await self.embedded.start()
+            tls = None  # the embedded server listens without TLS
+        else:
+            token = client_token(nats_cfg.token, nats_cfg.token_file)
+            tls = tls_context(nats_cfg.tls_ca, nats_cfg.tls_cert, nats_cfg.tls_key)
         self.phase = "connecting to NATS"
-        self.bus = Bus(self.nats_servers, name=f"fleetmate-{self.node_id}")
+        self.bus = Bus(self.nats_servers, name=f"fleetmate-{self.node_id}", token=token, tls=tls)
         await self.bus.connect(cfg.nats.connect_timeout)
         self.stream_replicas = cfg.registry.stream_replicas or min(3, self.bus.cluster_size())
         log.info(
@@ -94,14 +108,24 @@ class Node:
             peers_applied=self._peers_applied,
         )
         await self.registry.start()
+        self.membership = MembershipService(
+            self.bus, self.registry, cfg.membership, self.node_id, self.started_at, host_info, self._addresses
+        )
+        await self.membership.start()
+        if cfg.metrics.enabled:
+            self.phase = "starting metrics"
+            self.metrics = MetricsService(
+                self.bus, cfg.metrics, self.node_id, cfg.data_path, replicas=self.stream_replicas
+            )
+            await self.metrics.start()
         self.phase = "joining the leader election"
         backend = lease_backends.create(cfg, self.bus, self.stream_replicas)
         self.leadership = Leadership(
             backend,
             LeaseRecord(self.node_id, time.time(), self.http_url),
             cfg.lease.renew_interval,
-            on_gain=self.registry.become_leader,
-            on_lose=self.registry.stop_leading,
+            on_gain=self._gain_lead,
+            on_lose=self._lose_lead,
         )
         self.leadership.start()
         self.phase = "running"
@@ -115,6 +139,24 @@ class Node:
                 "startup_s": round(time.monotonic() - self._started_mono, 3),
             },
         )
+
+    async def _gain_lead(self) -> None:
+        """Leader duties start: the registry's first (it appends leader_elected), then membership's."""
+        assert self.registry is not None
+        await self.registry.become_leader()
+        if self.membership is not None:
+            await self.membership.lead()
+
+    async def _lose_lead(self) -> None:
+        """Leader duties stop, membership's first."""
+        if self.membership is not None:
+            await self.membership.stop_leading()
+        if self.registry is not None:
+            await self.registry.stop_leading()
+
+    def _addresses(self) -> tuple[str, str]:
+        """This replica's HTTP URL and ZooKeeper address (for its heartbeat)."""
+        return self.http_url, self.zk_address
 
     async def _step_down_streams(self) -> None:
         """Move the log's (and the lease bucket's) stream leadership off this replica's NATS server."""
@@ -181,6 +223,8 @@ class Node:
             ("stream leader step-down", self._step_down_streams if self.stream_replicas > 1 else None),
             ("leadership", self.leadership.stop if self.leadership else None),
             ("lease backend", self.leadership.backend.close if self.leadership else None),
+            ("metrics", self.metrics.stop if self.metrics else None),
+            ("membership", self.membership.stop if self.membership else None),
             ("registry", self.registry.stop if self.registry else None),
             ("system", self.system.stop if self.system else None),
             ("snapshot store", self.snapshot_store.close if self.snapshot_store else None),

@@ -49,16 +49,18 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
 class NatsServer:
     """A nats-server with JetStream on a free port, in its own directory."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, token: str | None = None) -> None:
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.dir = workdir
+        self.token = token  # when set, clients must present it
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> NatsServer:
         self.dir.mkdir(parents=True, exist_ok=True)
+        auth = ["--auth", self.token] if self.token else []
         self.proc = subprocess.Popen(
-            [find_binary(), "-js", "-sd", str(self.dir), "-a", "127.0.0.1", "-p", str(self.port)],
+            [find_binary(), "-js", "-sd", str(self.dir), "-a", "127.0.0.1", "-p", str(self.port), *auth],
             stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "nats.log", "wb"),  # noqa: SIM115
         )

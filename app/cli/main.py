@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
+    agent = sub.add_parser("agent", help="run the per-host agent against a control plane's NATS (nats.url)")
+    agent.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     show = cfg_sub.add_parser("show", help="print the effective configuration, secrets masked")
@@ -41,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     st = clu_sub.add_parser("status", help="the leader, the replicas and the registry's revision")
     st.add_argument("--addr", metavar="URL[,URL...]", help="server addresses (default: $FLEETMATE_ADDR)")
     st.add_argument("--token", help="API token (default: $FLEETMATE_TOKEN)")
+
+    from app.cli import node as node_cli
+
+    node_cli.add_parser(sub)
 
     shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
     shell.add_argument(
@@ -93,10 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli.supervisor import run as supervise
 
         return supervise(cfg, workers, args.config)
+    if args.command == "agent":
+        cfg = _load(args.config)
+        logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
+        from app.cli.agent import run as run_agent
+
+        return run_agent(cfg)
     if args.command == "cluster":
         from app.cli.cluster import status
 
         return status(args)
+    if args.command == "node":
+        from app.cli.node import run as run_node
+
+        return run_node(args)
     if args.command == "shell":
         from app.cli.shell import run as run_shell
 

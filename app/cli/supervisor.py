@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from app.bus.embedded import EmbeddedNats, EmbeddedNatsError
+from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, server_token
 from app.config import Config
 from app.procs import die_with_parent, terminate
 from app.web.server import PortInUse, resolve_port
@@ -120,14 +120,18 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
     embedded: EmbeddedNats | None = None
     nats_url = ""
     if cfg.embedded_nats:
-        embedded = EmbeddedNats(
-            data_dir=cfg.data_path,
-            name=cfg.node_id,
-            host=cfg.nats.host,
-            port=cfg.nats.port,
-            sync_always=cfg.nats.sync_always,
-        )
         try:
+            token = server_token(
+                host=cfg.nats.host, token=cfg.nats.token, token_file=cfg.nats.token_file, data_dir=cfg.data_path
+            )
+            embedded = EmbeddedNats(
+                data_dir=cfg.data_path,
+                name=cfg.node_id,
+                host=cfg.nats.host,
+                port=cfg.nats.port,
+                sync_always=cfg.nats.sync_always,
+                token=token,
+            )
             nats_url = await embedded.start()
         except EmbeddedNatsError as exc:
             log.error("start-up failed", extra={"error": str(exc)})
@@ -136,7 +140,10 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
     workers = []
     for i in range(count):
         node_id = f"{cfg.node_id}-w{i + 1}"
-        workers.append(Worker(i, node_id, _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port), args))
+        env = _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port)
+        if embedded is not None and embedded.token:
+            env["FLEETMATE_NATS_TOKEN"] = embedded.token  # workers connect to the embedded server as clients
+        workers.append(Worker(i, node_id, env, args))
     code = 0
     try:
         for worker in workers:

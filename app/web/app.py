@@ -19,6 +19,8 @@ from app.web.fastpath import FastPath
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
+from app.web.routes.metrics import metrics_routes
+from app.web.routes.nodes import node_routes
 from app.web.routes.registry import registry_routes
 from app.web.routes.system import SystemController
 from app.web.routes.watch import WatchSocket
@@ -36,7 +38,13 @@ def create_app(node: Node) -> Observe:
     guard = TokenGuard(tokens) if tokens else None
     guards: list[Any] = [guard] if guard else []
     litestar = Litestar(
-        route_handlers=[SystemController, prometheus, *registry_routes(node)],
+        route_handlers=[
+            SystemController,
+            prometheus,
+            *registry_routes(node),
+            *node_routes(node),
+            *metrics_routes(node),
+        ],
         state=State({"node": node}),
         exception_handlers=HANDLERS,
         guards=guards,

@@ -10,6 +10,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from app.node import Node
+from app.services.metrics.service import prometheus_families as metrics_families
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and no dashboard reads them
 
@@ -86,6 +87,21 @@ class _NodeCollector(Collector):
                 "Log entries behind the most advanced replica heard from",
                 max(0, node.newest_applied_seq() - registry.log.applied_seq),
             )
+        members = node.membership
+        if members is not None:
+            states = members.states()
+            per_node = GaugeMetricFamily(
+                "fleetmate_node_state", "1 for each node's current state (membership)", labels=["node", "state"]
+            )
+            for member, member_state in sorted(states.items()):
+                per_node.add_metric([member, member_state], 1.0)
+            yield per_node
+            counts = GaugeMetricFamily("fleetmate_nodes", "Nodes per membership state", labels=["state"])
+            for name in ("online", "suspect", "down", "maintenance"):
+                counts.add_metric([name], float(sum(1 for s in states.values() if s == name)))
+            yield counts
+        if node.metrics is not None:
+            yield from metrics_families(node.metrics)
         lead = node.leadership
         if lead is not None:
             yield GaugeMetricFamily("fleetmate_lease_leader", "1 while this replica holds the lease", lead.leading)

@@ -1,4 +1,19 @@
-"""Agent messages: host figures, ports, engines, log-cleanup rules and reports, network status."""
+"""Agent messages: host figures, ports, engines, log-cleanup rules and reports, network status.
+
+The agent's contract on the bus (subjects in app.bus.subjects; every payload is msgspec JSON):
+
+- ``fleetmate.agent.heartbeat.<node_id>``: a ``Heartbeat`` every membership.heartbeat_interval
+  seconds; ``seq`` grows by one per heartbeat of one agent process (``started_at`` tells a
+  restart), ``facts_rev`` is the revision of the agent's current ``NodeFacts``.
+- ``fleetmate.agent.facts.<node_id>``: ``NodeFacts`` at start and whenever ports, engines,
+  network or cleanup reports change (``rev`` grows each time). A consumer that sees a heartbeat
+  with a ``facts_rev`` it has not received asks ``fleetmate.agent.<node_id>.facts``.
+- nats.micro service ``fleetmate-agent``, endpoints at ``fleetmate.agent.<node_id>.<name>``:
+  info -> HostInfo, ports -> ListeningPorts, free_ports (FreePortsRequest) -> FreePorts,
+  scan -> EngineScan (and new facts), clean (CleanRequest) -> CleanResult, net -> NetStatus,
+  facts -> NodeFacts. An empty request body means the defaults; errors come back as nats.micro
+  errors (code "400" bad request, "404" unknown rule, "503" not ready) with a readable message.
+"""
 
 from __future__ import annotations
 
@@ -216,3 +231,64 @@ class NetStatus(msgspec.Struct, frozen=True):
     client: ClientAddress | None
     reachability: tuple[Reachability, ...] = ()
     error: str | None = None
+
+
+# ---- the agent on the bus -------------------------------------------------------------------------
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's sign of life with its host figures (agents; replicas may send it too with kind "replica").
+
+    The contract with the membership tracker: subject fleetmate.agent.heartbeat.<node_id>,
+    msgspec JSON. Unknown fields are ignored on decoding, so fields can be added later.
+    """
+
+    node_id: str
+    kind: str = "agent"
+    labels: dict[str, str] = msgspec.field(default_factory=dict)  # zone, rack, role when configured
+    seq: int  # 1, 2, 3, ... per process
+    sent_at: float  # unix seconds
+    started_at: float  # unix seconds the process started
+    version: str  # fleetmate version
+    host: HostInfo
+    client_ip: str = ""  # the address clients should use for this host ("" when unknown)
+    http_url: str = ""  # empty for agents
+    zk_address: str = ""  # empty for agents
+    facts_rev: int = 0  # revision of the NodeFacts last published (0: none yet)
+
+
+class NodeFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What an agent knows about its host beyond the heartbeat: ports, engines, network, cleanups."""
+
+    node_id: str
+    rev: int  # grows by one each time the facts change
+    ports: ListeningPorts
+    engines: EngineScan
+    network: NetStatus
+    logs: tuple[LogCleanReport, ...] = ()  # the most recent cleanup runs, oldest first
+    updated_at: float  # unix seconds of the change
+
+
+class FreePortsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of the free_ports endpoint: find `count` free ports in [start, end]."""
+
+    start: int
+    end: int
+    proto: Proto = "tcp"
+    count: int = 1
+
+
+class CleanRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of the clean endpoint: run one rule (by name, or directory for an unnamed rule) or all.
+
+    An agent configured with agent.log_clean_dry_run only ever does dry runs.
+    """
+
+    dry_run: bool = False
+    rule: str | None = None
+
+
+class CleanResult(msgspec.Struct, frozen=True):
+    """The reports of the rules a clean request ran."""
+
+    reports: tuple[LogCleanReport, ...]

@@ -1,0 +1,1 @@
+"""Membership: nodes heartbeat; the leader derives online / suspect / down and records each change in the registry."""

@@ -1,0 +1,121 @@
+"""Membership messages: heartbeats and facts as heard on the bus, records under /fleet/nodes, agent requests."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from app.services.agent.messages import HostInfo
+from app.services.membership.state import State
+
+PREFIX = "fleetmate.agent"
+HEARTBEATS = f"{PREFIX}.heartbeat.*"  # agents and replicas: fleetmate.agent.heartbeat.<node_id>
+FACTS = f"{PREFIX}.facts.*"  # agents: fleetmate.agent.facts.<node_id>
+
+# The agent's request/reply endpoints (nats.micro), fleetmate.agent.<node_id>.<name>.
+AgentRequest = Literal["info", "ports", "free_ports", "scan", "clean", "net", "facts"]
+FACT_NAMES = ("ports", "engines", "network", "logs")
+
+
+def heartbeat_subject(node_id: str) -> str:
+    """Where node_id publishes its heartbeats."""
+    return f"{PREFIX}.heartbeat.{node_id}"
+
+
+def facts_subject(node_id: str) -> str:
+    """Where an agent publishes its facts."""
+    return f"{PREFIX}.facts.{node_id}"
+
+
+def agent_subject(node_id: str, request: AgentRequest) -> str:
+    """The request subject of one agent endpoint."""
+    return f"{PREFIX}.{node_id}.{request}"
+
+
+class HeardHeartbeat(msgspec.Struct, frozen=True):
+    """A heartbeat as membership reads it: only the fields it needs, anything else ignored (JSON)."""
+
+    node_id: str
+    kind: str = "agent"
+    labels: dict[str, str] = {}
+    seq: int = 0
+    sent_at: float = 0.0
+    facts_rev: int | None = None
+
+
+class HeardFacts(msgspec.Struct, frozen=True):
+    """An agent's facts as membership reads them: each fact kept as the JSON the agent sent."""
+
+    node_id: str
+    ports: msgspec.Raw = msgspec.Raw(b"null")
+    engines: msgspec.Raw = msgspec.Raw(b"null")
+    network: msgspec.Raw = msgspec.Raw(b"null")
+    logs: msgspec.Raw = msgspec.Raw(b"null")
+    updated_at: float = 0.0
+    rev: int = 0
+
+
+class ReplicaHeartbeat(msgspec.Struct, frozen=True):
+    """The heartbeat a fleetmate replica publishes about itself: the agents' Heartbeat shape, kind "replica"."""
+
+    node_id: str
+    kind: Literal["replica"]
+    labels: dict[str, str]
+    seq: int
+    sent_at: float
+    started_at: float
+    version: str
+    host: HostInfo
+    client_ip: str = ""
+    http_url: str = ""
+    zk_address: str = ""
+    facts_rev: int = 0
+
+
+class StateData(msgspec.Struct, frozen=True):
+    """The JSON kept in /fleet/nodes/<id>/state."""
+
+    state: State
+    since: float
+    last_seen: float
+    reason: str = ""
+    kind: str = "agent"
+
+
+class HistoryData(msgspec.Struct, frozen=True):
+    """The JSON of one /fleet/nodes/<id>/history/h-NNNNNNNNNN entry: a state change."""
+
+    at: float
+    state: State
+    old: State | None
+    reason: str = ""
+    last_seen: float = 0.0
+
+
+# ---- requests relayed to agents (JSON bodies) -----------------------------------------------------
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class FreePortsRequest(msgspec.Struct, frozen=True):
+    """Ask an agent for up to `count` ports in [start, end] that nothing listens on."""
+
+    start: Port
+    end: Port
+    proto: Literal["tcp", "udp"] = "tcp"
+    count: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+
+
+class CleanRequest(msgspec.Struct, frozen=True):
+    """Ask an agent to run its log cleanup (one named rule, or all), possibly as a dry run."""
+
+    dry_run: bool = False
+    rule: str | None = None
+
+
+def to_json_value(raw: bytes) -> Any:
+    """Decode JSON bytes kept in the registry ({} stays {}; empty bytes are None)."""
+    if not raw:
+        return None
+    return msgspec.json.decode(raw)

@@ -1,0 +1,1 @@
+"""Metrics: time series in DuckDB, fed in batches from a JetStream stream, with retention and rollups."""
