@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint typecheck pytest bench install clean test-deps
+.PHONY: help run test lint typecheck pytest bench bench-quick install clean test-deps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,8 +49,13 @@ pytest: $(STAMP) test-deps ## the test suite alone
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 
-bench: $(STAMP) ## run the benchmarks in bench/ (JSON results under bench/results/)
-	$(PY) bench/startup.py
+BENCHES := startup registry zk failover metrics agent
+
+bench: $(STAMP) ## run every benchmark in bench/ against its peers (etcd, ZooKeeper, node_exporter); JSON under bench/results/
+	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py; done
+
+bench-quick: $(STAMP) ## the same as smoke runs (--quick), a few minutes in all
+	@set -e; for b in $(filter-out startup,$(BENCHES)); do echo "== bench/$$b.py --quick"; $(PY) bench/$$b.py --quick; done
 
 clean: ## remove the virtualenv, caches and the local data dir
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data
