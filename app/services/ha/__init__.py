@@ -1,0 +1,1 @@
+"""HA: discovery, failure analysis and recovery of MySQL/MariaDB and PostgreSQL replication topologies."""

@@ -1,0 +1,204 @@
+"""Replication positions compared across instances: MySQL GTID sets, MariaDB GTID positions, PostgreSQL LSNs.
+
+Each parser turns the text an adaptor reports (InstanceStatus.position, ReplicationLink's
+received/applied positions) into a value with `covers(other)`: True when everything other
+holds is also here. That is the question a failover asks: does this replica have every
+transaction that one has (and so every acknowledged one)?
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Protocol
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(:[^,]*)?$")
+
+
+class PositionError(ValueError):
+    """A position string an adaptor reported could not be parsed."""
+
+
+class Position(Protocol):
+    """What the recovery logic needs from a position."""
+
+    def covers(self, other: Position) -> bool: ...
+
+    def size(self) -> int: ...
+
+
+class Lsn:
+    """A PostgreSQL WAL location, e.g. '16/B374D848'."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    @classmethod
+    def parse(cls, text: str) -> Lsn:
+        hi, sep, lo = text.strip().partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            return cls((int(hi, 16) << 32) | int(lo, 16))
+        except ValueError:
+            raise PositionError(f"{text!r} is not an LSN like 16/B374D848") from None
+
+    def covers(self, other: Position) -> bool:
+        if not isinstance(other, Lsn):
+            raise TypeError("an LSN compares only with an LSN")
+        return self.value >= other.value
+
+    def size(self) -> int:
+        return self.value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lsn) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __repr__(self) -> str:
+        return f"Lsn({self.value >> 32:X}/{self.value & 0xFFFFFFFF:X})"
+
+
+class MariaDBGtidPos:
+    """A MariaDB GTID position ('0-1-100,1-2-7'): per replication domain, the last GTID's server and seq_no.
+
+    Within a domain seq_no only grows, so a position covers another when, in every domain of
+    the other, its seq_no is at least as high.
+    """
+
+    __slots__ = ("domains",)
+
+    def __init__(self, domains: Mapping[int, tuple[int, int]]) -> None:
+        self.domains = dict(domains)  # domain -> (server_id, seq_no)
+
+    @classmethod
+    def parse(cls, text: str) -> MariaDBGtidPos:
+        domains: dict[int, tuple[int, int]] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            pieces = part.split("-")
+            if len(pieces) != 3 or not all(p.isdigit() for p in pieces):
+                raise PositionError(f"{part!r} in {text!r} is not a MariaDB GTID like 0-1-100")
+            domain, server, seq = (int(p) for p in pieces)
+            if domain in domains:
+                raise PositionError(f"domain {domain} appears twice in {text!r}")
+            domains[domain] = (server, seq)
+        return cls(domains)
+
+    def covers(self, other: Position) -> bool:
+        if not isinstance(other, MariaDBGtidPos):
+            raise TypeError("a MariaDB GTID position compares only with another")
+        return all(d in self.domains and self.domains[d][1] >= seq for d, (_, seq) in other.domains.items())
+
+    def size(self) -> int:
+        return sum(seq for _, seq in self.domains.values())
+
+    def ahead_of(self, other: MariaDBGtidPos) -> dict[int, tuple[int, int]]:
+        """Domains where this position has transactions the other lacks (errant ones, seen from a primary)."""
+        return {
+            d: (server, seq)
+            for d, (server, seq) in self.domains.items()
+            if d not in other.domains or seq > other.domains[d][1]
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MariaDBGtidPos) and other.domains == self.domains
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.domains.items())))
+
+    def __repr__(self) -> str:
+        return "MariaDBGtidPos(" + ",".join(f"{d}-{s}-{n}" for d, (s, n) in sorted(self.domains.items())) + ")"
+
+
+class MySQLGtidSet:
+    """A MySQL GTID set ('uuid:1-5:7,uuid2:1-3'): per source uuid, closed intervals of transaction numbers."""
+
+    __slots__ = ("sets",)
+
+    def __init__(self, sets: Mapping[str, list[tuple[int, int]]]) -> None:
+        self.sets = {uuid: _normalise(intervals) for uuid, intervals in sets.items() if intervals}
+
+    @classmethod
+    def parse(cls, text: str) -> MySQLGtidSet:
+        sets: dict[str, list[tuple[int, int]]] = {}
+        for part in filter(None, (p.strip() for p in text.replace("\n", "").split(","))):
+            if not _UUID_RE.match(part):
+                raise PositionError(f"{part!r} in {text!r} is not uuid:interval[:interval...]")
+            uuid, *ranges = part.split(":")
+            intervals = sets.setdefault(uuid.lower(), [])
+            for r in ranges:
+                lo, sep, hi = r.partition("-")
+                if not lo.isdigit() or (sep and not hi.isdigit()):
+                    raise PositionError(f"{r!r} in {text!r} is not a number or a range a-b")
+                start, end = int(lo), int(hi) if sep else int(lo)
+                if start < 1 or end < start:
+                    raise PositionError(f"{r!r} in {text!r} is not a valid interval")
+                intervals.append((start, end))
+        return cls(sets)
+
+    def covers(self, other: Position) -> bool:
+        if not isinstance(other, MySQLGtidSet):
+            raise TypeError("a MySQL GTID set compares only with another")
+        return not other.minus(self).sets
+
+    def size(self) -> int:
+        return sum(end - start + 1 for intervals in self.sets.values() for start, end in intervals)
+
+    def minus(self, other: MySQLGtidSet) -> MySQLGtidSet:
+        """The transactions here that other lacks."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for uuid, intervals in self.sets.items():
+            remaining = intervals
+            for o_start, o_end in other.sets.get(uuid, []):
+                cut: list[tuple[int, int]] = []
+                for start, end in remaining:
+                    if o_end < start or o_start > end:
+                        cut.append((start, end))
+                        continue
+                    if start < o_start:
+                        cut.append((start, o_start - 1))
+                    if end > o_end:
+                        cut.append((o_end + 1, end))
+                remaining = cut
+            if remaining:
+                out[uuid] = remaining
+        return MySQLGtidSet(out)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MySQLGtidSet) and other.sets == self.sets
+
+    def __hash__(self) -> int:
+        return hash(tuple((u, tuple(i)) for u, i in sorted(self.sets.items())))
+
+    def __str__(self) -> str:
+        return ",".join(
+            uuid + "".join(f":{s}" if s == e else f":{s}-{e}" for s, e in intervals)
+            for uuid, intervals in sorted(self.sets.items())
+        )
+
+    def __repr__(self) -> str:
+        return f"MySQLGtidSet({self})"
+
+
+def _normalise(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def parse(engine: str, flavor: str, text: str) -> Position:
+    """The position an adaptor reported: engine 'postgresql' -> Lsn; 'mysql' with flavor 'mariadb' ->
+    MariaDBGtidPos, else MySQLGtidSet. An empty text is the empty position (nothing executed)."""
+    if engine == "postgresql":
+        return Lsn.parse(text) if text.strip() else Lsn(0)
+    if flavor == "mariadb":
+        return MariaDBGtidPos.parse(text)
+    return MySQLGtidSet.parse(text)
