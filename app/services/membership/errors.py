@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from app.errors import FleetmateError
+from app.errors import BadRequest, FleetmateError, NotFound
 
 
-class NoSuchNode(FleetmateError):
+class NoSuchNode(NotFound):
     """No node by that id is registered under /fleet/nodes."""
 
-    code = "not_found"
-    status = 404
 
-
-class BadNodeRequest(FleetmateError):
+class BadNodeRequest(BadRequest):
     """The request is malformed (bad range, bad id) or does not apply to this node."""
-
-    code = "bad_request"
-    status = 400
 
 
 class AgentTimeout(FleetmateError):

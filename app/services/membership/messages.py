@@ -9,28 +9,9 @@ import msgspec
 from app.services.agent.messages import HostInfo
 from app.services.membership.state import State
 
-PREFIX = "fleetmate.agent"
-HEARTBEATS = f"{PREFIX}.heartbeat.*"  # agents and replicas: fleetmate.agent.heartbeat.<node_id>
-FACTS = f"{PREFIX}.facts.*"  # agents: fleetmate.agent.facts.<node_id>
-
-# The agent's request/reply endpoints (nats.micro), fleetmate.agent.<node_id>.<name>.
+# The agent's request/reply endpoints (nats.micro); subjects in app/bus/subjects.py.
 AgentRequest = Literal["info", "ports", "free_ports", "scan", "clean", "net", "facts"]
 FACT_NAMES = ("ports", "engines", "network", "logs")
-
-
-def heartbeat_subject(node_id: str) -> str:
-    """Where node_id publishes its heartbeats."""
-    return f"{PREFIX}.heartbeat.{node_id}"
-
-
-def facts_subject(node_id: str) -> str:
-    """Where an agent publishes its facts."""
-    return f"{PREFIX}.facts.{node_id}"
-
-
-def agent_subject(node_id: str, request: AgentRequest) -> str:
-    """The request subject of one agent endpoint."""
-    return f"{PREFIX}.{node_id}.{request}"
 
 
 class HeardHeartbeat(msgspec.Struct, frozen=True):

@@ -9,17 +9,18 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from app.bus import subjects
 from app.bus.micro import HandlerError, call
 from app.errors import Unavailable
 from app.services.membership.errors import AgentFailed, AgentTimeout, BadNodeRequest, NoSuchNode
-from app.services.membership.messages import AgentRequest, agent_subject
+from app.services.membership.messages import AgentRequest
 
 _enc = msgspec.json.Encoder()
 
 
 async def ask_agent(nc: Client, node_id: str, request: AgentRequest, body: Any, timeout: float) -> Any:
     """Send `body` (JSON; {} when None) to fleetmate.agent.<node_id>.<request>; the decoded answer."""
-    subject = agent_subject(node_id, request)
+    subject = subjects.agent_request(node_id, request)
     payload = _enc.encode(body) if body is not None else b"{}"
     try:
         reply = await call(nc, subject, payload, timeout)

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from app import __version__
+from app.bus import subjects
 from app.bus.connection import Bus
 from app.bus.micro import call
 from app.config import NODE_ID_RE, MembershipConfig
@@ -31,15 +32,11 @@ from app.services.membership import records as layout
 from app.services.membership.errors import BadNodeRequest, Conflict, NoSuchNode
 from app.services.membership.messages import (
     FACT_NAMES,
-    FACTS,
-    HEARTBEATS,
     AgentRequest,
     HeardFacts,
     HeardHeartbeat,
     HistoryData,
     ReplicaHeartbeat,
-    agent_subject,
-    heartbeat_subject,
 )
 from app.services.membership.records import Records, canonical
 from app.services.membership.relay import ask_agent
@@ -148,8 +145,8 @@ class MembershipService:
         """Listen for heartbeats and facts, and start heartbeating for this replica."""
         nc = self.bus.nc
         self._subs = [
-            await nc.subscribe(HEARTBEATS, cb=self._on_heartbeat),
-            await nc.subscribe(FACTS, cb=self._on_facts),
+            await nc.subscribe(subjects.AGENT_HEARTBEATS, cb=self._on_heartbeat),
+            await nc.subscribe(subjects.AGENT_FACTS, cb=self._on_facts),
         ]
         self._beat = asyncio.create_task(self._heartbeat_loop(), name="membership-heartbeat")
 
@@ -168,7 +165,7 @@ class MembershipService:
     # ---- this replica's heartbeat ------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        subject = heartbeat_subject(self.node_id)
+        subject = subjects.agent_heartbeat(self.node_id)
         while True:
             try:
                 host = await asyncio.to_thread(self.host_info)
@@ -238,7 +235,7 @@ class MembershipService:
 
     async def _ask_facts(self, node_id: str) -> None:
         try:
-            reply = await call(self.bus.nc, agent_subject(node_id, "facts"), b"", RELAY_TIMEOUT_S)
+            reply = await call(self.bus.nc, subjects.agent_request(node_id, "facts"), b"", RELAY_TIMEOUT_S)
             facts = _facts_dec.decode(reply)
         except Exception as exc:  # a missing or slow agent: its next heartbeat asks again
             log.debug("asking an agent for its facts failed", extra={"node": node_id, "error": repr(exc)})
