@@ -50,7 +50,16 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _fleetmate_services() -> dict[str, dict[str, Any]]:
-    return {name: svc for name, svc in _services().items() if "FLEETMATE_NODE_ID" in _environment(svc)}
+    """The replicas (`fleetmate serve`): services with a node id that do not run the agent."""
+    return {
+        name: svc
+        for name, svc in _services().items()
+        if "FLEETMATE_NODE_ID" in _environment(svc) and svc.get("command") != ["agent"]
+    }
+
+
+def _agent_services() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in _services().items() if svc.get("command") == ["agent"]}
 
 
 def _containerfile_instructions() -> list[tuple[str, str]]:
@@ -136,6 +145,31 @@ def test_compose_fleetmate_env_uses_only_known_variables() -> None:
     for name, svc in _fleetmate_services().items():
         unknown = {var for var in _environment(svc) if var.startswith("FLEETMATE_")} - known
         assert not unknown, f"{name} sets unknown variables {sorted(unknown)}"
+
+
+def test_compose_has_an_agent_on_the_nats_cluster_with_known_variables() -> None:
+    from app.config import RESERVED_ENV, env_keys
+
+    agents = _agent_services()
+    assert len(agents) == 1
+    for name, svc in agents.items():
+        env = _environment(svc)
+        assert svc["image"] == "fleetmate:local", name
+        assert env["FLEETMATE_NODE_ID"] not in {
+            _environment(r)["FLEETMATE_NODE_ID"] for r in _fleetmate_services().values()
+        }
+        urls = env["FLEETMATE_NATS_URL"].split(",")
+        assert {f"nats://{node}:4222" for node in NATS_NODES} <= set(urls), name
+        assert set(NATS_NODES) <= set(svc["depends_on"]), name
+        unknown = {var for var in env if var.startswith("FLEETMATE_")} - set(env_keys()) - set(RESERVED_ENV)
+        assert not unknown, f"{name} sets unknown variables {sorted(unknown)}"
+
+
+def test_the_agent_unit_file_runs_fleetmate_agent() -> None:
+    unit = (ROOT / "deploy" / "fleetmate-agent.service").read_text()
+    assert re.search(r"^ExecStart=\S*fleetmate agent$", unit, re.M)
+    assert re.search(r"^Restart=always$", unit, re.M)
+    assert "FLEETMATE_NATS_URL" in unit
 
 
 def test_containerfile_runs_fleetmate_serve_as_non_root() -> None:
