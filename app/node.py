@@ -22,6 +22,7 @@ from app.log.lease import registry as lease_backends
 from app.log.lease.base import LeaseRecord
 from app.services.agent.hostinfo import host_info
 from app.services.membership.service import MembershipService
+from app.services.metrics.messages import STREAM as METRICS_STREAM
 from app.services.metrics.service import MetricsService
 from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
@@ -159,10 +160,12 @@ class Node:
         return self.http_url, self.zk_address
 
     async def _step_down_streams(self) -> None:
-        """Move the log's (and the lease bucket's) stream leadership off this replica's NATS server."""
+        """Move the log's, the metrics stream's and the lease bucket's leadership off this replica's NATS server."""
         if self.bus is None or not self.cfg.nats.step_down_on_stop:
             return
         streams = [subjects.REGISTRY_STREAM, f"KV_{subjects.LEASE_BUCKET}"]
+        if self.metrics is not None:
+            streams.append(METRICS_STREAM)
         await step_down_if_leading(self.bus.nc, streams, self.bus.server_name)
 
     async def _peers_applied(self) -> list[int]:

@@ -44,6 +44,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, attempts: in
                 info.config.subjects != config.subjects
                 or info.config.max_age != config.max_age
                 or info.config.num_replicas != config.num_replicas
+                or (config.max_bytes is not None and info.config.max_bytes != config.max_bytes)
             ):
                 await js.update_stream(config)
                 log.info("stream updated", extra={"stream": config.name})
