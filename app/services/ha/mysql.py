@@ -1,0 +1,648 @@
+"""The MySQL 8 / MariaDB 10.6+ adaptor (asyncmy): probes, GTID waits, promotion, repointing, read_only.
+
+Both flavors use GTID replication; the flavor is read from @@version on every connection:
+
+- MariaDB: SHOW SLAVE STATUS / SHOW SLAVE HOSTS, positions in gtid_current_pos (executed),
+  gtid_slave_pos (applied by the SQL thread) and Gtid_IO_Pos (received), MASTER_USE_GTID=slave_pos,
+  MASTER_GTID_WAIT, server identity @@server_id.
+- MySQL 8.0.23+: SHOW REPLICA STATUS / SHOW REPLICAS, gtid_executed, Retrieved_Gtid_Set,
+  CHANGE REPLICATION SOURCE TO ... SOURCE_AUTO_POSITION=1, WAIT_FOR_EXECUTED_GTID_SET,
+  server identity @@server_uuid, super_read_only.
+
+MySQL's column and variable names (Source_*, Replica_*, rpl_semi_sync_source_*) are renamed to
+MariaDB's (Master_*, Slave_*, rpl_semi_sync_master_*) as they are read, so one code path reads both.
+
+Semi-sync follows the role: promote() turns the master side on for a replica that had the slave
+side on (so the new primary's commits again wait for an acknowledgement), and repoint() turns the
+master side off on an instance that becomes a replica (with rpl_semi_sync_master_wait_no_slave, a
+master side with no semi-sync replica of its own would hold each commit for the whole timeout).
+A chained (intermediate) semi-sync primary is not supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from app.services.ha.adaptor import Adaptor, AdaptorError
+from app.services.ha.messages import Address, Credentials, Engine, InstanceStatus, ReplicationLink, Role
+
+Flavor = Literal["mariadb", "mysql"]
+Row = dict[str, Any]
+
+_CANNOT_CONNECT = (2002, 2003, 2005)  # CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR, CR_UNKNOWN_HOST
+_CONNECTION_LOST = (2006, 2013, 2055)  # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
+_OUT_OF_ORDER = 1950  # MariaDB ER_GTID_STRICT_OUT_OF_ORDER: a GTID behind this server's own in its domain
+_SOURCE_REFUSED = 1236  # ER_MASTER_FATAL_ERROR_READING_BINLOG: the source cannot serve the asked position
+
+_VARIABLES = (
+    "version",
+    "server_id",
+    "server_uuid",
+    "read_only",
+    "super_read_only",
+    "gtid_current_pos",
+    "gtid_binlog_pos",
+    "gtid_slave_pos",
+    "gtid_strict_mode",
+    "gtid_executed",
+    "gtid_mode",
+    "log_bin",
+    "log_slave_updates",
+    "log_replica_updates",
+    "binlog_format",
+    "report_host",
+    "report_port",
+    "hostname",
+    "port",
+)
+
+
+_MARIADB_WORDS = {"Source": "Master", "Replica": "Slave", "source": "master", "replica": "slave"}
+
+
+def _mariadb_name(name: str) -> str:
+    """MySQL 8's Source/Replica names as MariaDB's Master/Slave ones (MariaDB names pass unchanged)."""
+    return "_".join(_MARIADB_WORDS.get(word, word) for word in name.split("_"))
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _compact(gtids: str) -> str:
+    """A GTID set without the line breaks and spaces MySQL puts after its commas."""
+    return "".join(gtids.split())
+
+
+# --- GTID positions (pure) ---------------------------------------------------------------------
+
+
+def mariadb_gtids(text: str) -> dict[int, tuple[int, int]]:
+    """A MariaDB GTID position ('0-1-100,1-2-7') as domain -> (server_id, seq_no)."""
+    found: dict[int, tuple[int, int]] = {}
+    for item in _compact(text).split(","):
+        if not item:
+            continue
+        parts = item.split("-")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{item!r} is not a MariaDB GTID (domain-server-seq)")
+        domain, server, seq = (int(p) for p in parts)
+        found[domain] = (server, seq)
+    return found
+
+
+def mariadb_local_gtids(binlog_pos: str, slave_pos: str, server_id: str) -> str:
+    """On a MariaDB replica: the GTIDs it wrote itself past what it replicated (errant ones), as text.
+
+    A domain's last binlogged GTID carrying the replica's own server_id with a seq_no beyond the
+    replicated position is a local write its source never had (MySQL needs the source's
+    gtid_executed for this, so there the HA service compares the two).
+    """
+    applied = mariadb_gtids(slave_pos)
+    own = int(server_id) if server_id.isdigit() else -1
+    found = [
+        f"{domain}-{server}-{seq}"
+        for domain, (server, seq) in sorted(mariadb_gtids(binlog_pos).items())
+        if server == own and seq > applied.get(domain, (0, 0))[1]
+    ]
+    return ",".join(found)
+
+
+def mysql_gtids(text: str) -> dict[str, list[tuple[int, int]]]:
+    """A MySQL GTID set ('uuid:1-5:7,uuid2[:tag]:1-3') as source -> closed intervals."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for item in _compact(text).split(","):
+        if not item:
+            continue
+        uuid, *rest = item.split(":")
+        key = uuid.lower()
+        for part in rest:
+            if re.fullmatch(r"\d+(-\d+)?", part):
+                first, _, last = part.partition("-")
+                found.setdefault(key, []).append((int(first), int(last or first)))
+            else:  # MySQL 8.3+ tagged GTIDs: uuid:tag:1-5
+                key = f"{uuid.lower()}:{part}"
+    return found
+
+
+def gtid_covers(flavor: Flavor, have: str, want: str) -> bool:
+    """Whether position `have` contains every transaction of position `want`.
+
+    MariaDB (gtid_strict_mode): per replication domain, have's seq_no >= want's. MySQL: every
+    interval of want lies inside have's intervals for the same source uuid.
+    """
+    if flavor == "mariadb":
+        mine = mariadb_gtids(have)
+        return all(domain in mine and mine[domain][1] >= seq for domain, (_, seq) in mariadb_gtids(want).items())
+    mine_sets = mysql_gtids(have)
+    for key, intervals in mysql_gtids(want).items():
+        for first, last in intervals:
+            if not any(a <= first and last <= b for a, b in mine_sets.get(key, [])):
+                return False
+    return True
+
+
+def parse_dsn(dsn: str) -> tuple[Address, Credentials]:
+    """mysql://user:password@host[:port][/database] (or mariadb://) as an Address and Credentials.
+
+    A bad DSN raises ValueError naming what is wrong; the password never appears in the message.
+    """
+    try:
+        url = urllib.parse.urlsplit(dsn)
+        port = url.port or 3306
+    except ValueError as exc:
+        raise ValueError(f"{_redact(dsn)}: bad host or port ({exc})") from None
+    if url.scheme not in ("mysql", "mariadb"):
+        raise ValueError(f"{_redact(dsn)}: must start with mysql:// or mariadb://")
+    if not url.hostname:
+        raise ValueError(f"{_redact(dsn)}: has no host")
+    if not url.username:
+        raise ValueError(f"{_redact(dsn)}: has no user")
+    credentials = Credentials(
+        urllib.parse.unquote(url.username),
+        urllib.parse.unquote(url.password or ""),
+        url.path.lstrip("/"),
+    )
+    return Address(url.hostname, port), credentials
+
+
+def _redact(dsn: str) -> str:
+    # Everything between the scheme's '//' and the last '@' is user:password: keep the user only.
+    head, sep, rest = dsn.partition("://")
+    if not sep or "@" not in rest:
+        return dsn
+    userinfo, _, hostpart = rest.rpartition("@")
+    return f"{head}://{userinfo.split(':', 1)[0]}:***@{hostpart}" if ":" in userinfo else dsn
+
+
+# --- one connection to one instance --------------------------------------------------------------
+
+
+class _Session:
+    """One autocommit connection to one instance, its flavor known; every failure an AdaptorError."""
+
+    def __init__(self, conn: Any, address: Address, flavor: Flavor, adaptor: MySQLAdaptor) -> None:
+        self.conn = conn
+        self.address = address
+        self.flavor = flavor
+        self.adaptor = adaptor
+        self.real_names: dict[str, str] = {}
+
+    @property
+    def mariadb(self) -> bool:
+        return self.flavor == "mariadb"
+
+    async def rows(self, sql: str, params: tuple[Any, ...] | None = None, timeout: float | None = None) -> list[Row]:
+        """Run one statement; its rows as dicts with MariaDB-style column names."""
+        from asyncmy import errors
+        from asyncmy.cursors import DictCursor
+
+        limit = self.adaptor.statement_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                cursor: Any = self.conn.cursor(DictCursor)
+                async with cursor as cur:
+                    await cur.execute(sql, params)
+                    fetched = await cur.fetchall()
+        except TimeoutError:
+            raise AdaptorError(self.address, f"no answer within {limit:g}s to {_verb(sql)}") from None
+        except (errors.MySQLError, OSError) as exc:
+            raise self.adaptor.error(self.address, _verb(sql), exc) from None
+        return [{_mariadb_name(k): v for k, v in row.items()} for row in fetched or ()]
+
+    async def execute(self, sql: str, params: tuple[Any, ...] | None = None) -> None:
+        await self.rows(sql, params)
+
+    async def value(self, sql: str, params: tuple[Any, ...] | None = None, timeout: float | None = None) -> str:
+        found = await self.rows(sql, params, timeout)
+        return _text(next(iter(found[0].values()))) if found and found[0] else ""
+
+    async def variables(self, names: Iterable[str]) -> dict[str, str]:
+        """Global variables by (MariaDB-style) name; a variable this server lacks is simply absent."""
+        wanted = sorted({*names, *(n.replace("slave", "replica").replace("master", "source") for n in names)})
+        marks = ", ".join(["%s"] * len(wanted))
+        found = await self.rows(f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({marks})", tuple(wanted))
+        return {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in found}
+
+    async def semi_sync(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Semi-sync variables and status counters (both sides), MariaDB-style names.
+
+        Also remembers each variable's real name (MySQL: rpl_semi_sync_source_* or, with the
+        older plugin, rpl_semi_sync_master_*) for a later SET GLOBAL.
+        """
+        names = await self.rows("SHOW GLOBAL VARIABLES LIKE 'rpl_semi_sync%%'", ())
+        counters = await self.rows("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync%%'", ())
+        self.real_names.update({_mariadb_name(_text(r["Variable_name"])): _text(r["Variable_name"]) for r in names})
+        return (
+            {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in names},
+            {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in counters},
+        )
+
+    async def replica_status(self) -> Row | None:
+        """The replication row (default channel/connection), None when replication is not configured."""
+        found = await self.rows("SHOW SLAVE STATUS" if self.mariadb else "SHOW REPLICA STATUS")
+        if not found or not _text(found[0].get("Master_Host")):
+            return None  # never configured, or RESET SLAVE ALL
+        return found[0]
+
+    async def replica_hosts(self) -> list[Row]:
+        return await self.rows("SHOW SLAVE HOSTS" if self.mariadb else "SHOW REPLICAS")
+
+    async def stop_replication(self) -> None:
+        """Stop both replication threads if either runs (stopping stopped ones only earns a note)."""
+        found = await self.rows("SHOW SLAVE STATUS" if self.mariadb else "SHOW REPLICA STATUS")
+        if found and (
+            _text(found[0].get("Slave_IO_Running")) != "No" or _text(found[0].get("Slave_SQL_Running")) != "No"
+        ):
+            await self.execute("STOP SLAVE" if self.mariadb else "STOP REPLICA")
+
+    async def start_replication(self) -> None:
+        await self.execute("START SLAVE" if self.mariadb else "START REPLICA")
+
+
+def _verb(sql: str) -> str:
+    """The first words of a statement, for error messages (never its arguments)."""
+    return " ".join(sql.split()[:3]).rstrip(",")
+
+
+def _link_error(row: Row) -> str:
+    errors = []
+    for side in ("IO", "SQL"):
+        code, text = _text(row.get(f"Last_{side}_Errno")), _text(row.get(f"Last_{side}_Error"))
+        if text:
+            errors.append(f"{side} error {code}: {text}")
+    return "; ".join(errors)
+
+
+class MySQLAdaptor(Adaptor):
+    """MySQL 8.0.23+ and MariaDB 10.6+ with GTID replication, through asyncmy."""
+
+    engine: Engine = "mysql"
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        connect_timeout: float = 2.0,
+        replication: Credentials | None = None,
+        statement_timeout: float = 10.0,
+        repoint_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(credentials, connect_timeout)
+        # What replicas log in to their source with (CHANGE MASTER TO MASTER_USER/PASSWORD);
+        # fleetmate's own credentials when not given.
+        self.replication = replication or credentials
+        self.statement_timeout = statement_timeout
+        self.repoint_timeout = repoint_timeout
+
+    # --- errors ---------------------------------------------------------------------------------
+
+    def scrub(self, text: str) -> str:
+        """text with every password this adaptor holds replaced by ***."""
+        for secret in {self.credentials.password, self.replication.password}:
+            # Very short secrets would mangle ordinary words; the driver never echoes them anyway.
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
+
+    def error(self, address: Address, what: str, exc: BaseException) -> AdaptorError:
+        """A driver error as an AdaptorError naming the instance and the step, never a password."""
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        text = _text(exc.args[1]) if len(exc.args) > 1 else str(exc) or type(exc).__name__
+        if code == 1045:
+            message = f"access denied for user {self.credentials.user!r}: check the credentials ({text})"
+        elif code in _CANNOT_CONNECT or (code is None and isinstance(exc, OSError)):
+            message = f"cannot connect: {text}"
+        elif code in _CONNECTION_LOST:
+            message = f"connection lost during {what}: {text}"
+        else:
+            message = f"{what} failed: ({code}) {text}" if code else f"{what} failed: {text}"
+        return AdaptorError(address, self.scrub(message))
+
+    # --- connections -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _session(self, address: Address) -> AsyncIterator[_Session]:
+        import asyncmy
+        from asyncmy import errors
+
+        conn: Any = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await asyncmy.connect(
+                    host=address.host,
+                    port=address.port,
+                    user=self.credentials.user,
+                    password=self.credentials.password,
+                    db=self.credentials.database or None,
+                    autocommit=True,
+                    # Our own timeout above fires first, with a clearer message.
+                    connect_timeout=self.connect_timeout + 1,
+                    charset="utf8mb4",
+                )
+                version = ""
+                async with conn.cursor() as cur:
+                    await cur.execute("SELECT @@version")
+                    row = await cur.fetchone()
+                    version = _text(row[0]) if row else ""
+        except TimeoutError:
+            if conn is not None:
+                conn.close()
+            raise AdaptorError(address, f"cannot connect: no answer within {self.connect_timeout:g}s") from None
+        except (errors.MySQLError, OSError) as exc:
+            if conn is not None:
+                conn.close()
+            raise self.error(address, "connect", exc) from None
+        try:
+            yield _Session(conn, address, "mariadb" if "mariadb" in version.lower() else "mysql", self)
+        finally:
+            conn.close()
+
+    # --- probe ---------------------------------------------------------------------------------
+
+    async def probe(self, address: Address) -> InstanceStatus:
+        started = time.time()
+        limit = self.connect_timeout + self.statement_timeout
+        try:
+            async with asyncio.timeout(limit):
+                async with self._session(address) as session:
+                    return await self._probe(session, started)
+        except AdaptorError as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"{address}: probe got no answer within {limit:g}s"
+        except Exception as exc:  # a probe never raises: anything unexpected is its error
+            error = self.scrub(f"{address}: probe failed: {type(exc).__name__}: {exc}")
+        return InstanceStatus(address, self.engine, reachable=False, probed_at=started, error=error)
+
+    async def _probe(self, s: _Session, started: float) -> InstanceStatus:
+        var = await s.variables(_VARIABLES)
+        semi_vars, semi_status = await s.semi_sync()
+        row = await s.replica_status()
+        hosts = await s.replica_hosts()
+
+        extra: dict[str, str] = {"flavor": s.flavor}
+        if s.mariadb:
+            position = var.get("gtid_current_pos", "")
+            server_id = var.get("server_id", "")
+            read_only = var.get("read_only", "OFF") != "OFF"
+            for name in ("gtid_binlog_pos", "gtid_slave_pos", "gtid_strict_mode"):
+                if name in var:
+                    extra[name] = var[name]
+        else:
+            position = _compact(var.get("gtid_executed", ""))
+            server_id = var.get("server_uuid", "")
+            read_only = var.get("read_only", "OFF") != "OFF" or var.get("super_read_only", "OFF") != "OFF"
+            extra["server_id"] = var.get("server_id", "")
+            for name in ("gtid_mode", "super_read_only"):
+                if name in var:
+                    extra[name] = var[name]
+        for name in ("log_bin", "log_slave_updates", "binlog_format", "report_host", "report_port", "hostname"):
+            if var.get(name):
+                extra[name] = var[name]
+
+        link = None
+        if row is not None:
+            lag = row.get("Seconds_Behind_Master")
+            link = ReplicationLink(
+                source=Address(_text(row["Master_Host"]), int(row.get("Master_Port") or 3306)),
+                receiving=_text(row.get("Slave_IO_Running")) == "Yes",
+                applying=_text(row.get("Slave_SQL_Running")) == "Yes",
+                last_error=self.scrub(_link_error(row)),
+                lag_seconds=None if lag is None or _text(lag) == "" else float(lag),
+                received_position=_compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set"))),
+                applied_position=(
+                    var.get("gtid_slave_pos", "") if s.mariadb else _compact(_text(row.get("Executed_Gtid_Set")))
+                ),
+            )
+            extra["io_state"] = _text(row.get("Slave_IO_State"))
+            extra["sql_state"] = _text(row.get("Slave_SQL_Running_State"))
+            extra["auto_position"] = _text(row.get("Using_Gtid" if s.mariadb else "Auto_Position"))
+            if s.mariadb:
+                errant = mariadb_local_gtids(var.get("gtid_binlog_pos", ""), var.get("gtid_slave_pos", ""), server_id)
+                if errant:
+                    extra["errant_gtids"] = errant
+
+        replicas = []
+        unreported = 0
+        for host in hosts:
+            name, port = _text(host.get("Host")), _text(host.get("Port"))
+            if name and port.isdigit() and int(port) > 0:
+                replicas.append(Address(name, int(port)))
+            else:
+                unreported += 1  # a replica without report_host: connected, but its address is unknown
+        if unreported:
+            extra["unreported_replicas"] = str(unreported)
+
+        master_enabled = semi_vars.get("rpl_semi_sync_master_enabled", "OFF") == "ON"
+        master_active = semi_status.get("Rpl_semi_sync_master_status", "OFF") == "ON"
+        for key, value in (
+            ("semi_sync_master_enabled", semi_vars.get("rpl_semi_sync_master_enabled")),
+            ("semi_sync_master_status", semi_status.get("Rpl_semi_sync_master_status")),
+            ("semi_sync_master_clients", semi_status.get("Rpl_semi_sync_master_clients")),
+            ("semi_sync_master_timeout_ms", semi_vars.get("rpl_semi_sync_master_timeout")),
+            ("semi_sync_master_wait_point", semi_vars.get("rpl_semi_sync_master_wait_point")),
+            ("semi_sync_slave_enabled", semi_vars.get("rpl_semi_sync_slave_enabled")),
+            ("semi_sync_slave_status", semi_status.get("Rpl_semi_sync_slave_status")),
+        ):
+            if value is not None:
+                extra[key] = value
+
+        role: Role = "replica" if link is not None else "primary"
+        return InstanceStatus(
+            address=s.address,
+            engine=self.engine,
+            reachable=True,
+            probed_at=started,
+            role=role,
+            server_id=server_id,
+            version=var.get("version", ""),
+            read_only=read_only,
+            position=position,
+            replication=link,
+            replicas=tuple(sorted(set(replicas))),
+            # Only a primary's commits wait for acknowledgements; enabled but fallen back to
+            # asynchronous (status OFF) does not count.
+            sync_replication=role == "primary" and master_enabled and master_active,
+            extra=extra,
+        )
+
+    # --- waiting, promotion, repointing ---------------------------------------------------------
+
+    async def wait_applied(self, address: Address, timeout: float) -> InstanceStatus:
+        deadline = time.monotonic() + timeout
+        async with self._session(address) as s:
+            row = await s.replica_status()
+            if row is not None:
+                received = _compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set")))
+                if received:
+                    await self._wait_position(s, received, deadline, timeout)
+        return await self.probe(address)
+
+    async def _wait_position(self, s: _Session, received: str, deadline: float, timeout: float) -> None:
+        # Short waits in a loop rather than one long one, so that a stopped SQL thread (which
+        # would never get there) is reported at once with its error.
+        wait = "SELECT MASTER_GTID_WAIT(%s, %s)" if s.mariadb else "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)"
+        while True:
+            left = deadline - time.monotonic()
+            step = max(0.01, min(0.25, left))  # MySQL may read 0 as no timeout at all
+            result = await s.value(wait, (received, step), timeout=self.statement_timeout + step)
+            if result == "0":
+                return
+            row = await s.replica_status()
+            if row is None:
+                raise AdaptorError(s.address, "replication was reset while waiting for the relay log to be applied")
+            if _text(row.get("Slave_SQL_Running")) != "Yes":
+                why = _link_error(row) or "the SQL thread is stopped"
+                raise AdaptorError(s.address, self.scrub(f"cannot apply the relay log up to {received}: {why}"))
+            if left <= 0:
+                raise AdaptorError(
+                    s.address, f"relay log not applied within {timeout:g}s (received {received}, still applying)"
+                )
+
+    async def promote(self, address: Address) -> None:
+        async with self._session(address) as s:
+            var = await s.variables(("log_bin", "log_slave_updates", "gtid_mode"))
+            if var.get("log_bin") != "ON":
+                raise AdaptorError(
+                    address, "cannot promote: the binary log is off (log_bin), replicas could not follow"
+                )
+            if s.mariadb and var.get("log_slave_updates") != "ON":
+                raise AdaptorError(
+                    address,
+                    "cannot promote: log_slave_updates is OFF, so its binary log lacks the replicated "
+                    "transactions that replicas repointed to it would need",
+                )
+            if not s.mariadb and var.get("gtid_mode") != "ON":
+                raise AdaptorError(address, f"cannot promote: gtid_mode is {var.get('gtid_mode', '?')}, not ON")
+            semi_vars, _ = await s.semi_sync()
+            await s.stop_replication()
+            if s.mariadb:
+                await self._check_binlog_covers_applied(s)
+            await s.execute("RESET SLAVE ALL" if s.mariadb else "RESET REPLICA ALL")
+            if (
+                semi_vars.get("rpl_semi_sync_slave_enabled") == "ON"
+                and semi_vars.get("rpl_semi_sync_master_enabled") == "OFF"
+            ):
+                # A semi-sync replica becomes a semi-sync primary, before it takes any write:
+                # commits keep waiting for a replica's acknowledgement, so the next failover
+                # again loses nothing acknowledged. (Off on replicas: with wait_no_slave a
+                # master side without replicas would hold every commit for its whole timeout.)
+                await s.execute(f"SET GLOBAL {s.real_names['rpl_semi_sync_master_enabled']} = ON")
+            await self._set_read_only(s, False)
+
+    async def _check_binlog_covers_applied(self, s: _Session) -> None:
+        # With gtid_strict_mode, a new primary's own transactions must continue each domain's
+        # sequence after everything it applied: its binlog has to hold what it applied, or the
+        # replicas repointed to it would be refused. log_slave_updates gives that; this checks it.
+        var = await s.variables(("gtid_binlog_pos", "gtid_slave_pos"))
+        binlog, applied = var.get("gtid_binlog_pos", ""), var.get("gtid_slave_pos", "")
+        if not gtid_covers("mariadb", binlog, applied):
+            await s.start_replication()
+            raise AdaptorError(
+                s.address,
+                f"cannot promote: its binary log ({binlog or 'empty'}) lacks applied transactions "
+                f"({applied}); replication restarted",
+            )
+
+    async def repoint(self, address: Address, source: Address) -> None:
+        if address == source:
+            raise AdaptorError(address, "cannot replicate from itself")
+        repl = self.replication
+        async with self._session(address) as s:
+            semi_vars, _ = await s.semi_sync()
+            await s.stop_replication()
+            if semi_vars.get("rpl_semi_sync_master_enabled") == "ON":
+                # A primary becoming a replica: its master side off (see the module docstring).
+                await s.execute(f"SET GLOBAL {s.real_names['rpl_semi_sync_master_enabled']} = OFF")
+            if s.mariadb:
+                # A former primary never replicated: its own transactions are in gtid_binlog_pos,
+                # not gtid_slave_pos. Starting from gtid_current_pos (the binlog's GTID for its own
+                # server_id, the slave position otherwise) neither re-applies nor skips anything;
+                # a transaction the new source lacks (errant) makes the source refuse the position.
+                current = await s.value("SELECT @@GLOBAL.gtid_current_pos")
+                await s.execute("SET GLOBAL gtid_slave_pos = %s", (current,))
+                await s.execute(
+                    "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s, MASTER_PASSWORD=%s, "
+                    "MASTER_USE_GTID=slave_pos",
+                    (source.host, source.port, repl.user, repl.password),
+                )
+            else:
+                # GET_SOURCE_PUBLIC_KEY: caching_sha2_password over a connection without TLS.
+                await s.execute(
+                    "CHANGE REPLICATION SOURCE TO SOURCE_HOST=%s, SOURCE_PORT=%s, SOURCE_USER=%s, "
+                    "SOURCE_PASSWORD=%s, SOURCE_AUTO_POSITION=1, GET_SOURCE_PUBLIC_KEY=1",
+                    (source.host, source.port, repl.user, repl.password),
+                )
+            await s.start_replication()
+            await self._verify_connected(s, source)
+
+    async def _verify_connected(self, s: _Session, source: Address) -> None:
+        """Wait until both threads run and the source has started sending its binlog (which it does
+        only after accepting our GTID position); an error or the deadline raises AdaptorError."""
+        deadline = time.monotonic() + self.repoint_timeout
+        confirmed = 0
+        while True:
+            row = await s.replica_status()
+            if row is None:
+                raise AdaptorError(s.address, "replication configuration vanished after START SLAVE")
+            io, sql = _text(row.get("Slave_IO_Running")), _text(row.get("Slave_SQL_Running"))
+            error = self.scrub(_link_error(row))
+            if io == "No" or sql == "No":
+                hint = ""
+                if _text(row.get("Last_IO_Errno")) == str(_SOURCE_REFUSED):
+                    hint = (
+                        " (the source cannot serve this instance's GTID position: it has transactions the "
+                        "source lacks, errant GTIDs, or the source purged binlogs it needs)"
+                    )
+                elif s.mariadb and _text(row.get("Last_SQL_Errno")) == str(_OUT_OF_ORDER):
+                    hint = " (gtid_strict_mode: this instance has transactions its source lacks, errant GTIDs)"
+                raise AdaptorError(s.address, f"replication from {source} stopped: {error or 'no error given'}{hint}")
+            if _text(row.get("Last_IO_Errno")) == "1045":
+                # The source refuses the replication user: retrying will not help.
+                raise AdaptorError(
+                    s.address,
+                    f"replication from {source} refused the replication user {self.replication.user!r} "
+                    f"(check the replication credentials): {error}; it stays configured and keeps retrying",
+                )
+            # The source sends a (fake) rotate event naming its binlog file once it accepts the
+            # position; seen twice in a row, the connection is established, not just attempted.
+            if io == "Yes" and sql == "Yes" and _text(row.get("Master_Log_File")):
+                confirmed += 1
+                if confirmed >= 2:
+                    return
+            else:
+                confirmed = 0
+            if time.monotonic() > deadline:
+                raise AdaptorError(
+                    s.address,
+                    f"replication from {source} not running after {self.repoint_timeout:g}s "
+                    f"(IO thread {io or '?'}, SQL thread {sql or '?'}{': ' + error if error else ''}); "
+                    "it stays configured and keeps retrying",
+                )
+            await asyncio.sleep(0.05)
+
+    async def set_read_only(self, address: Address, read_only: bool) -> None:
+        async with self._session(address) as s:
+            await self._set_read_only(s, read_only)
+
+    async def _set_read_only(self, s: _Session, read_only: bool) -> None:
+        # Turning read_only on waits for running writes and table locks: bound that wait
+        # (lock_wait_timeout, seconds) rather than the server's default of a year.
+        await s.execute("SET SESSION lock_wait_timeout = %s", (max(1, int(self.statement_timeout)),))
+        if s.mariadb:
+            await s.execute("SET GLOBAL read_only = %s", ("ON" if read_only else "OFF",))
+        elif read_only:
+            await s.execute("SET GLOBAL super_read_only = ON")  # implies read_only
+        else:
+            await s.execute("SET GLOBAL super_read_only = OFF")
+            await s.execute("SET GLOBAL read_only = OFF")
