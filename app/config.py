@@ -158,6 +158,26 @@ class AgentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_clean_dry_run: bool = False
 
 
+class HaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[ha]: discovery, failure analysis and automatic recovery of MySQL/MariaDB and PostgreSQL clusters."""
+
+    enabled: bool = True
+    poll_interval: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 1.0
+    connect_timeout: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 2.0
+    lag_threshold: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    auto_recover: bool = True
+    recovery_block_seconds: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    apply_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    secrets_file: str = ""
+    user: str = ""
+    password: str = ""
+    replication_user: str = ""
+    replication_password: str = ""
+    pre_failover_hook: str = ""
+    post_failover_hook: str = ""
+    hook_timeout: Seconds = 30.0
+
+
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[metrics]: the DuckDB time-series store, its ingest batches, retention and rollups."""
 
@@ -201,6 +221,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     membership: MembershipConfig = msgspec.field(default_factory=MembershipConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    ha: HaConfig = msgspec.field(default_factory=HaConfig)
 
     @property
     def data_path(self) -> Path:
@@ -234,8 +255,11 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "membership": MembershipConfig,
     "agent": AgentConfig,
     "metrics": MetricsConfig,
+    "ha": HaConfig,
 }
-SECRET_KEYS = frozenset({"auth.tokens", "sql.dsn", "s3.secret_key", "nats.token"})
+SECRET_KEYS = frozenset(
+    {"auth.tokens", "sql.dsn", "s3.secret_key", "nats.token", "ha.password", "ha.replication_password"}
+)
 SQL_DSN_RE = re.compile(r"^(mysql|mariadb|postgresql|postgres)://[^\s/]+(/[A-Za-z0-9_$-]*)?(\?\S*)?$")
 
 
@@ -434,6 +458,8 @@ def validate(cfg: Config) -> Config:
     ):
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(key, f"file not found: {path}")
+    if cfg.ha.secrets_file and not Path(cfg.ha.secrets_file).expanduser().is_file():
+        raise ConfigError("ha.secrets_file", f"file not found: {cfg.ha.secrets_file}")
     if cfg.membership.down_after <= cfg.membership.heartbeat_interval:
         raise ConfigError("membership.down_after", "must be longer than membership.heartbeat_interval")
     for i, rule in enumerate(cfg.agent.log_rules):
@@ -525,7 +551,8 @@ def parse_tokens(cfg: Config) -> tuple[Token, ...]:
 
 def secrets(cfg: Config) -> tuple[str, ...]:
     """Every secret string in the configuration, so logs can redact them."""
-    found: list[str] = [s for s in (cfg.s3.secret_key, cfg.nats.token) if s]
+    candidates = (cfg.s3.secret_key, cfg.nats.token, cfg.ha.password, cfg.ha.replication_password)
+    found: list[str] = [s for s in candidates if s]
     password = re.match(r"^\w+://[^:@/]+:([^@/]+)@", cfg.sql.dsn)
     if password:
         found.append(password.group(1))
@@ -546,6 +573,9 @@ def to_dict(cfg: Config, *, masked: bool = True) -> dict[str, Any]:
             data["s3"]["secret_key"] = "***"
         if cfg.nats.token:
             data["nats"]["token"] = "***"
+        for key in ("password", "replication_password"):
+            if data["ha"][key]:
+                data["ha"][key] = "***"
     return data
 
 

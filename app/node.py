@@ -21,6 +21,7 @@ from app.log.leadership import Leadership
 from app.log.lease import registry as lease_backends
 from app.log.lease.base import LeaseRecord
 from app.services.agent.hostinfo import host_info
+from app.services.ha.service import HaService
 from app.services.membership.service import MembershipService
 from app.services.metrics.messages import STREAM as METRICS_STREAM
 from app.services.metrics.service import MetricsService
@@ -52,6 +53,7 @@ class Node:
         self.leadership: Leadership | None = None
         self.membership: MembershipService | None = None
         self.metrics: MetricsService | None = None
+        self.ha: HaService | None = None
         self.snapshot_store: SnapshotStore | None = None
         self.stream_replicas = 1
         self.phase = "starting"
@@ -119,6 +121,8 @@ class Node:
                 self.bus, cfg.metrics, self.node_id, cfg.data_path, replicas=self.stream_replicas
             )
             await self.metrics.start()
+        if cfg.ha.enabled:
+            self.ha = HaService(self.registry, cfg.ha)
         self.phase = "joining the leader election"
         backend = lease_backends.create(cfg, self.bus, self.stream_replicas)
         self.leadership = Leadership(
@@ -147,9 +151,13 @@ class Node:
         await self.registry.become_leader()
         if self.membership is not None:
             await self.membership.lead()
+        if self.ha is not None:
+            await self.ha.lead()
 
     async def _lose_lead(self) -> None:
-        """Leader duties stop, membership's first."""
+        """Leader duties stop: HA's first, then membership's, then the registry's."""
+        if self.ha is not None:
+            await self.ha.stop_leading()
         if self.membership is not None:
             await self.membership.stop_leading()
         if self.registry is not None:
@@ -226,6 +234,7 @@ class Node:
             ("stream leader step-down", self._step_down_streams if self.stream_replicas > 1 else None),
             ("leadership", self.leadership.stop if self.leadership else None),
             ("lease backend", self.leadership.backend.close if self.leadership else None),
+            ("ha", self.ha.stop if self.ha else None),
             ("metrics", self.metrics.stop if self.metrics else None),
             ("membership", self.membership.stop if self.membership else None),
             ("registry", self.registry.stop if self.registry else None),

@@ -150,6 +150,10 @@ class Fleetmate:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.get(self.url + path, headers=headers, timeout=timeout)
 
+    def post(self, path: str, json: Any, token: str | None = None, timeout: float = 30) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.post(self.url + path, json=json, headers=headers, timeout=timeout)
+
     def children(self) -> list[psutil.Process]:
         assert self.proc
         try:

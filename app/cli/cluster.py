@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
 
-import httpx
+from app.cli.api import ApiError, call
 
 
-def _get(addrs: list[str], token: str | None, path: str) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    last: Exception | None = None
-    for addr in addrs:
-        try:
-            response = httpx.get(addr.rstrip("/") + path, headers=headers, timeout=5)
-        except httpx.TransportError as exc:
-            last = exc
-            continue
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-                raise SystemExit(f"fleetmate: {addr}: {body['error']}: {body['message']}")
-            except (ValueError, KeyError):
-                raise SystemExit(f"fleetmate: {addr}: HTTP {response.status_code}") from None
-        data: dict[str, Any] = response.json()
-        return data
-    raise SystemExit(f"fleetmate: no address answers ({', '.join(addrs)}): {last}")
+def _get(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = call(args, "GET", path, timeout=5)
+    except ApiError as exc:
+        raise SystemExit(f"fleetmate: {exc}") from None
+    return data
 
 
 def status(args: argparse.Namespace) -> int:
     """Print the leader, every replica announced on the bus, and the registry's revision."""
-    addrs = (args.addr or os.environ.get("FLEETMATE_ADDR") or "http://127.0.0.1:21510").split(",")
-    token = args.token or os.environ.get("FLEETMATE_TOKEN")
-    view = _get(addrs, token, "/api/v1/cluster")
-    registry = _get(addrs, token, "/api/v1/registry")
+    view = _get(args, "/api/v1/cluster")
+    registry = _get(args, "/api/v1/registry")
     now = time.time()  # ages of announcements; each replica refreshes its own every 2 s
     out = sys.stdout
     print(f"leader: {view['leader']['node_id'] or '(none)'}  {view['leader']['http_url']}", file=out)

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     from app.cli import node as node_cli
 
     node_cli.add_parser(sub)
+    from app.cli import ha as ha_cli
+
+    ha_cli.add_parser(sub)
 
     shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
     shell.add_argument(
@@ -114,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli.node import run as run_node
 
         return run_node(args)
+    if args.command == "ha":
+        from app.cli.ha import run as run_ha
+
+        return run_ha(args)
     if args.command == "shell":
         from app.cli.shell import run as run_shell
 

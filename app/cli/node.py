@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
-ADDR_HELP = "server addresses, tried in order (default: $FLEETMATE_ADDR or http://127.0.0.1:21510)"
+from app.cli.api import ApiError, add_connection_options, call
+
 SLOW_S = 60.0  # scans and cleanups run on the host
 
 
@@ -22,9 +22,7 @@ def add_parser(sub: Any) -> None:
         p: argparse.ArgumentParser = node_sub.add_parser(name, help=help_text)
         if with_id:
             p.add_argument("node_id", metavar="ID", help="the node id")
-        p.add_argument("--addr", metavar="URL[,URL...]", help=ADDR_HELP)
-        p.add_argument("--token", help="API token (default: $FLEETMATE_TOKEN)")
-        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+        add_connection_options(p)
         return p
 
     lst = command("list", "every node with its state", with_id=False)
@@ -43,33 +41,6 @@ def add_parser(sub: Any) -> None:
     mnt.add_argument("--reason", default="", help="why (kept in the node's state and history)")
     rm = command("remove", "forget a node (its agent, if it still runs, registers it again)")
     rm.add_argument("--reason", default="", help="why")
-
-
-class ApiError(Exception):
-    """The server answered with an error (message ready to print)."""
-
-
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
-    import httpx
-
-    addrs = (args.addr or os.environ.get("FLEETMATE_ADDR") or "http://127.0.0.1:21510").split(",")
-    token = args.token or os.environ.get("FLEETMATE_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    last: Exception | None = None
-    for addr in addrs:
-        try:
-            response = httpx.request(method, addr.rstrip("/") + path, json=body, headers=headers, timeout=timeout)
-        except httpx.TransportError as exc:
-            last = exc
-            continue
-        if response.status_code >= 400:
-            try:
-                err = response.json()
-                raise ApiError(f"{err['error']}: {err['message']}")
-            except (ValueError, KeyError):
-                raise ApiError(f"HTTP {response.status_code}") from None
-        return response.json()
-    raise ApiError(f"no address answers ({', '.join(addrs)}): {last}")
 
 
 def _ago(now: float, t: float) -> str:
@@ -151,22 +122,22 @@ def _run(args: argparse.Namespace) -> int:
     path = f"{base}/{quote(args.node_id, safe='')}" if cmd != "list" else base
     answer: Any
     if cmd == "list":
-        answer = _call(args, "GET", base + (f"?state={args.state}" if args.state else ""))
+        answer = call(args, "GET", base + (f"?state={args.state}" if args.state else ""))
     elif cmd == "show":
-        answer = _call(args, "GET", path)
+        answer = call(args, "GET", path)
     elif cmd == "scan":
-        answer = _call(args, "POST", path + "/scan", timeout=SLOW_S + 5)
+        answer = call(args, "POST", path + "/scan", timeout=SLOW_S + 5)
     elif cmd == "clean":
-        answer = _call(args, "POST", path + "/clean", {"dry_run": args.dry_run, "rule": args.rule}, SLOW_S + 5)
+        answer = call(args, "POST", path + "/clean", {"dry_run": args.dry_run, "rule": args.rule}, SLOW_S + 5)
     elif cmd == "ports":
         query: dict[str, Any] = {"proto": args.proto}
         if args.free is not None:
             query.update(free=args.free, count=args.count)
-        answer = _call(args, "GET", f"{path}/ports?{urlencode(query)}")
+        answer = call(args, "GET", f"{path}/ports?{urlencode(query)}")
     elif cmd == "maintenance":
-        answer = _call(args, "PUT", path + "/maintenance", {"on": args.mode == "on", "reason": args.reason})
+        answer = call(args, "PUT", path + "/maintenance", {"on": args.mode == "on", "reason": args.reason})
     elif cmd == "remove":
-        answer = _call(args, "DELETE", path + (f"?{urlencode({'reason': args.reason})}" if args.reason else ""))
+        answer = call(args, "DELETE", path + (f"?{urlencode({'reason': args.reason})}" if args.reason else ""))
     else:
         return 2
     if args.json:

@@ -19,6 +19,7 @@ from app.web.fastpath import FastPath
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
+from app.web.routes.ha import ha_routes
 from app.web.routes.metrics import metrics_routes
 from app.web.routes.nodes import node_routes
 from app.web.routes.registry import registry_routes
@@ -44,6 +45,7 @@ def create_app(node: Node) -> Observe:
             *registry_routes(node),
             *node_routes(node),
             *metrics_routes(node),
+            *ha_routes(node),
         ],
         state=State({"node": node}),
         exception_handlers=HANDLERS,

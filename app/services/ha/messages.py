@@ -89,5 +89,5 @@ class Topology(msgspec.Struct, frozen=True):
     instances: tuple[InstanceStatus, ...]
 
     def primaries(self) -> tuple[InstanceStatus, ...]:
-        """Reachable writable instances that replicate from no one."""
+        """Reachable instances that replicate from no one (writable or not: check read_only)."""
         return tuple(i for i in self.instances if i.reachable and i.role == "primary")

@@ -1,0 +1,573 @@
+"""HaService: registers clusters, probes them from the leader, and records topology, findings and recoveries.
+
+Every replica answers reads from the registry (/fleet/clusters, see layout.py). Only the lease
+holder probes, analyses and recovers; its writes carry its lease term, so a deposed leader's
+late writes are refused. Recovery follows recovery.plan_recovery() and records each step in
+the cluster's history with the trace id it ran under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from opentelemetry import trace
+
+from app.config import HaConfig
+from app.services.ha import layout
+from app.services.ha.adaptor import Adaptor, AdaptorError
+from app.services.ha.analysis import Analysis, NoCandidate, analyse, choose_candidate, position, replicas_of
+from app.services.ha.credentials import credentials_for, parse_seed
+from app.services.ha.errors import BadClusterRequest, ClusterExists, DiscoveryFailed, UnknownCluster
+from app.services.ha.layout import ClusterRecord, HistoryEntry, InstanceRecord
+from app.services.ha.messages import Address, Credentials, Engine, InstanceStatus, PromotionRule
+from app.services.ha.recovery import Blocked, ClusterPolicy, RecoveryPlan, plan_recovery
+from app.services.registry.errors import NodeExists, NoNode, RegistryError
+from app.services.registry.messages import Create, Delete, SetData
+from app.services.registry.service import MultiOp, RegistryService
+from app.telemetry import tracer
+
+log = logging.getLogger("fleetmate.ha")
+T = TypeVar("T")
+
+AdaptorFactory = Callable[[Engine, Credentials, Credentials, float], Adaptor]
+REFRESH_S = 10.0  # an unchanged instance record is rewritten this often (fresh lag and position)
+
+_instance_dec = msgspec.json.Decoder(InstanceRecord)
+_cluster_dec = msgspec.json.Decoder(ClusterRecord)
+_history_dec = msgspec.json.Decoder(HistoryEntry)
+
+
+def make_adaptor(engine: Engine, login: Credentials, replication: Credentials, timeout: float) -> Adaptor:
+    """The engine's adaptor (imported on first use: a replica without HA clusters never loads them)."""
+    if engine == "mysql":
+        from app.services.ha.mysql import MySQLAdaptor
+
+        return MySQLAdaptor(login, timeout, replication=replication)
+    from app.services.ha.postgresql import PostgresAdaptor
+
+    return PostgresAdaptor(login, timeout, replication=replication)
+
+
+class ClusterView(msgspec.Struct, frozen=True):
+    """A cluster as the API shows it: its record, primary, instances and the leader's latest findings."""
+
+    cluster: ClusterRecord
+    primary: str
+    instances: list[InstanceRecord]
+    analyses: list[Analysis]
+
+
+def _trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.trace_id else ""
+
+
+class HaService:
+    """One replica's HA: registry reads everywhere, probing and recovery on the leader."""
+
+    def __init__(
+        self,
+        registry: RegistryService,
+        cfg: HaConfig,
+        adaptors: AdaptorFactory = make_adaptor,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.cfg = cfg
+        self.adaptors = adaptors
+        self.clock = clock
+        self.leading = False
+        self.analyses: dict[str, list[Analysis]] = {}
+        self.recoveries = 0
+        self._adaptor_of: dict[str, Adaptor] = {}
+        self._written_at: dict[tuple[str, str], float] = {}
+        self._blocked_said: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- reads (any replica) ------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Registered clusters."""
+        state = self.registry.state
+        return list(state.child_names(layout.ROOT)) if layout.ROOT in state.nodes else []
+
+    def record(self, name: str) -> ClusterRecord:
+        """A cluster's record; UnknownCluster when none is registered by that name."""
+        node = self.registry.state.nodes.get(layout.config_path(name)) if layout.NAME_RE.match(name) else None
+        if node is None:
+            raise UnknownCluster(f"no cluster {name!r} is registered")
+        return _cluster_dec.decode(node.data)
+
+    def primary(self, name: str) -> str:
+        """The recorded writable primary (host:port)."""
+        node = self.registry.state.nodes.get(layout.primary_path(name))
+        return node.data.decode() if node is not None else ""
+
+    def instances(self, name: str) -> list[InstanceRecord]:
+        """The recorded instances, by address."""
+        return self._children(layout.instances_path(name), _instance_dec)
+
+    def view(self, name: str) -> ClusterView:
+        """Everything the API shows about a cluster."""
+        record = self.record(name)
+        return ClusterView(record, self.primary(name), self.instances(name), self.analyses.get(name, []))
+
+    def history(self, name: str) -> list[HistoryEntry]:
+        """The cluster's detections and recovery steps, oldest first."""
+        self.record(name)
+        return self._children(layout.history_path(name), _history_dec)
+
+    def _children(self, folder: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
+        """The decoded data of a folder's children, in name order."""
+        state = self.registry.state
+        if folder not in state.nodes:
+            return []
+        nodes = (state.nodes.get(f"{folder}/{child}") for child in state.child_names(folder))
+        return [decoder.decode(node.data) for node in nodes if node is not None]
+
+    # ---- registration (any replica) -----------------------------------------------------------
+
+    async def register(self, name: str, dsn: str) -> ClusterView:
+        """Discover a cluster from one instance and record it; the leader keeps probing it from then on."""
+        if not layout.NAME_RE.match(name):
+            raise BadClusterRequest(f"cluster name {name!r} must be 1-64 letters, digits, '-' or '_'")
+        if name in self.names():
+            raise ClusterExists(f"cluster {name!r} is already registered")
+        engine, seed, user, database = parse_seed(dsn)
+        login, replication = credentials_for(self.cfg, name, user, database)
+        adaptor = self.adaptors(engine, login, replication, self.cfg.connect_timeout)
+        with tracer().start_as_current_span("ha.discover", attributes={"ha.cluster": name, "ha.seed": str(seed)}):
+            topology = await adaptor.discover(seed)
+        first = next((s for s in topology.instances if s.address == seed), None)
+        if first is None or not first.reachable:
+            why = first.error if first is not None else "not probed"
+            raise DiscoveryFailed(f"cannot reach {seed}: {why}")
+        writable = [s for s in topology.primaries() if s.read_only is False]
+        if not writable:
+            raise DiscoveryFailed(f"no writable primary found from {seed}")
+        if len(writable) > 1:
+            raise DiscoveryFailed(
+                f"two writable primaries (split brain): {', '.join(str(s.address) for s in writable)}"
+            )
+        now = self.clock()
+        record = ClusterRecord(name, engine, str(seed), user, database, now)
+        ops: list[MultiOp] = [
+            Create(layout.config_path(name), layout.encode(record), parents=True),
+            Create(layout.primary_path(name), str(writable[0].address).encode()),
+            Create(layout.instances_path(name)),
+        ]
+        ops.extend(
+            Create(layout.instance_path(name, str(s.address)), layout.encode(layout.instance_record(s)))
+            for s in topology.instances
+        )
+        entry = HistoryEntry(now, "registered", f"discovered {len(topology.instances)} instances from {seed}")
+        ops.append(self._history_op(name, entry, parents=True))
+        try:
+            await self.registry.multi(ops)
+        except NodeExists:
+            raise ClusterExists(f"cluster {name!r} is already registered") from None
+        self._adaptor_of[name] = adaptor
+        log.info("cluster registered", extra={"cluster": name, "primary": str(writable[0].address)})
+        return self.view(name)
+
+    async def remove(self, name: str) -> None:
+        """Forget a cluster (its instances are not touched)."""
+        self.record(name)
+        with contextlib.suppress(NoNode):
+            await self.registry.delete(layout.cluster_path(name), recursive=True)
+        self._adaptor_of.pop(name, None)
+        self.analyses.pop(name, None)
+
+    def _history_op(self, name: str, entry: HistoryEntry, parents: bool = False) -> Create:
+        path = f"{layout.history_path(name)}/{layout.HISTORY_PREFIX}"
+        return Create(path, layout.encode(entry), sequential=True, parents=parents)
+
+    async def _note(
+        self, name: str, kind: layout.HistoryKind, message: str, instance: str = "", *, duty: bool = True
+    ) -> None:
+        """Record a history entry; duty: a leader's (fenced by its term), else a request's (any replica)."""
+        entry = HistoryEntry(self.clock(), kind, message, instance, _trace_id())
+        log.info("ha: %s", message, extra={"cluster": name, "kind": kind, "instance": instance})
+        ops: list[MultiOp] = [self._history_op(name, entry)]
+        state = self.registry.state
+        folder = layout.history_path(name)
+        names = state.child_names(folder) if folder in state.nodes else []
+        ops.extend(Delete(f"{folder}/{old}") for old in names[: max(0, len(names) - layout.HISTORY_KEEP + 1)])
+        await self.registry.multi(ops, self._term() if duty else 0)
+
+    def _term(self) -> int:
+        """The lease term leader duties write with: refused once a newer leader exists."""
+        return self.registry.keeper.term
+
+    def _adaptor(self, record: ClusterRecord) -> Adaptor:
+        adaptor = self._adaptor_of.get(record.name)
+        if adaptor is None:
+            login, replication = credentials_for(self.cfg, record.name, record.user, record.database)
+            adaptor = self.adaptors(record.engine, login, replication, self.cfg.connect_timeout)
+            self._adaptor_of[record.name] = adaptor
+        return adaptor
+
+    # ---- operator settings (any replica, on request) ------------------------------------------
+
+    async def _update(self, name: str, change: Callable[[ClusterRecord], ClusterRecord], what: str) -> ClusterView:
+        """Compare-and-set the cluster's record (retried when the leader wrote it meanwhile)."""
+        for _ in range(5):
+            node = self.registry.state.nodes.get(layout.config_path(name))
+            record = self.record(name)
+            assert node is not None
+            updated = change(record)
+            entry = HistoryEntry(self.clock(), "acknowledged" if "acknowledged" in what else "step", what)
+            ops: list[MultiOp] = [
+                SetData(layout.config_path(name), layout.encode(updated), node.version),
+                self._history_op(name, entry),
+            ]
+            try:
+                await self.registry.multi(ops)
+                return self.view(name)
+            except RegistryError:
+                await self.registry.sync()
+        raise BadClusterRequest(f"cluster {name!r} kept changing; try again")
+
+    def _member(self, name: str, address: str) -> str:
+        self.record(name)  # UnknownCluster first
+        try:
+            parsed = str(Address.parse(address))
+        except ValueError as exc:
+            raise BadClusterRequest(str(exc)) from None
+        if parsed not in {i.address for i in self.instances(name)}:
+            raise BadClusterRequest(f"{parsed} is not an instance of cluster {name!r}")
+        return parsed
+
+    async def set_rule(self, name: str, address: str, rule: PromotionRule) -> ClusterView:
+        """An instance's promotion rule: prefer, neutral (the default) or must_not."""
+        member = self._member(name, address)
+
+        def change(r: ClusterRecord) -> ClusterRecord:
+            rules = {k: v for k, v in r.rules.items() if k != member}
+            if rule != "neutral":
+                rules[member] = rule
+            return msgspec.structs.replace(r, rules=rules)
+
+        return await self._update(name, change, f"{member}: promotion rule {rule}")
+
+    async def set_downtime(self, name: str, address: str, seconds: float, reason: str = "") -> ClusterView:
+        """Put an instance in downtime for `seconds` (0 ends it): no recovery of it or onto it meanwhile."""
+        member = self._member(name, address)
+        until = self.clock() + seconds if seconds > 0 else 0.0
+
+        def change(r: ClusterRecord) -> ClusterRecord:
+            downtime = {k: v for k, v in r.downtime.items() if k != member}
+            if until:
+                downtime[member] = until
+            return msgspec.structs.replace(r, downtime=downtime)
+
+        said = f"{member}: downtime for {seconds:g}s" + (f" ({reason})" if reason else "")
+        return await self._update(name, change, said if seconds else f"{member}: downtime ended")
+
+    async def acknowledge(self, name: str, reason: str = "") -> ClusterView:
+        """Acknowledge the last recovery: the anti-flapping block is lifted."""
+
+        def change(r: ClusterRecord) -> ClusterRecord:
+            return msgspec.structs.replace(r, last_recovery_at=None)
+
+        return await self._update(name, change, "recovery acknowledged" + (f": {reason}" if reason else ""))
+
+    # ---- switchover (any replica, on request) --------------------------------------------------
+
+    async def switchover(self, name: str, to: str | None = None) -> ClusterView:
+        """Hand the primary role to a replica with nothing lost: the primary goes read-only, the
+        candidate catches up to its final position, is promoted, and the rest (old primary
+        included) replicate from it."""
+        record = self.record(name)
+        adaptor = self._adaptor(record)
+        note = functools.partial(self._note, duty=False)  # a request, served by any replica
+        old = Address.parse(self.primary(name))
+        with tracer().start_as_current_span("ha.switchover", attributes={"ha.cluster": name}):
+            probes = await self._probe_all(adaptor, {old} | {Address.parse(i.address) for i in self.instances(name)})
+            if not probes[old].reachable:
+                raise BadClusterRequest(f"the primary {old} is unreachable: a switchover needs it (see the analysis)")
+            replicas = [s for s in replicas_of(old, probes) if s.reachable]
+            target = self._switchover_target(name, record, replicas, to)
+            await note(name, "step", f"switchover from {old} to {target} requested", str(target))
+            await adaptor.set_read_only(old, True)
+            try:
+                await self._catch_up(adaptor, old, target)
+                await adaptor.promote(target)
+            except (AdaptorError, TimeoutError) as exc:
+                await adaptor.set_read_only(old, False)
+                await note(name, "failed", f"switchover to {target} abandoned, {old} writable again: {exc}")
+                raise DiscoveryFailed(f"switchover abandoned: {exc}") from None
+            await note(name, "step", f"promoted {target} (switchover)", str(target))
+            for other in [old, *(s.address for s in replicas if s.address != target)]:
+                try:
+                    await adaptor.repoint(other, target)
+                    await note(name, "step", f"{other} replicates from {target}", str(other))
+                except AdaptorError as exc:
+                    await note(name, "failed", f"repointing {other} failed: {exc}", str(other))
+            entry = HistoryEntry(self.clock(), "step", f"primary is now {target} (was {old})", str(target), _trace_id())
+            await self.registry.multi(
+                [SetData(layout.primary_path(name), str(target).encode()), self._history_op(name, entry)]
+            )
+        return self.view(name)
+
+    def _switchover_target(
+        self, name: str, record: ClusterRecord, replicas: list[InstanceStatus], to: str | None
+    ) -> Address:
+        if to:
+            try:
+                target = Address.parse(to)
+            except ValueError as exc:
+                raise BadClusterRequest(str(exc)) from None
+            if target not in {s.address for s in replicas}:
+                raise BadClusterRequest(f"{target} is not a reachable replica of the primary of {name}")
+            return target
+        policy = self._policy(name, record)
+        chosen = choose_candidate(replicas, policy.rules, policy.downtime, require_complete=False)
+        if isinstance(chosen, NoCandidate):
+            raise BadClusterRequest(f"no replica can take over: {chosen.reason}")
+        return chosen.address
+
+    async def _catch_up(self, adaptor: Adaptor, old: Address, target: Address) -> None:
+        """Wait until target executed everything the (read-only) old primary did."""
+        final = position(await adaptor.probe(old))
+        if final is None:
+            raise TimeoutError(f"cannot read the position of {old}")
+        deadline = asyncio.get_running_loop().time() + self.cfg.apply_timeout
+        while True:
+            have = position(await adaptor.probe(target))
+            if have is not None and have.covers(final):
+                return
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError(f"{target} did not catch up with {old} within {self.cfg.apply_timeout:g}s")
+            await asyncio.sleep(0.05)
+
+    # ---- the leader ---------------------------------------------------------------------------
+
+    async def lead(self) -> None:
+        """Start probing every cluster (this replica holds the lease)."""
+        self.leading = True
+        self._task = asyncio.create_task(self._loop(), name="ha-leader")
+
+    async def stop_leading(self) -> None:
+        """Stop probing at once."""
+        self.leading = False
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def stop(self) -> None:
+        """Stop everything."""
+        await self.stop_leading()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.leading:
+            started = loop.time()
+            for name in self.names():
+                try:
+                    await self.poll(name)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("ha poll failed", extra={"cluster": name})
+            await asyncio.sleep(max(0.0, self.cfg.poll_interval - (loop.time() - started)))
+
+    async def poll(self, name: str) -> list[Analysis]:
+        """Probe every instance of a cluster, record changes, analyse, and recover or fence as needed."""
+        record = self.record(name)
+        adaptor = self._adaptor(record)
+        with tracer().start_as_current_span("ha.poll", attributes={"ha.cluster": name}):
+            known = {Address.parse(i.address) for i in self.instances(name)}
+            primary_text = self.primary(name)
+            primary = Address.parse(primary_text) if primary_text else None
+            if primary is not None:
+                known.add(primary)
+            probes = await self._probe_all(adaptor, known)
+            await self._record_instances(name, probes)
+            if primary is None:
+                return []
+            found = analyse(primary, probes, self.cfg.lag_threshold, known - {primary})
+            await self._note_findings(name, found)
+            self.analyses[name] = found
+            for finding in found:
+                if finding.kind == "DeadPrimary" and self.leading:
+                    await self._recover(name, record, finding, probes, adaptor)
+                elif finding.kind == "SplitBrain" and str(finding.instance) in record.old_primaries:
+                    await self._fence(name, finding.instance, primary, adaptor)
+            return found
+
+    async def _probe_all(self, adaptor: Adaptor, known: set[Address]) -> dict[Address, InstanceStatus]:
+        probes: dict[Address, InstanceStatus] = {}
+        todo = set(known)
+        while todo and len(probes) < 100:
+            batch = sorted(todo)
+            for status in await asyncio.gather(*(adaptor.probe(a) for a in batch)):
+                probes[status.address] = status
+            # Instances that appeared (a new replica, a source outside the cluster) are probed too.
+            seen = {r for s in probes.values() for r in s.replicas}
+            seen |= {s.replication.source for s in probes.values() if s.replication and s.replication.source}
+            todo = seen - probes.keys()
+        return probes
+
+    async def _record_instances(self, name: str, probes: dict[Address, InstanceStatus]) -> None:
+        now = self.clock()
+        state = self.registry.state
+        ops: list[MultiOp] = []
+        for address, status in probes.items():
+            path = layout.instance_path(name, str(address))
+            new = layout.instance_record(status)
+            node = state.nodes.get(path)
+            if node is None:
+                ops.append(Create(path, layout.encode(new)))
+                self._written_at[(name, str(address))] = now
+                continue
+            old = _instance_dec.decode(node.data)
+            stale = now - self._written_at.get((name, str(address)), 0.0) >= REFRESH_S
+            if not layout.same_shape(old, new) or stale:
+                ops.append(SetData(path, layout.encode(new)))
+                self._written_at[(name, str(address))] = now
+        if ops:
+            await self.registry.multi(ops, self._term())
+
+    async def _note_findings(self, name: str, found: list[Analysis]) -> None:
+        before = {(a.kind, a.instance) for a in self.analyses.get(name, [])}
+        for finding in found:
+            if (finding.kind, finding.instance) not in before:
+                await self._note(name, "analysis", f"{finding.kind}: {finding.detail}", str(finding.instance))
+        for kind, instance in before - {(a.kind, a.instance) for a in found}:
+            await self._note(name, "analysis", f"{kind} cleared", str(instance))
+
+    # ---- recovery -----------------------------------------------------------------------------
+
+    def _policy(self, name: str, record: ClusterRecord) -> ClusterPolicy:
+        now = self.clock()
+        recorded = {i.address: i for i in self.instances(name)}
+        primary = recorded.get(self.primary(name))
+        auto = self.cfg.auto_recover if record.auto_recover is None else record.auto_recover
+        return ClusterPolicy(
+            rules={Address.parse(a): rule for a, rule in record.rules.items()},
+            downtime=frozenset(Address.parse(a) for a, until in record.downtime.items() if until > now),
+            require_complete=primary is not None and primary.sync_replication,
+            block_seconds=self.cfg.recovery_block_seconds,
+            auto_recover=auto,
+        )
+
+    async def _recover(
+        self,
+        name: str,
+        record: ClusterRecord,
+        finding: Analysis,
+        probes: dict[Address, InstanceStatus],
+        adaptor: Adaptor,
+    ) -> None:
+        with tracer().start_as_current_span("ha.recover", attributes={"ha.cluster": name}):
+            policy = self._policy(name, record)
+            plan = plan_recovery(name, finding, probes, policy, self.clock(), record.last_recovery_at)
+            if isinstance(plan, Blocked):
+                if self._blocked_said.get(name) != plan.reason:
+                    self._blocked_said[name] = plan.reason
+                    await self._note(name, "blocked", plan.reason, str(finding.instance))
+                return
+            self._blocked_said.pop(name, None)
+            await self._note(name, "recovery", f"recovering dead primary {finding.instance}", str(finding.instance))
+            waiting = [s.instance for s in plan.steps if s.kind == "wait_applied"]
+            results = await asyncio.gather(
+                *(adaptor.wait_applied(a, self.cfg.apply_timeout) for a in waiting), return_exceptions=True
+            )
+            applied = set()
+            for address, result in zip(waiting, results, strict=True):
+                if isinstance(result, InstanceStatus):
+                    probes[address] = result
+                    applied.add(address)
+                else:
+                    await self._note(name, "failed", f"{address} did not apply its backlog: {result}", str(address))
+                    probes[address] = await adaptor.probe(address)
+            final = plan_recovery(name, finding, probes, policy, self.clock(), record.last_recovery_at, applied)
+            if isinstance(final, Blocked):
+                await self._note(name, "blocked", final.reason, str(finding.instance))
+                return
+            await self._execute(name, record, final, adaptor)
+
+    async def _execute(self, name: str, record: ClusterRecord, plan: RecoveryPlan, adaptor: Adaptor) -> None:
+        old, new = plan.failed_primary, plan.candidate
+        if not await self._hook(name, "pre_failover", self.cfg.pre_failover_hook, old, new):
+            return
+        try:
+            await adaptor.promote(new)
+        except AdaptorError as exc:
+            await self._note(name, "failed", f"promoting {new} failed: {exc}", str(new))
+            return
+        await self._note(name, "step", f"promoted {new} ({plan.reason})", str(new))
+        for step in plan.steps:
+            if step.kind != "repoint":
+                continue
+            try:
+                await adaptor.repoint(step.instance, new)
+                await self._note(name, "step", f"{step.instance} replicates from {new}", str(step.instance))
+            except AdaptorError as exc:
+                await self._note(name, "failed", f"repointing {step.instance} failed: {exc}", str(step.instance))
+        now = self.clock()
+        updated = msgspec.structs.replace(
+            record, last_recovery_at=now, old_primaries=sorted({*record.old_primaries, str(old)})
+        )
+        entry = HistoryEntry(now, "step", f"primary is now {new} (was {old})", str(new), _trace_id())
+        await self.registry.multi(
+            [
+                SetData(layout.primary_path(name), str(new).encode()),
+                SetData(layout.config_path(name), layout.encode(updated)),
+                self._history_op(name, entry),
+            ],
+            self._term(),
+        )
+        self.recoveries += 1
+        log.warning("failover done", extra={"cluster": name, "old_primary": str(old), "new_primary": str(new)})
+        await self._hook(name, "post_failover", self.cfg.post_failover_hook, old, new)
+
+    async def _fence(self, name: str, old: Address, primary: Address, adaptor: Adaptor) -> None:
+        """A failed primary came back writable: make it read-only, then a replica of the current primary."""
+        try:
+            await adaptor.set_read_only(old, True)
+            await self._note(name, "fenced", f"{old} came back writable: set read-only", str(old))
+            await adaptor.repoint(old, primary)
+            await self._note(name, "fenced", f"{old} replicates from {primary}", str(old))
+        except AdaptorError as exc:
+            await self._note(name, "failed", f"fencing {old} is incomplete: {exc}", str(old))
+
+    async def _hook(self, name: str, which: str, command: str, old: Address, new: Address) -> bool:
+        """Run a failover hook; False when a pre-failover hook failed (the failover stops)."""
+        if not command:
+            return True
+        env: dict[str, Any] = {
+            **os.environ,
+            "FLEETMATE_HA_CLUSTER": name,
+            "FLEETMATE_HA_OLD_PRIMARY": str(old),
+            "FLEETMATE_HA_NEW_PRIMARY": str(new),
+        }
+        try:
+            proc = await asyncio.create_subprocess_shell(
+                command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), self.cfg.hook_timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise RuntimeError(f"timed out after {self.cfg.hook_timeout:g}s") from None
+            if proc.returncode != 0:
+                tail = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise RuntimeError(f"exit code {proc.returncode}: {tail[0]}")
+        except (OSError, RuntimeError) as exc:
+            await self._note(name, "failed", f"{which} hook failed: {exc}")
+            return which != "pre_failover"
+        await self._note(name, "step", f"{which} hook ran")
+        return True
