@@ -53,7 +53,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
         # Bound before the node is ready (like HTTP): early clients are closed and retry.
         zk = ZkServer(node, cfg.zk.host, cfg.zk.port, reuse_port=worker)
         try:
-            await zk.start()
+            await zk.start(avoid={port})
         except OSError as exc:
             log.error("cannot listen for ZooKeeper clients", extra={"key": "zk.port", "error": str(exc)})
             return EXIT_FAILED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from app.services.registry.messages import Event
@@ -44,13 +45,20 @@ class ZkServer:
         """host:port as bound."""
         return f"{self.host}:{self.port}"
 
-    async def start(self) -> None:
-        """Bind and start accepting."""
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, reuse_port=self.reuse_port or None, limit=1 << 20
-        )
-        sock = self._server.sockets[0]
-        self.port = sock.getsockname()[1]
+    async def start(self, avoid: Collection[int] = ()) -> None:
+        """Bind and start accepting. With port 0, never take a port in `avoid`: the HTTP port is
+        chosen before it is bound, so the kernel could otherwise hand the same number to us."""
+        for _ in range(20):
+            server = await asyncio.start_server(
+                self._accept, self.host, self.port, reuse_port=self.reuse_port or None, limit=1 << 20
+            )
+            chosen: int = server.sockets[0].getsockname()[1]
+            if self.port or chosen not in avoid:
+                break
+            server.close()
+            await server.wait_closed()
+        self._server = server
+        self.port = chosen
         log.info("zookeeper listener ready", extra={"address": self.address})
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
