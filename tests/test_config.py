@@ -137,7 +137,56 @@ BAD_ENV = [
         {"FLEETMATE_REGISTRY_STREAM_REPLICAS": "7"},
         "registry.stream_replicas (FLEETMATE_REGISTRY_STREAM_REPLICAS): must",
     ),
+    (
+        {"FLEETMATE_REGISTRY_WATCH_MAX_PENDING": "0"},
+        "registry.watch_max_pending (FLEETMATE_REGISTRY_WATCH_MAX_PENDING)",
+    ),
+    (
+        {"FLEETMATE_AGENT_LOG_RULES": '[{"directory": "rel"}]'},
+        "agent.log_rules[0].directory: 'rel' must be an absolute",
+    ),
+    ({"FLEETMATE_AGENT_LOG_RULES": "nope"}, "agent.log_rules (FLEETMATE_AGENT_LOG_RULES): expected a JSON list of"),
+    ({"FLEETMATE_AGENT_LOG_RULES": '[{"directory": "/x", "keep_days": -1}]'}, "agent.log_rules[0].keep_days: must be"),
+    ({"FLEETMATE_NATS_TOKEN": "short"}, "nats.token (FLEETMATE_NATS_TOKEN): must be at least 8 characters"),
+    ({"FLEETMATE_NATS_TOKEN_FILE": "/nonexistent/t"}, "nats.token_file (FLEETMATE_NATS_TOKEN_FILE): file not found"),
+    ({"FLEETMATE_NATS_TLS_CERT": "/etc/hostname"}, "nats.tls_cert (FLEETMATE_NATS_TLS_CERT): nats.tls_cert and"),
+    ({"FLEETMATE_NATS_TLS_CA": "/nonexistent/ca.pem"}, "nats.tls_ca (FLEETMATE_NATS_TLS_CA): file not found"),
+    (
+        {"FLEETMATE_MEMBERSHIP_DOWN_AFTER": "2", "FLEETMATE_MEMBERSHIP_HEARTBEAT_INTERVAL": "5"},
+        "membership.down_after (FLEETMATE_MEMBERSHIP_DOWN_AFTER): must be longer than",
+    ),
+    (
+        {"FLEETMATE_MEMBERSHIP_SUSPECT_AFTER": "0"},
+        "membership.suspect_after (FLEETMATE_MEMBERSHIP_SUSPECT_AFTER): must",
+    ),
+    ({"FLEETMATE_METRICS_BATCH_POINTS": "0"}, "metrics.batch_points (FLEETMATE_METRICS_BATCH_POINTS): must be >= 1"),
+    ({"FLEETMATE_METRICS_ROLLUP_STEP": "0.5"}, "metrics.rollup_step (FLEETMATE_METRICS_ROLLUP_STEP): must be >= 1"),
+    ({"FLEETMATE_HA_SECRETS_FILE": "/nonexistent/s.toml"}, "ha.secrets_file (FLEETMATE_HA_SECRETS_FILE): file not"),
+    ({"FLEETMATE_HA_POLL_INTERVAL": "0"}, "ha.poll_interval (FLEETMATE_HA_POLL_INTERVAL): must be >= 0.1"),
 ]
+
+
+def test_nats_token_and_ha_passwords_masked_and_redacted(tmp_path: Path) -> None:
+    env = {
+        "FLEETMATE_DATA_DIR": str(tmp_path),
+        "FLEETMATE_NATS_TOKEN": "natstoken-123",
+        "FLEETMATE_HA_PASSWORD": "hapass-456",
+        "FLEETMATE_HA_REPLICATION_PASSWORD": "replpass-789",
+    }
+    cfg = config.load(None, env)
+    shown = config.to_toml(config.to_dict(cfg))
+    for secret in ("natstoken-123", "hapass-456", "replpass-789"):
+        assert secret not in shown
+        assert secret in config.secrets(cfg)
+    assert config.to_dict(cfg)["ha"]["password"] == "***"
+
+
+def test_log_rules_from_env_are_a_json_list(tmp_path: Path) -> None:
+    rules = '[{"name": "binlogs", "directory": "/var/log/mysql", "pattern": "*.log.*", "keep_days": 7}]'
+    cfg = config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_AGENT_LOG_RULES": rules})
+    (rule,) = cfg.agent.log_rules
+    assert (rule.name, rule.directory, rule.pattern, rule.keep_days) == ("binlogs", "/var/log/mysql", "*.log.*", 7)
+    assert 'name = "binlogs"' in config.to_toml(config.to_dict(cfg))
 
 
 @pytest.mark.parametrize(
