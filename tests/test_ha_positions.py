@@ -37,7 +37,11 @@ def test_mysql_gtid_set_syntax() -> None:
     assert gtids.size() == 7
     assert str(gtids) == f"{UUIDS[0]}:1-5:7,{UUIDS[1]}:3"
     assert MySQLGtidSet.parse("").size() == 0
-    for bad in ("nope:1", f"{UUIDS[0]}:5-2", f"{UUIDS[0]}:0", f"{UUIDS[0]}:x"):
+    tagged = MySQLGtidSet.parse(f"{UUIDS[0]}:1-3,{UUIDS[0]}:tg:1-2:5")
+    assert tagged.size() == 6
+    assert MySQLGtidSet.parse(str(tagged)) == tagged
+    assert not MySQLGtidSet.parse(f"{UUIDS[0]}:1-9").covers(tagged), "a tag is a source of its own"
+    for bad in ("nope:1", f"{UUIDS[0]}:5-2", f"{UUIDS[0]}:0", f"{UUIDS[0]}:x", f"{UUIDS[0]}:1:x-y"):
         with pytest.raises(PositionError):
             MySQLGtidSet.parse(bad)
 

@@ -22,7 +22,6 @@ A chained (intermediate) semi-sync primary is not supported.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable
@@ -31,6 +30,7 @@ from typing import Any, Literal
 
 from app.services.ha.adaptor import Adaptor, AdaptorError
 from app.services.ha.messages import Address, Credentials, Engine, InstanceStatus, ReplicationLink, Role
+from app.services.ha.positions import MariaDBGtidPos, MySQLGtidSet
 
 Flavor = Literal["mariadb", "mysql"]
 Row = dict[str, Any]
@@ -88,17 +88,8 @@ def _compact(gtids: str) -> str:
 
 
 def mariadb_gtids(text: str) -> dict[int, tuple[int, int]]:
-    """A MariaDB GTID position ('0-1-100,1-2-7') as domain -> (server_id, seq_no)."""
-    found: dict[int, tuple[int, int]] = {}
-    for item in _compact(text).split(","):
-        if not item:
-            continue
-        parts = item.split("-")
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"{item!r} is not a MariaDB GTID (domain-server-seq)")
-        domain, server, seq = (int(p) for p in parts)
-        found[domain] = (server, seq)
-    return found
+    """A MariaDB GTID position ('0-1-100,1-2-7') as domain -> (server_id, seq_no); ValueError if malformed."""
+    return MariaDBGtidPos.parse(_compact(text)).domains
 
 
 def mariadb_local_gtids(binlog_pos: str, slave_pos: str, server_id: str) -> str:
@@ -119,37 +110,15 @@ def mariadb_local_gtids(binlog_pos: str, slave_pos: str, server_id: str) -> str:
 
 
 def mysql_gtids(text: str) -> dict[str, list[tuple[int, int]]]:
-    """A MySQL GTID set ('uuid:1-5:7,uuid2[:tag]:1-3') as source -> closed intervals."""
-    found: dict[str, list[tuple[int, int]]] = {}
-    for item in _compact(text).split(","):
-        if not item:
-            continue
-        uuid, *rest = item.split(":")
-        key = uuid.lower()
-        for part in rest:
-            if re.fullmatch(r"\d+(-\d+)?", part):
-                first, _, last = part.partition("-")
-                found.setdefault(key, []).append((int(first), int(last or first)))
-            else:  # MySQL 8.3+ tagged GTIDs: uuid:tag:1-5
-                key = f"{uuid.lower()}:{part}"
-    return found
+    """A MySQL GTID set ('uuid:1-5:7,uuid2[:tag]:1-3') as source -> merged closed intervals."""
+    return MySQLGtidSet.parse(_compact(text)).sets
 
 
 def gtid_covers(flavor: Flavor, have: str, want: str) -> bool:
-    """Whether position `have` contains every transaction of position `want`.
-
-    MariaDB (gtid_strict_mode): per replication domain, have's seq_no >= want's. MySQL: every
-    interval of want lies inside have's intervals for the same source uuid.
-    """
+    """Whether position `have` contains every transaction of position `want` (see positions.py)."""
     if flavor == "mariadb":
-        mine = mariadb_gtids(have)
-        return all(domain in mine and mine[domain][1] >= seq for domain, (_, seq) in mariadb_gtids(want).items())
-    mine_sets = mysql_gtids(have)
-    for key, intervals in mysql_gtids(want).items():
-        for first, last in intervals:
-            if not any(a <= first and last <= b for a, b in mine_sets.get(key, [])):
-                return False
-    return True
+        return MariaDBGtidPos.parse(_compact(have)).covers(MariaDBGtidPos.parse(_compact(want)))
+    return MySQLGtidSet.parse(_compact(have)).covers(MySQLGtidSet.parse(_compact(want)))
 
 
 def parse_dsn(dsn: str) -> tuple[Address, Credentials]:

@@ -115,7 +115,8 @@ class MariaDBGtidPos:
 
 
 class MySQLGtidSet:
-    """A MySQL GTID set ('uuid:1-5:7,uuid2:1-3'): per source uuid, closed intervals of transaction numbers."""
+    """A MySQL GTID set ('uuid:1-5:7,uuid2:1-3', tagged 'uuid:tag:1-5' from 8.3): per source uuid (and
+    tag, as 'uuid:tag'), closed intervals of transaction numbers."""
 
     __slots__ = ("sets",)
 
@@ -129,15 +130,25 @@ class MySQLGtidSet:
             if not _UUID_RE.match(part):
                 raise PositionError(f"{part!r} in {text!r} is not uuid:interval[:interval...]")
             uuid, *ranges = part.split(":")
-            intervals = sets.setdefault(uuid.lower(), [])
+            key = uuid.lower()
+            intervals = sets.setdefault(key, [])
+            tagged_without_interval = False
             for r in ranges:
                 lo, sep, hi = r.partition("-")
+                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,31}", r):  # MySQL 8.3+ tagged GTIDs: uuid:tag:1-5
+                    key = f"{uuid.lower()}:{r}"
+                    intervals = sets.setdefault(key, [])
+                    tagged_without_interval = True
+                    continue
+                tagged_without_interval = False
                 if not lo.isdigit() or (sep and not hi.isdigit()):
                     raise PositionError(f"{r!r} in {text!r} is not a number or a range a-b")
                 start, end = int(lo), int(hi) if sep else int(lo)
                 if start < 1 or end < start:
                     raise PositionError(f"{r!r} in {text!r} is not a valid interval")
                 intervals.append((start, end))
+            if tagged_without_interval:
+                raise PositionError(f"{part!r} in {text!r} has a tag without an interval")
         return cls(sets)
 
     def covers(self, other: Position) -> bool:
