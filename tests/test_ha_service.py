@@ -171,6 +171,13 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
         20,
         "the other replica to replicate from the new primary",
     )
+    # Semi-sync: a commit on the new primary waits for a replica's acknowledgement, so the
+    # repointed replica must be connected as a semi-sync replica first.
+    wait_for(
+        lambda: mariadb_set.status(i_new, "Rpl_semi_sync_master_clients") == "1",
+        30,
+        f"the repointed replica to connect as semi-sync (history: {_history(fm)[-6:]})",
+    )
     mariadb_set.sql(i_new, "INSERT INTO app.t VALUES (1000000)")
     counted = "SELECT COUNT(*) FROM app.t WHERE id = 1000000"
     wait_for(lambda: mariadb_set.value(i_other, counted) == "1", 20, "new writes on the repointed replica")
@@ -218,6 +225,10 @@ def _cli(fm: Fleetmate, *args: str) -> list[str]:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
+
+
+def _history(fm: Fleetmate) -> list[str]:
+    return [e["message"] for e in fm.get(f"{CLUSTERS}/orders/history").json()]
 
 
 def _source_port(replicas: MariaDBReplicaSet, i: int) -> str:

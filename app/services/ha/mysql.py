@@ -541,15 +541,17 @@ class MySQLAdaptor(Adaptor):
                 current = await s.value("SELECT @@GLOBAL.gtid_current_pos")
                 await s.execute("SET GLOBAL gtid_slave_pos = %s", (current,))
                 await s.execute(
+                    # MASTER_CONNECT_RETRY: after RESET SLAVE ALL it is back to 60 s, so one failed
+                    # first attempt (a source still finishing its promotion) cost a minute.
                     "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s, MASTER_PASSWORD=%s, "
-                    "MASTER_USE_GTID=slave_pos",
+                    "MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
                     (source.host, source.port, repl.user, repl.password),
                 )
             else:
                 # GET_SOURCE_PUBLIC_KEY: caching_sha2_password over a connection without TLS.
                 await s.execute(
                     "CHANGE REPLICATION SOURCE TO SOURCE_HOST=%s, SOURCE_PORT=%s, SOURCE_USER=%s, "
-                    "SOURCE_PASSWORD=%s, SOURCE_AUTO_POSITION=1, GET_SOURCE_PUBLIC_KEY=1",
+                    "SOURCE_PASSWORD=%s, SOURCE_AUTO_POSITION=1, GET_SOURCE_PUBLIC_KEY=1, SOURCE_CONNECT_RETRY=1",
                     (source.host, source.port, repl.user, repl.password),
                 )
             await s.start_replication()
