@@ -29,7 +29,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
-from nats.js.errors import FetchTimeoutError, NotFoundError
+from nats.js.errors import APIError, FetchTimeoutError, NotFoundError
 from opentelemetry import propagate
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -136,7 +136,12 @@ class MetricsService:
                 duplicate_window=120.0,
             ),
         )
-        await self._subscribe()
+        try:
+            await self._subscribe()
+        except (TimeoutError, NatsTimeout, APIError) as exc:
+            # The stream's leader may still be in election (its NATS server just died): the
+            # fetch loop keeps trying; the rest of the node need not wait for it.
+            log.warning("metrics consumer not created yet; retrying in the background", extra={"error": repr(exc)})
         self._service = await start_service(
             self.bus.nc,
             name=SERVICE_NAME,
@@ -205,6 +210,9 @@ class MetricsService:
 
     async def _fetch_loop(self) -> None:
         while True:
+            if self._psub is None:
+                await self._resubscribe()
+                continue
             try:
                 batch = await self._gather()
             except asyncio.CancelledError:
