@@ -10,6 +10,10 @@ default rpl_semi_sync_master_wait_no_slave=ON a primary with no semi-sync replic
 for the whole timeout on each commit, so it must not be on before the replicas are (nor on a
 server that will only replicate).
 
+Each instance listens on 127.0.0.1 unless the set is given one address per instance (`hosts`):
+it then binds to, reports (report_host) and is replicated from (MASTER_HOST) that address only,
+so every address an HA probe learns from SHOW SLAVE STATUS / SHOW SLAVE HOSTS is that one.
+
 Users: root over each unix socket (the harness itself), `fleetmate` (the admin user the HA
 adaptor logs in as), `repl` (replication only) and `app` (plain DML on the `app` database,
 without READ ONLY ADMIN, so read_only refuses its writes).
@@ -22,9 +26,10 @@ import contextlib
 import functools
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,8 +50,9 @@ def _parallel(calls: Iterable[Callable[[], T]]) -> list[T]:
 class Instance:
     """One mariadbd of the set: its directory, port, socket and process."""
 
-    def __init__(self, root: Path, index: int) -> None:
+    def __init__(self, root: Path, index: int, host: str = "127.0.0.1") -> None:
         self.index = index
+        self.host = host  # the one address it binds to, reports and is replicated from
         self.server_id = index + 1
         self.port = free_port()
         self.dir = root / f"node{index}"
@@ -57,7 +63,7 @@ class Instance:
 
     @property
     def address(self) -> Address:
-        return Address("127.0.0.1", self.port)
+        return Address(self.host, self.port)
 
     @property
     def running(self) -> bool:
@@ -71,13 +77,22 @@ class MariaDBReplicaSet:
     replication = Credentials("repl", "fm-repl-Secret-39")
     app = Credentials("app", "fm-app-Secret-52", "app")
 
-    def __init__(self, n: int = 3, semi_sync: bool = True, semi_sync_timeout_ms: int = 600_000) -> None:
+    def __init__(
+        self,
+        n: int = 3,
+        semi_sync: bool = True,
+        semi_sync_timeout_ms: int = 600_000,
+        hosts: Sequence[str] | None = None,
+    ) -> None:
         if n < 1:
             raise ValueError("a replica set needs at least one instance")
+        if hosts is not None and len(hosts) != n:
+            raise ValueError(f"hosts names {len(hosts)} addresses for {n} instances")
         self.semi_sync = semi_sync
         self.semi_sync_timeout_ms = semi_sync_timeout_ms
         self.dir = Path(tempfile.mkdtemp(prefix="fleetmate-ha-mariadb-"))
-        self.instances = [Instance(self.dir, i) for i in range(n)]
+        addresses = list(hosts) if hosts is not None else ["127.0.0.1"] * n
+        self.instances = [Instance(self.dir, i, host) for i, host in enumerate(addresses)]
 
     @property
     def addresses(self) -> list[Address]:
@@ -130,7 +145,7 @@ class MariaDBReplicaSet:
             self.sql(
                 node.index,
                 "SET GLOBAL read_only = ON;"
-                f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port}, "
+                f"CHANGE MASTER TO MASTER_HOST='{primary.host}', MASTER_PORT={primary.port}, "
                 f"MASTER_USER='{repl.user}', MASTER_PASSWORD='{repl.password}', "
                 "MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1;"
                 "START SLAVE;",
@@ -165,7 +180,7 @@ class MariaDBReplicaSet:
                 f"--datadir={node.data}",
                 f"--socket={node.socket}",
                 f"--port={node.port}",
-                "--bind-address=127.0.0.1",
+                f"--bind-address={node.host}",
                 "--user=root",
                 f"--pid-file={node.dir / 'mariadbd.pid'}",
                 f"--log-error={node.log}",
@@ -179,7 +194,7 @@ class MariaDBReplicaSet:
                 "--log-slave-updates=ON",
                 "--gtid-strict-mode=ON",
                 "--binlog-format=ROW",
-                "--report-host=127.0.0.1",
+                f"--report-host={node.host}",
                 f"--report-port={node.port}",
                 *semi_sync,
                 *options,
@@ -192,7 +207,12 @@ class MariaDBReplicaSet:
         def up() -> bool:
             if node.proc is not None and node.proc.poll() is not None:
                 raise AssertionError(f"mariadbd {node.index} exited: {_tail(node.log)}")
-            return node.socket.exists() and _listening(node.port)
+            if not node.socket.exists():
+                return False
+            if node.host == "127.0.0.1":
+                return _listening(node.port)
+            with socket.create_connection((node.host, node.port), timeout=0.2):
+                return True
 
         try:
             wait_for(up, timeout, f"mariadbd {node.index} on {node.port}", interval=0.1)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,21 @@ class NatsServer:
 
 
 class Fleetmate:
-    """`fleetmate serve` as a subprocess; its stderr (JSON log lines) is collected in `lines`."""
+    """`fleetmate serve` as a subprocess; its stderr (JSON log lines) is collected in `lines`.
 
-    def __init__(self, workdir: Path, env: Mapping[str, str] | None = None, args: list[str] | None = None) -> None:
+    prefix: a command that runs the process, e.g. `ip netns exec NAME` (it must exec, not fork,
+    so that `proc` is fleetmate itself).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        args: list[str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.dir = workdir
+        self.prefix = list(prefix)
         self.env = {
             "FLEETMATE_DATA_DIR": str(workdir / "data"),
             "FLEETMATE_HTTP_PORT": "0",
@@ -110,7 +121,7 @@ class Fleetmate:
         env.update(self.env)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", *self.args],
+            [*self.prefix, sys.executable, "-m", "app", "serve", *self.args],
             cwd=self.dir,
             env=env,
             stdin=subprocess.DEVNULL,
