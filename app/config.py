@@ -176,6 +176,8 @@ class HaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pre_failover_hook: str = ""
     post_failover_hook: str = ""
     hook_timeout: Seconds = 30.0
+    rejoin: bool = True
+    rejoin_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -21,6 +21,7 @@ from app.log.leadership import Leadership
 from app.log.lease import registry as lease_backends
 from app.log.lease.base import LeaseRecord
 from app.services.agent.hostinfo import host_info
+from app.services.ha.agents import AgentDirectory
 from app.services.ha.service import HaService
 from app.services.membership.service import MembershipService
 from app.services.metrics.messages import STREAM as METRICS_STREAM
@@ -122,7 +123,13 @@ class Node:
             )
             await self.metrics.start()
         if cfg.ha.enabled:
-            self.ha = HaService(self.registry, cfg.ha)
+            membership = self.membership
+            agents = AgentDirectory(
+                self.bus,
+                lambda: {n: (h.at, h.facts) for n, h in membership.heard.items() if h.kind == "agent"},
+                cfg.membership.down_after,
+            )
+            self.ha = HaService(self.registry, cfg.ha, agents=agents)
         self.phase = "joining the leader election"
         backend = lease_backends.create(cfg, self.bus, self.stream_replicas)
         self.leadership = Leadership(

@@ -280,6 +280,39 @@ async def test_micro_endpoints_answer_and_reject_bad_requests(agent: Agent, toke
             "no log rule named 'nope' (agent.log_rules: app-logs)",
         )
 
+        # pg_rejoin refuses what it cannot do, and touches nothing: the held port is no postmaster.
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            port = held.getsockname()[1]
+            login = {"user": "fleetmate_ha", "password": "s3cret-pw"}
+            rejoin_cases = [
+                ({"address": f"127.0.0.1:{port}", "port": port, "source": "x", **login}, "400", "'x' is not host:port"),
+                (
+                    {"address": f"127.0.0.1:{port}", "port": port + 1, "source": "127.0.0.1:1", **login},
+                    "400",
+                    f"port {port + 1} is not the port of 127.0.0.1:{port}",
+                ),
+                (
+                    {"address": f"127.0.0.1:{port}", "port": port, "source": "127.0.0.1:1", **login},
+                    "409",
+                    f"port {port} belongs to",
+                ),
+                ({"port": port, **login}, "400", "bad pg_rejoin request"),
+            ]
+            for body, code, message in rejoin_cases:
+                with pytest.raises(HandlerError) as err:
+                    await ask(nc, "db-1", "pg_rejoin", body)
+                assert err.value.code == code, err.value.description
+                assert message in err.value.description, err.value.description
+                assert "s3cret-pw" not in err.value.description
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()  # still listening: nothing stopped
+        free = free_port()
+        body = {"address": f"127.0.0.1:{free}", "port": free, "source": "127.0.0.1:1", **login}
+        with pytest.raises(HandlerError) as err:
+            await ask(nc, "db-1", "pg_rejoin", body)
+        assert (err.value.code, err.value.description) == ("404", f"no process on this host listens on TCP port {free}")
+
 
 async def test_log_cleanup_on_request_dry_run_then_for_real(
     agent: Agent, token_nats: NatsServer, logs_dir: Path

@@ -163,6 +163,8 @@ BAD_ENV = [
     ({"FLEETMATE_METRICS_ROLLUP_STEP": "0.5"}, "metrics.rollup_step (FLEETMATE_METRICS_ROLLUP_STEP): must be >= 1"),
     ({"FLEETMATE_HA_SECRETS_FILE": "/nonexistent/s.toml"}, "ha.secrets_file (FLEETMATE_HA_SECRETS_FILE): file not"),
     ({"FLEETMATE_HA_POLL_INTERVAL": "0"}, "ha.poll_interval (FLEETMATE_HA_POLL_INTERVAL): must be >= 0.1"),
+    ({"FLEETMATE_HA_REJOIN": "maybe"}, "ha.rejoin (FLEETMATE_HA_REJOIN)"),
+    ({"FLEETMATE_HA_REJOIN_TIMEOUT": "0"}, "ha.rejoin_timeout (FLEETMATE_HA_REJOIN_TIMEOUT): must be > 0"),
 ]
 
 

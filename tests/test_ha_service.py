@@ -196,6 +196,10 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
         30,
         "the old primary to replicate from the new one",
     )
+    # It must also have caught up before the next failover: with semi-sync the only complete
+    # candidate would be the must_not replica otherwise (and the recovery rightly blocked).
+    wait_for(lambda: mariadb_set.value(0, counted) == "1", 30, "the fenced old primary to catch up")
+    wait_for(lambda: f"{seeds[0]} replicates from {new}" in _history(fm), 30, "the fence's last step in the history")
 
     # Anti-flapping: the new primary dies too, within recovery_block_seconds: no second failover.
     mariadb_set.kill(i_new)
@@ -209,7 +213,10 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
     # Acknowledging the first recovery lifts the block: the fenced old primary, which has every
     # transaction, takes over (seeds[1] is must_not).
     _cli(fm, "acknowledge", "orders", "--reason", "checked")
-    wait_for(lambda: _primary(fm) == str(seeds[0]), 30, "the second recovery after the acknowledgement")
+    try:
+        wait_for(lambda: _primary(fm) == str(seeds[0]), 30, "the second recovery after the acknowledgement")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; history: {_history(fm)[-8:]}") from None
     assert mariadb_set.value(0, "SELECT @@read_only") == "0"
 
 

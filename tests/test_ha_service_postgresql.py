@@ -1,12 +1,15 @@
-"""HA end to end on real PostgreSQL: discovery from a standby, kill -9 of the primary, automatic failover.
+"""HA end to end on real PostgreSQL: discovery from a standby, kill -9 of the primary, automatic failover, rejoin.
 
-A fleetmate process and a PostgreSQL 15 primary with two streaming standbys, synchronous commit
-on the first (tests/ha_postgres.py); a writer records every commit the primary acknowledged.
+A fleetmate process, a fleetmate agent on the same host, and a PostgreSQL 15 primary with two
+streaming standbys, synchronous commit on the first (tests/ha_postgres.py); a writer records
+every commit the primary acknowledged. The killed primary, started again, comes back writable:
+fleetmate sets it read-only and the agent rewinds it (pg_rewind) into a standby of the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +17,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.agentproc import Agent, agent_running
 from tests.ha_postgres import PostgresReplicaSet
-from tests.harness import Fleetmate, running, wait_for
+from tests.harness import Fleetmate, free_port, running, wait_for
+from tests.servers import PG_BIN, PG_USER
 
 CLUSTERS = "/api/v1/ha/clusters"
 
@@ -30,7 +35,12 @@ def pgset() -> Iterator[PostgresReplicaSet]:
 
 
 @pytest.fixture(scope="module")
-def fm(tmp_path_factory: pytest.TempPathFactory, pgset: PostgresReplicaSet) -> Iterator[Fleetmate]:
+def nats_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory: pytest.TempPathFactory, pgset: PostgresReplicaSet, nats_port: int) -> Iterator[Fleetmate]:
     tmp: Path = tmp_path_factory.mktemp("ha-pg")
     secrets = tmp / "ha-secrets.toml"
     admin, repl = PostgresReplicaSet.admin, PostgresReplicaSet.replication
@@ -40,7 +50,12 @@ def fm(tmp_path_factory: pytest.TempPathFactory, pgset: PostgresReplicaSet) -> I
         f'replication_user = "{repl.user}"\nreplication_password = "{repl.password}"\n'
     )
     secrets.chmod(0o600)
-    env = {"FLEETMATE_HA_SECRETS_FILE": str(secrets), "FLEETMATE_HA_POLL_INTERVAL": "0.5"}
+    env = {
+        "FLEETMATE_HA_SECRETS_FILE": str(secrets),
+        "FLEETMATE_HA_POLL_INTERVAL": "0.5",
+        "FLEETMATE_NATS_PORT": str(nats_port),
+        "FLEETMATE_MEMBERSHIP_HEARTBEAT_INTERVAL": "0.5",
+    }
     with running(Fleetmate(tmp, env=env)) as server:
         yield server
 
@@ -76,12 +91,70 @@ def test_discovery_and_failover_keep_every_acknowledged_commit(fm: Fleetmate, pg
     assert pgset.sql(i_new, "SELECT pg_is_in_recovery()").strip() == "f"
     have = {int(x) for x in pgset.sql(i_new, "SELECT id FROM acked").split()}
     assert set(acked) <= have, f"lost acknowledged rows: {sorted(set(acked) - have)[:10]}"
+    # The new primary waits for a standby as the old one did, from before its first write.
+    assert pgset.sql(i_new, "SHOW synchronous_standby_names").strip() == "ANY 1 (*)"
     i_other = 3 - i_new
     pgset.sql(i_new, "INSERT INTO acked VALUES (-1)")
     pgset.wait_row(i_other, "SELECT count(*) FROM acked WHERE id = -1", "1", timeout=30)
     history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()]
     assert any(m.startswith("DeadPrimary") for m in history), history
     assert any(m.startswith(f"promoted {new}") for m in history), history
+
+
+def test_old_primary_comes_back_and_is_rewound_into_a_standby(
+    fm: Fleetmate, pgset: PostgresReplicaSet, nats_port: int, tmp_path: Path
+) -> None:
+    """Runs after the failover above: node 0 is the dead old primary."""
+    new = _primary(fm)
+    assert new, "needs the failover test first"
+    assert new != str(pgset.addresses[0]), "needs the failover test first"
+    i_new = 1 if new == str(pgset.addresses[1]) else 2
+    agent = Agent(
+        tmp_path / "agent",
+        {"FLEETMATE_NODE_ID": "pg-host", "FLEETMATE_NATS_URL": f"nats://127.0.0.1:{nats_port}"},
+    )
+    try:
+        with agent_running(agent):
+            # The agent must be known (with its ports) before the old primary comes back.
+            wait_for(lambda: fm.get("/api/v1/nodes/pg-host").status_code == 200, 20, "the agent's node record")
+            pgset.start_node(0)  # as after a crash: no standby.signal, so it starts as a writable primary
+            old = str(pgset.addresses[0])
+
+            def rejoined() -> bool:
+                return any(
+                    e["message"].startswith(f"{old} rejoined as a standby of {new}")
+                    for e in fm.get(f"{CLUSTERS}/pg/history").json()
+                )
+
+            wait_for(rejoined, 90, "the old primary to be rewound into a standby")
+            wait_for(lambda: _sql_as_owner(pgset, 0, "SELECT pg_is_in_recovery()") == "t", 30, "node 0 in recovery")
+            pgset.sql(i_new, "INSERT INTO acked VALUES (-2)")
+            wait_for(
+                lambda: _sql_as_owner(pgset, 0, "SELECT count(*) FROM acked WHERE id = -2") == "1",
+                30,
+                "a row written on the new primary to reach the rejoined standby",
+            )
+            history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()]
+            assert any(m == f"{old} came back writable: set read-only" for m in history), history
+            assert agent.logged("PostgreSQL former primary rejoined")
+            view = fm.get(f"{CLUSTERS}/pg").json()
+            assert not [a for a in view["analyses"] if a["kind"] == "SplitBrain"], view["analyses"]
+    finally:
+        # The agent restarted node 0 with pg_ctl: the harness's own process handle is stale.
+        data = pgset.data_dir(0)
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                ["runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
+                check=False,
+                capture_output=True,
+            )
+
+
+def _sql_as_owner(pgset: PostgresReplicaSet, i: int, statement: str) -> str:
+    try:
+        return pgset.sql(i, statement).strip()
+    except Exception:
+        return ""
 
 
 def _write(port: int, acked: list[int], stop: threading.Event) -> None:

@@ -37,7 +37,7 @@ AGENT_SERVICE = "fleetmate-agent"
 AGENT_HEARTBEATS = f"{PREFIX}.agent.heartbeat.*"
 AGENT_FACTS = f"{PREFIX}.agent.facts.*"
 # The endpoints each agent answers at fleetmate.agent.<node_id>.<endpoint>.
-AGENT_ENDPOINTS = ("info", "ports", "free_ports", "scan", "clean", "net", "facts")
+AGENT_ENDPOINTS = ("info", "ports", "free_ports", "scan", "clean", "net", "facts", "pg_rejoin")
 
 
 def agent_heartbeat(node_id: str) -> str:

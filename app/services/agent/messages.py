@@ -292,3 +292,38 @@ class CleanResult(msgspec.Struct, frozen=True):
     """The reports of the rules a clean request ran."""
 
     reports: tuple[LogCleanReport, ...]
+
+
+class PgRejoinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Body of the pg_rejoin endpoint: make the local postmaster on `port` a standby of `source`.
+
+    Sent by the HA leader to fence a PostgreSQL former primary that came back writable. It
+    carries the cluster's logins (an agent keeps none): `user` runs pg_rewind against source,
+    `replication_user` goes into primary_conninfo. Neither is logged nor echoed.
+    """
+
+    address: str  # the instance as its cluster knows it (host:port)
+    port: int
+    source: str  # host:port of the primary to follow
+    user: str
+    password: str = ""
+    database: str = "postgres"
+    replication_user: str = ""
+    replication_password: str = ""
+    application_name: str = ""  # default: the address
+    connect_timeout: float = 2.0
+    timeout: float = 300.0  # for pg_rewind, and again for the restart
+
+    def __repr__(self) -> str:
+        return f"PgRejoinRequest(address={self.address!r}, source={self.source!r}, user={self.user!r}, password='***')"
+
+
+class PgRejoinReport(msgspec.Struct, frozen=True):
+    """What pg_rejoin did: the instance found on the port, and how long the whole rejoin took."""
+
+    address: str
+    source: str
+    data_dir: str
+    bin_dir: str
+    run_as: str
+    seconds: float

@@ -24,7 +24,7 @@ from app.bus import subjects
 from app.bus.connection import Bus
 from app.bus.micro import Endpoint, HandlerError, start_service
 from app.config import Config
-from app.services.agent import logclean
+from app.services.agent import logclean, pgrejoin
 from app.services.agent.engines import scan_engines
 from app.services.agent.hostinfo import host_info
 from app.services.agent.messages import (
@@ -39,6 +39,7 @@ from app.services.agent.messages import (
     LogRule,
     NetStatus,
     NodeFacts,
+    PgRejoinRequest,
     Target,
 )
 from app.services.agent.netstatus import net_status
@@ -155,6 +156,7 @@ class AgentService:
         self._tasks: list[asyncio.Task[None]] = []
         self._refresh: asyncio.Task[None] | None = None
         self._stopping = False
+        self._rejoining = False
 
     # ---- start and stop ---------------------------------------------------------------------
 
@@ -174,6 +176,7 @@ class AgentService:
                 Endpoint("clean", ep(self.node_id, "clean"), self._on_clean),
                 Endpoint("net", ep(self.node_id, "net"), self._on_net),
                 Endpoint("facts", ep(self.node_id, "facts"), self._on_facts),
+                Endpoint("pg_rejoin", ep(self.node_id, "pg_rejoin"), self._on_pg_rejoin),
             ],
             metadata={"node_id": self.node_id, "kind": "agent", **self.labels},
         )
@@ -448,6 +451,22 @@ class AgentService:
         if self.facts is None:
             raise HandlerError("503", "facts are still being collected; ask again shortly")
         return encode(self.facts)
+
+    async def _on_pg_rejoin(self, data: bytes) -> bytes:
+        req = decode_request(data, PgRejoinRequest, "pg_rejoin")
+        if self._rejoining:
+            raise HandlerError("409", "a rejoin is already running on this host")
+        self._rejoining = True
+        try:
+            log.warning("rejoining a PostgreSQL former primary", extra={"instance": req.address, "source": req.source})
+            report = await pgrejoin.rejoin(req)
+        except pgrejoin.RejoinError as exc:
+            log.error("PostgreSQL rejoin failed", extra={"instance": req.address, "error": str(exc)})
+            raise HandlerError(exc.code, str(exc)) from None
+        finally:
+            self._rejoining = False
+        log.warning("PostgreSQL former primary rejoined", extra={"instance": req.address, "seconds": report.seconds})
+        return encode(report)
 
 
 def _run_rules(rules: tuple[LogRule, ...], dry_run: bool) -> tuple[LogCleanReport, ...]:

@@ -58,9 +58,14 @@ class Adaptor(abc.ABC):
         """Wait until a replica has applied everything it received (relay log / WAL); its probe after."""
 
     @abc.abstractmethod
-    async def promote(self, address: Address) -> None:
+    async def promote(self, address: Address, synchronous: bool = False) -> None:
         """Make a replica a writable primary (MySQL: stop and reset replication, read_only OFF;
-        PostgreSQL: pg_promote() and wait until it is out of recovery)."""
+        PostgreSQL: pg_promote() and wait until it is out of recovery).
+
+        synchronous: the primary it replaces made commits wait for a replica, so the new one
+        must too, from its first write (MySQL/MariaDB decide from the replica's own semi-sync
+        setting; PostgreSQL sets synchronous_standby_names before promoting).
+        """
 
     @abc.abstractmethod
     async def repoint(self, address: Address, source: Address) -> None:

@@ -101,8 +101,14 @@ class HistoryEntry(msgspec.Struct, frozen=True):
     trace_id: str = ""
 
 
-def instance_record(status: InstanceStatus) -> InstanceRecord:
-    """The registry's view of one probe."""
+def instance_record(status: InstanceStatus, last: InstanceRecord | None = None) -> InstanceRecord:
+    """The registry's view of one probe.
+
+    An unreachable instance keeps what was last seen of it (role, position, whether it was a
+    synchronous primary: recovery needs that after it died), with reachable off and the error.
+    """
+    if not status.reachable and last is not None:
+        return msgspec.structs.replace(last, reachable=False, error=status.error, probed_at=status.probed_at)
     link = status.replication
     return InstanceRecord(
         address=str(status.address),

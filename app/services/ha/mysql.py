@@ -478,7 +478,7 @@ class MySQLAdaptor(Adaptor):
                     s.address, f"relay log not applied within {timeout:g}s (received {received}, still applying)"
                 )
 
-    async def promote(self, address: Address) -> None:
+    async def promote(self, address: Address, synchronous: bool = False) -> None:
         async with self._session(address) as s:
             var = await s.variables(("log_bin", "log_slave_updates", "gtid_mode"))
             if var.get("log_bin") != "ON":

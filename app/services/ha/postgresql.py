@@ -90,6 +90,9 @@ _CONNINFO_PAIR = re.compile(r"\s*([^=\s]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|((?:[^\s
 _UNESCAPE = re.compile(r"\\(.)")
 
 
+SYNC_ANY = "ANY 1 (*)"  # what a promoted standby of a synchronous primary waits for
+
+
 def lsn_value(lsn: str) -> int:
     """A WAL position 'X/Y' (hex) as one comparable integer."""
     high, sep, low = lsn.partition("/")
@@ -344,11 +347,25 @@ class PostgresAdaptor(Adaptor):
             raise AdaptorError(address, status.error)
         return status
 
-    async def promote(self, address: Address, timeout: float = 60.0) -> None:
-        """pg_promote() and wait until the instance is out of recovery (a primary already: nothing to do)."""
+    async def promote(self, address: Address, synchronous: bool = False, timeout: float = 60.0) -> None:
+        """pg_promote() and wait until the instance is out of recovery (a primary already: nothing to do).
+
+        synchronous: unless the standby already names synchronous standbys, it gets
+        `synchronous_standby_names = 'ANY 1 (*)'` before it is promoted, so that no commit on
+        it returns before some standby has it (strict, as Patroni's synchronous_mode_strict:
+        with no standby left, commits wait until one replicates from it).
+        """
         async with self._session(address, "promote") as conn:
             if not await conn.fetchval("SELECT pg_is_in_recovery()"):
                 return
+            if synchronous and not await conn.fetchval("SELECT current_setting('synchronous_standby_names')"):
+                await conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = {_sql_literal(SYNC_ANY)}")
+                await conn.execute("SELECT pg_reload_conf()")
+                deadline = time.monotonic() + self.statement_timeout
+                while await conn.fetchval("SHOW synchronous_standby_names") != SYNC_ANY:
+                    if time.monotonic() >= deadline:
+                        raise AdaptorError(address, "promote: synchronous_standby_names did not take effect")
+                    await asyncio.sleep(0.01)
             done = await conn.fetchval(
                 "SELECT pg_promote(wait => true, wait_seconds => $1)", max(1, int(timeout)), timeout=timeout + 5
             )

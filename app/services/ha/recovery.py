@@ -36,6 +36,7 @@ class RecoveryPlan(msgspec.Struct, frozen=True):
     complete: bool  # the candidate holds every transaction any survivor holds
     reason: str
     steps: tuple[Step, ...]
+    synchronous: bool = False  # the failed primary waited for a replica: the candidate must too
 
 
 class Blocked(msgspec.Struct, frozen=True):
@@ -94,4 +95,6 @@ def plan_recovery(
     steps.extend(Step("repoint", s.address, chosen.address) for s in survivors if s.address != chosen.address)
     steps.append(Step("publish_primary", chosen.address))
     steps.append(Step("fence_old_primary", dead, chosen.address))
-    return RecoveryPlan(cluster, dead, chosen.address, chosen.complete, chosen.reason, tuple(steps))
+    return RecoveryPlan(
+        cluster, dead, chosen.address, chosen.complete, chosen.reason, tuple(steps), policy.require_complete
+    )

@@ -21,8 +21,10 @@ import msgspec
 from opentelemetry import trace
 
 from app.config import HaConfig
+from app.services.agent.messages import PgRejoinRequest
 from app.services.ha import layout
 from app.services.ha.adaptor import Adaptor, AdaptorError
+from app.services.ha.agents import AgentCallFailed, AgentDirectory
 from app.services.ha.analysis import Analysis, NoCandidate, analyse, choose_candidate, position, replicas_of
 from app.services.ha.credentials import credentials_for, parse_seed
 from app.services.ha.errors import BadClusterRequest, ClusterExists, DiscoveryFailed, UnknownCluster
@@ -38,6 +40,7 @@ log = logging.getLogger("fleetmate.ha")
 T = TypeVar("T")
 
 AdaptorFactory = Callable[[Engine, Credentials, Credentials, float], Adaptor]
+FENCE_RETRY_S = 30.0  # a failed fence of an old primary is tried again after this long
 REFRESH_S = 10.0  # an unchanged instance record is rewritten this often (fresh lag and position)
 
 _instance_dec = msgspec.json.Decoder(InstanceRecord)
@@ -79,9 +82,13 @@ class HaService:
         cfg: HaConfig,
         adaptors: AdaptorFactory = make_adaptor,
         clock: Callable[[], float] = time.time,
+        agents: AgentDirectory | None = None,
     ) -> None:
         self.registry = registry
         self.cfg = cfg
+        self.agents = agents
+        self._fencing: dict[str, asyncio.Task[None]] = {}  # cluster -> the fence running for it
+        self._fence_failed_at: dict[tuple[str, str], float] = {}
         self.adaptors = adaptors
         self.clock = clock
         self.leading = False
@@ -300,7 +307,7 @@ class HaService:
             await adaptor.set_read_only(old, True)
             try:
                 await self._catch_up(adaptor, old, target)
-                await adaptor.promote(target)
+                await adaptor.promote(target, synchronous=probes[old].sync_replication)
             except (AdaptorError, TimeoutError) as exc:
                 await adaptor.set_read_only(old, False)
                 await note(name, "failed", f"switchover to {target} abandoned, {old} writable again: {exc}")
@@ -357,11 +364,14 @@ class HaService:
         self._task = asyncio.create_task(self._loop(), name="ha-leader")
 
     async def stop_leading(self) -> None:
-        """Stop probing at once."""
+        """Stop probing at once (a fence in flight is cancelled; its agent may still finish a rejoin)."""
         self.leading = False
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, *self._fencing.values()) if t is not None]
+        self._task = None
+        self._fencing.clear()
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -403,7 +413,7 @@ class HaService:
                 if finding.kind == "DeadPrimary" and self.leading:
                     await self._recover(name, record, finding, probes, adaptor)
                 elif finding.kind == "SplitBrain" and str(finding.instance) in record.old_primaries:
-                    await self._fence(name, finding.instance, primary, adaptor)
+                    self._start_fence(name, record, finding.instance, primary, adaptor)
             return found
 
     async def _probe_all(self, adaptor: Adaptor, known: set[Address]) -> dict[Address, InstanceStatus]:
@@ -425,13 +435,13 @@ class HaService:
         ops: list[MultiOp] = []
         for address, status in probes.items():
             path = layout.instance_path(name, str(address))
-            new = layout.instance_record(status)
             node = state.nodes.get(path)
             if node is None:
-                ops.append(Create(path, layout.encode(new)))
+                ops.append(Create(path, layout.encode(layout.instance_record(status))))
                 self._written_at[(name, str(address))] = now
                 continue
             old = _instance_dec.decode(node.data)
+            new = layout.instance_record(status, old)
             stale = now - self._written_at.get((name, str(address)), 0.0) >= REFRESH_S
             if not layout.same_shape(old, new) or stale:
                 ops.append(SetData(path, layout.encode(new)))
@@ -503,7 +513,7 @@ class HaService:
         if not await self._hook(name, "pre_failover", self.cfg.pre_failover_hook, old, new):
             return
         try:
-            await adaptor.promote(new)
+            await adaptor.promote(new, synchronous=plan.synchronous)
         except AdaptorError as exc:
             await self._note(name, "failed", f"promoting {new} failed: {exc}", str(new))
             return
@@ -533,15 +543,63 @@ class HaService:
         log.warning("failover done", extra={"cluster": name, "old_primary": str(old), "new_primary": str(new)})
         await self._hook(name, "post_failover", self.cfg.post_failover_hook, old, new)
 
-    async def _fence(self, name: str, old: Address, primary: Address, adaptor: Adaptor) -> None:
-        """A failed primary came back writable: make it read-only, then a replica of the current primary."""
+    def _start_fence(self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor) -> None:
+        """Fence a returning old primary in the background (a PostgreSQL rejoin takes a while);
+        one fence per cluster at a time, and a failed one is retried after FENCE_RETRY_S."""
+        running = self._fencing.get(name)
+        if running is not None and not running.done():
+            return
+        failed_at = self._fence_failed_at.get((name, str(old)))
+        if failed_at is not None and self.clock() - failed_at < FENCE_RETRY_S:
+            return
+        self._fencing[name] = asyncio.create_task(self._fence(name, record, old, primary, adaptor), name="ha-fence")
+
+    async def _fence(self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor) -> None:
+        """A failed primary came back writable: make it read-only, then a replica of the current primary
+        (PostgreSQL: rewound into a standby by the agent on its host, when ha.rejoin is on)."""
         try:
             await adaptor.set_read_only(old, True)
             await self._note(name, "fenced", f"{old} came back writable: set read-only", str(old))
-            await adaptor.repoint(old, primary)
-            await self._note(name, "fenced", f"{old} replicates from {primary}", str(old))
-        except AdaptorError as exc:
-            await self._note(name, "failed", f"fencing {old} is incomplete: {exc}", str(old))
+            if record.engine == "postgresql":
+                await self._rejoin(name, record, old, primary)
+            else:
+                await adaptor.repoint(old, primary)
+                await self._note(name, "fenced", f"{old} replicates from {primary}", str(old))
+            self._fence_failed_at.pop((name, str(old)), None)
+        except (AdaptorError, AgentCallFailed) as exc:
+            self._fence_failed_at[(name, str(old))] = self.clock()
+            with contextlib.suppress(RegistryError):
+                await self._note(name, "failed", f"fencing {old} is incomplete: {exc}", str(old))
+
+    async def _rejoin(self, name: str, record: ClusterRecord, old: Address, primary: Address) -> None:
+        """Ask the agent on the old primary's host to pg_rewind it into a standby of primary."""
+        if not self.cfg.rejoin:
+            await self._note(name, "fenced", f"{old} left read-only (ha.rejoin is off)", str(old))
+            return
+        if self.agents is None:
+            raise AgentCallFailed("no agent directory: cannot rejoin")
+        node = self.agents.locate(old)
+        login, replication = credentials_for(self.cfg, record.name, record.user, record.database)
+        request = PgRejoinRequest(
+            address=str(old),
+            port=old.port,
+            source=str(primary),
+            user=login.user,
+            password=login.password,
+            database=login.database or "postgres",
+            replication_user=replication.user,
+            replication_password=replication.password,
+            connect_timeout=self.cfg.connect_timeout,
+            timeout=self.cfg.rejoin_timeout,
+        )
+        await self._note(name, "fenced", f"{old}: agent {node} rewinds it into a standby of {primary}", str(old))
+        report = await self.agents.pg_rejoin(node, request)
+        await self._note(
+            name,
+            "fenced",
+            f"{old} rejoined as a standby of {primary} (pg_rewind by agent {node}, {report.seconds:.1f} s)",
+            str(old),
+        )
 
     async def _hook(self, name: str, which: str, command: str, old: Address, new: Address) -> bool:
         """Run a failover hook; False when a pre-failover hook failed (the failover stops)."""
