@@ -337,11 +337,14 @@ class PatroniPeer:
             if m.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     m.proc.wait(max(0.1, deadline - time.monotonic()))
-        for i, m in enumerate(self.members):
-            if (m.proc is not None and m.proc.poll() is None) or m.postmaster() is not None:
-                self.kill(i)
-        self.etcd.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            for i, m in enumerate(self.members):
+                if (m.proc is not None and m.proc.poll() is None) or m.postmaster() is not None:
+                    with contextlib.suppress(AssertionError):  # SIGKILLed all the same; go on with the rest
+                        self.kill(i)
+        finally:
+            self.etcd.stop()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # --- state --------------------------------------------------------------------------------
 

@@ -9,13 +9,16 @@ fleetmate sets it read-only and the agent rewinds it (pg_rewind) into a standby 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from tests.agentproc import Agent, agent_running
 from tests.ha_postgres import PostgresReplicaSet
@@ -31,6 +34,15 @@ def pgset() -> Iterator[PostgresReplicaSet]:
     try:
         yield replicas
     finally:
+        # An instance the agent restarted (pg_ctl) is not the harness's process: stop it by its data dir.
+        for i in range(3):
+            data = replicas.data_dir(i)
+            if (data / "postmaster.pid").exists():
+                subprocess.run(
+                    ["runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
+                    check=False,
+                    capture_output=True,
+                )
         replicas.stop()
 
 
@@ -113,41 +125,91 @@ def test_old_primary_comes_back_and_is_rewound_into_a_standby(
         tmp_path / "agent",
         {"FLEETMATE_NODE_ID": "pg-host", "FLEETMATE_NATS_URL": f"nats://127.0.0.1:{nats_port}"},
     )
-    try:
-        with agent_running(agent):
-            # The agent must be known (with its ports) before the old primary comes back.
-            wait_for(lambda: fm.get("/api/v1/nodes/pg-host").status_code == 200, 20, "the agent's node record")
-            pgset.start_node(0)  # as after a crash: no standby.signal, so it starts as a writable primary
-            old = str(pgset.addresses[0])
+    with agent_running(agent):
+        # The agent must be known (with its ports) before the old primary comes back.
+        wait_for(lambda: fm.get("/api/v1/nodes/pg-host").status_code == 200, 20, "the agent's node record")
+        pgset.start_node(0)  # as after a crash: no standby.signal, so it starts as a writable primary
+        old = str(pgset.addresses[0])
 
-            def rejoined() -> bool:
-                return any(
-                    e["message"].startswith(f"{old} rejoined as a standby of {new}")
-                    for e in fm.get(f"{CLUSTERS}/pg/history").json()
-                )
+        def rejoined() -> bool:
+            return any(
+                e["message"].startswith(f"{old} rejoined as a standby of {new}")
+                for e in fm.get(f"{CLUSTERS}/pg/history").json()
+            )
 
-            wait_for(rejoined, 90, "the old primary to be rewound into a standby")
-            wait_for(lambda: _sql_as_owner(pgset, 0, "SELECT pg_is_in_recovery()") == "t", 30, "node 0 in recovery")
-            pgset.sql(i_new, "INSERT INTO acked VALUES (-2)")
-            wait_for(
-                lambda: _sql_as_owner(pgset, 0, "SELECT count(*) FROM acked WHERE id = -2") == "1",
-                30,
-                "a row written on the new primary to reach the rejoined standby",
+        wait_for(rejoined, 90, "the old primary to be rewound into a standby")
+        wait_for(lambda: _sql_as_owner(pgset, 0, "SELECT pg_is_in_recovery()") == "t", 30, "node 0 in recovery")
+        pgset.sql(i_new, "INSERT INTO acked VALUES (-2)")
+        wait_for(
+            lambda: _sql_as_owner(pgset, 0, "SELECT count(*) FROM acked WHERE id = -2") == "1",
+            30,
+            "a row written on the new primary to reach the rejoined standby",
+        )
+        history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()]
+        assert any(m == f"{old} came back writable: set read-only" for m in history), history
+        assert agent.logged("PostgreSQL former primary rejoined")
+        view = fm.get(f"{CLUSTERS}/pg").json()
+        assert not [a for a in view["analyses"] if a["kind"] == "SplitBrain"], view["analyses"]
+
+
+def test_manual_failover_when_anti_flapping_blocks_streamed_over_the_websocket(
+    fm: Fleetmate, pgset: PostgresReplicaSet
+) -> None:
+    """Runs after the two above: the current primary dies within recovery_block_seconds."""
+    current = _primary(fm)
+    i_cur = [str(a) for a in pgset.addresses].index(current)
+    standbys = [str(a) for i, a in enumerate(pgset.addresses) if i != i_cur]
+
+    tree = fm.get(f"{CLUSTERS}/pg/topology").json()
+    assert tree["primary"] == current
+    assert [r["address"] for r in tree["roots"]] == [current]
+    assert sorted(n["address"] for n in tree["roots"][0]["replicas"]) == sorted(standbys)
+    assert tree["roots"][0]["state"].startswith("primary, writable")
+
+    # Refused while the primary lives, and for bad input; nothing changes.
+    before = len(fm.get(f"{CLUSTERS}/pg/history").json())
+    alive = fm.post(f"{CLUSTERS}/pg/failover", json={})
+    assert alive.status_code == 409, alive.text
+    assert "is up: use a switchover" in alive.json()["message"]
+    assert fm.post(f"{CLUSTERS}/nope/failover", json={}).status_code == 404
+    bad = fm.post(f"{CLUSTERS}/pg/failover", json={"to": "not-an-address"})
+    assert bad.status_code == 400, bad.text
+    assert fm.post(f"{CLUSTERS}/pg/failover", json={"to": "127.0.0.1:1", "x": 1}).status_code == 400
+    assert _primary(fm) == current
+    assert len(fm.get(f"{CLUSTERS}/pg/history").json()) == before
+
+    ws_url = fm.url.replace("http://", "ws://") + "/api/v1/ha/watch?cluster=pg"
+    with ws_connect(ws_url, open_timeout=5) as ws:
+        ready = json.loads(ws.recv(5))
+        assert ready["type"] == "ready"
+        assert ready["clusters"][0]["primary"] == current
+        pgset.kill(i_cur)
+
+        def blocked() -> bool:
+            return any(
+                e["kind"] == "blocked" and "anti-flapping" in e["message"]
+                for e in fm.get(f"{CLUSTERS}/pg/history").json()
             )
-            history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()]
-            assert any(m == f"{old} came back writable: set read-only" for m in history), history
-            assert agent.logged("PostgreSQL former primary rejoined")
-            view = fm.get(f"{CLUSTERS}/pg").json()
-            assert not [a for a in view["analyses"] if a["kind"] == "SplitBrain"], view["analyses"]
-    finally:
-        # The agent restarted node 0 with pg_ctl: the harness's own process handle is stale.
-        data = pgset.data_dir(0)
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                ["runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
-                check=False,
-                capture_output=True,
-            )
+
+        wait_for(blocked, 30, "the automatic recovery to be blocked by anti-flapping")
+        assert _primary(fm) == current
+        outsider = fm.post(f"{CLUSTERS}/pg/failover", json={"to": "127.0.0.1:1"})
+        assert outsider.status_code == 400, outsider.text
+        assert "is not an instance of cluster 'pg'" in outsider.json()["message"]
+        reply = fm.post(f"{CLUSTERS}/pg/failover", json={}, timeout=90)
+        assert reply.status_code == 200, reply.text
+        new = reply.json()["primary"]
+        assert new in standbys
+        streamed: list[dict[str, Any]] = []
+        while not any(m["type"] == "primary" for m in streamed):
+            streamed.append(json.loads(ws.recv(10)))
+        primary_msg = next(m for m in streamed if m["type"] == "primary")
+        assert (primary_msg["cluster"], primary_msg["primary"]) == ("pg", new)
+        kinds = {m["type"] for m in streamed}
+        assert {"history", "instance"} <= kinds, kinds
+    history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()]
+    assert any(m.startswith(f"manual failover of dead primary {current}") for m in history), history
+    assert pgset.sql([str(a) for a in pgset.addresses].index(new), "SELECT pg_is_in_recovery()").strip() == "f"
 
 
 def _sql_as_owner(pgset: PostgresReplicaSet, i: int, statement: str) -> str:

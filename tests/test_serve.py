@@ -48,8 +48,16 @@ def _check_endpoints(fm: Fleetmate) -> dict[str, object]:
     schema = fm.get("/schema/openapi.json")
     assert schema.status_code == 200
     paths = schema.json()["paths"]
-    for path in ("/api/v1/health", "/api/v1/ready", "/api/v1/cluster", "/api/v1/cluster/replicas/{node_id}"):
-        assert path in paths
+    for path in (
+        "/api/v1/health",
+        "/api/v1/ready",
+        "/api/v1/cluster",
+        "/api/v1/cluster/replicas/{node_id}",
+        "/api/v1/ha/clusters/{name}/topology",
+        "/api/v1/ha/clusters/{name}/failover",
+        "/api/v1/ha/clusters/{name}/switchover",
+    ):
+        assert path in paths, path
     docs = fm.get("/schema/")
     assert docs.status_code == 200
     assert "text/html" in docs.headers["content-type"]

@@ -1,4 +1,4 @@
-"""`fleetmate ha ...`: discover, list, topology, history, switchover, rule, downtime, acknowledge, forget."""
+"""`fleetmate ha ...`: discover, list, topology, history, switchover, failover, rule, downtime, acknowledge, forget."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import sys
 import time
 from typing import Any
 
+import msgspec
+
 from app.cli.api import ApiError, add_connection_options, call
+from app.services.ha import topology
 
 DISCOVER_S = 60.0  # discovery probes every instance it finds
 
@@ -32,6 +35,8 @@ def add_parser(sub: Any) -> None:
     command("history", "a cluster's detections and recovery steps")
     sw = command("switchover", "hand the primary role to a replica, losing nothing")
     sw.add_argument("--to", metavar="HOST:PORT", help="the replica to promote (default: the best candidate)")
+    fo = command("failover", "recover a dead primary now, when its automatic recovery is blocked or off")
+    fo.add_argument("--to", metavar="HOST:PORT", help="the replica to promote (default: the best candidate)")
     rule = command("rule", "set an instance's promotion rule")
     rule.add_argument("address", metavar="HOST:PORT")
     rule.add_argument("rule", choices=("prefer", "neutral", "must_not"))
@@ -60,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.ha_command == "list":
         answer = call(args, "GET", base)
     elif args.ha_command == "topology":
-        answer = call(args, "GET", f"{base}/{args.name}")
+        answer = call(args, "GET", f"{base}/{args.name}/topology")
     elif args.ha_command == "history":
         answer = call(args, "GET", f"{base}/{args.name}/history")
     elif args.ha_command == "rule":
@@ -72,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
         answer = call(args, "POST", f"{base}/{args.name}/acknowledge", {"reason": args.reason})
     elif args.ha_command == "switchover":
         answer = call(args, "POST", f"{base}/{args.name}/switchover", {"to": args.to}, DISCOVER_S)
+    elif args.ha_command == "failover":
+        answer = call(args, "POST", f"{base}/{args.name}/failover", {"to": args.to}, DISCOVER_S)
     else:
         answer = call(args, "DELETE", f"{base}/{args.name}")
         print(f"forgot {args.name}")
@@ -82,8 +89,11 @@ def _run(args: argparse.Namespace) -> int:
         _print_list(answer)
     elif args.ha_command == "history":
         _print_history(answer)
+    elif args.ha_command == "topology":
+        print("\n".join(topology.render(msgspec.convert(answer, topology.TopologyTree))))
     else:
-        print("\n".join(tree(answer)))
+        view = call(args, "GET", f"{base}/{args.name}/topology")
+        print("\n".join(topology.render(msgspec.convert(view, topology.TopologyTree))))
     return 0
 
 
@@ -101,46 +111,3 @@ def _print_history(entries: list[dict[str, Any]]) -> None:
     for e in entries:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
         print(f"{at}  {e['kind']:12} {e['instance'] or '-':22} {e['message']}")
-
-
-def tree(view: dict[str, Any]) -> list[str]:
-    """The topology as orchestrator-client draws it: each instance under the one it replicates from."""
-    instances = {i["address"]: i for i in view["instances"]}
-    children: dict[str, list[str]] = {}
-    roots = []
-    for address, inst in sorted(instances.items()):
-        source = inst.get("source") or ""
-        if source and source in instances:
-            children.setdefault(source, []).append(address)
-        else:
-            roots.append(address)
-    primary = view["primary"]
-    roots.sort(key=lambda a: (a != primary, a))
-    lines = [f"cluster {view['cluster']['name']} ({view['cluster']['engine']}), primary {primary}"]
-
-    def walk(address: str, depth: int) -> None:
-        inst = instances[address]
-        if not inst["reachable"]:
-            state = f"unreachable: {inst['error']}"
-        else:
-            state = ", ".join(
-                part
-                for part in (
-                    inst["role"],
-                    "read-only" if inst.get("read_only") else "writable",
-                    f"lag {inst['lag_seconds']:.1f}s" if inst.get("lag_seconds") is not None else "",
-                    "replication stopped" if inst.get("receiving") is False or inst.get("applying") is False else "",
-                    inst.get("version", ""),
-                )
-                if part
-            )
-        lines.append(f"{'  ' * depth}{'+ ' if depth else ''}{address}  [{state}]")
-        for child in children.get(address, []):
-            walk(child, depth + 1)
-
-    for root in roots:
-        walk(root, 0)
-    for finding in view.get("analyses", []):
-        where = finding["instance"]
-        lines.append(f"! {finding['kind']} {where['host']}:{where['port']}: {finding['detail']}")
-    return lines

@@ -25,3 +25,10 @@ class DiscoveryFailed(FleetmateError):
 
     code = "discovery_failed"
     status = 502
+
+
+class RecoveryRefused(FleetmateError):
+    """A manual failover that does not apply now: the primary is alive, or the leader recovers it itself."""
+
+    code = "conflict"
+    status = 409

@@ -53,6 +53,29 @@ def history_path(name: str) -> str:
     return f"{ROOT}/{name}/history"
 
 
+Part = Literal["config", "primary", "instance", "history", "cluster"]
+
+
+def parse_path(path: str) -> tuple[str, Part, str] | None:
+    """(cluster, part, child) of a znode under ROOT: child is the instance address or history
+    entry name ("" otherwise); None for ROOT itself, folders and anything else."""
+    if not path.startswith(ROOT + "/"):
+        return None
+    parts = path[len(ROOT) + 1 :].split("/")
+    name = parts[0]
+    if not NAME_RE.match(name):
+        return None
+    if len(parts) == 1:
+        return name, "cluster", ""
+    if len(parts) == 2 and parts[1] in ("config", "primary"):
+        return name, "config" if parts[1] == "config" else "primary", ""
+    if len(parts) == 3 and parts[1] == "instances":
+        return name, "instance", parts[2]
+    if len(parts) == 3 and parts[1] == "history":
+        return name, "history", parts[2]
+    return None
+
+
 class ClusterRecord(msgspec.Struct, frozen=True):
     """A registered cluster: how to reach it (never a password) and its recovery rules."""
 

@@ -22,15 +22,24 @@ from opentelemetry import trace
 
 from app.config import HaConfig
 from app.services.agent.messages import PgRejoinRequest
-from app.services.ha import layout
+from app.services.ha import layout, topology
 from app.services.ha.adaptor import Adaptor, AdaptorError
 from app.services.ha.agents import AgentCallFailed, AgentDirectory
-from app.services.ha.analysis import Analysis, NoCandidate, analyse, choose_candidate, position, replicas_of
+from app.services.ha.analysis import (
+    FAILOVER_KINDS,
+    Analysis,
+    NoCandidate,
+    analyse,
+    choose_candidate,
+    position,
+    replicas_of,
+)
 from app.services.ha.credentials import credentials_for, parse_seed
-from app.services.ha.errors import BadClusterRequest, ClusterExists, DiscoveryFailed, UnknownCluster
+from app.services.ha.errors import BadClusterRequest, ClusterExists, DiscoveryFailed, RecoveryRefused, UnknownCluster
 from app.services.ha.layout import ClusterRecord, HistoryEntry, InstanceRecord
 from app.services.ha.messages import Address, Credentials, Engine, InstanceStatus, PromotionRule
 from app.services.ha.recovery import Blocked, ClusterPolicy, RecoveryPlan, plan_recovery
+from app.services.ha.topology import TopologyTree
 from app.services.registry.errors import NodeExists, NoNode, RegistryError
 from app.services.registry.messages import Create, Delete, SetData
 from app.services.registry.service import MultiOp, RegistryService
@@ -356,6 +365,69 @@ class HaService:
                 raise TimeoutError(f"{target} did not catch up with {old} within {self.cfg.apply_timeout:g}s")
             await asyncio.sleep(0.05)
 
+    # ---- manual failover (any replica, on request) ---------------------------------------------
+
+    async def failover(self, name: str, to: str | None = None) -> ClusterView:
+        """Recover a dead primary on an operator's request, like Orchestrator's manual recover.
+
+        It applies when the analysis says DeadPrimary and automatic recovery would not run
+        (ha.auto_recover off, anti-flapping, the primary in downtime, no candidate by the
+        rules): the request lifts those, and `to` picks the replica. The no-loss rule stays: a
+        replica missing an acknowledged transaction is never promoted.
+        """
+        record = self.record(name)
+        adaptor = self._adaptor(record)
+        text = self.primary(name)
+        if not text:
+            raise BadClusterRequest(f"cluster {name!r} has no recorded primary")
+        primary = Address.parse(text)
+        target = self._member_address(name, to) if to is not None else None
+        with tracer().start_as_current_span("ha.failover", attributes={"ha.cluster": name}):
+            known = {Address.parse(i.address) for i in self.instances(name)} | {primary}
+            probes = await self._probe_all(adaptor, known)
+            found = analyse(primary, probes, self.cfg.lag_threshold, known - {primary})
+            dead = next((a for a in found if a.kind in FAILOVER_KINDS), None)
+            if dead is None:
+                kinds = ", ".join(f"{a.kind} {a.instance}" for a in found) or "none"
+                if probes[primary].reachable:
+                    raise RecoveryRefused(f"the primary {primary} is up: use a switchover (findings: {kinds})")
+                raise RecoveryRefused(
+                    f"the primary {primary} is unreachable from here but not dead by the analysis "
+                    f"(its replicas still see it; findings: {kinds})"
+                )
+            auto = self._policy(name, record)
+            automatic = plan_recovery(name, dead, probes, auto, self.clock(), record.last_recovery_at)
+            if not isinstance(automatic, Blocked):
+                # Two recoveries at once would promote two replicas.
+                raise RecoveryRefused(
+                    f"nothing blocks the automatic recovery of {primary}: the leader runs it (see the history)"
+                )
+            rules = dict(auto.rules)
+            downtime = set(auto.downtime) - {dead.instance}
+            if target is not None:
+                if target not in {s.address for s in replicas_of(primary, probes) if s.reachable}:
+                    raise BadClusterRequest(f"{target} is not a reachable replica of the dead primary {primary}")
+                rules = {a: "must_not" for a in probes if a != target}
+                rules[target] = "prefer"
+                downtime.discard(target)
+            policy = msgspec.structs.replace(
+                auto, rules=rules, downtime=frozenset(downtime), auto_recover=True, block_seconds=0.0
+            )
+            why = await self._recover(name, record, dead, probes, adaptor, policy, duty=False)
+            if why is not None:
+                raise RecoveryRefused(f"manual failover of {primary} did not run: {why}")
+        return self.view(name)
+
+    def _member_address(self, name: str, text: str) -> Address:
+        return Address.parse(self._member(name, text))
+
+    def topology(self, name: str) -> TopologyTree:
+        """The cluster as a tree, with the leader's findings."""
+        self.record(name)
+        return topology.build(
+            name, self.record(name).engine, self.primary(name), self.instances(name), self.analyses.get(name, [])
+        )
+
     # ---- the leader ---------------------------------------------------------------------------
 
     async def lead(self) -> None:
@@ -479,17 +551,26 @@ class HaService:
         finding: Analysis,
         probes: dict[Address, InstanceStatus],
         adaptor: Adaptor,
-    ) -> None:
-        with tracer().start_as_current_span("ha.recover", attributes={"ha.cluster": name}):
-            policy = self._policy(name, record)
+        policy: ClusterPolicy | None = None,
+        duty: bool = True,
+    ) -> str | None:
+        """Plan and run the recovery of a dead primary; the reason it was blocked or failed, None when done.
+
+        duty: the leader's automatic recovery (its writes fenced by its term); False for an
+        operator's manual failover, served by any replica with `policy` relaxed by the request.
+        """
+        note = functools.partial(self._note, duty=duty)
+        with tracer().start_as_current_span("ha.recover", attributes={"ha.cluster": name, "ha.manual": not duty}):
+            policy = policy or self._policy(name, record)
             plan = plan_recovery(name, finding, probes, policy, self.clock(), record.last_recovery_at)
             if isinstance(plan, Blocked):
                 if self._blocked_said.get(name) != plan.reason:
                     self._blocked_said[name] = plan.reason
-                    await self._note(name, "blocked", plan.reason, str(finding.instance))
-                return
+                    await note(name, "blocked", plan.reason, str(finding.instance))
+                return plan.reason
             self._blocked_said.pop(name, None)
-            await self._note(name, "recovery", f"recovering dead primary {finding.instance}", str(finding.instance))
+            what = "recovering dead primary" if duty else "manual failover of dead primary"
+            await note(name, "recovery", f"{what} {finding.instance}", str(finding.instance))
             waiting = [s.instance for s in plan.steps if s.kind == "wait_applied"]
             results = await asyncio.gather(
                 *(adaptor.wait_applied(a, self.cfg.apply_timeout) for a in waiting), return_exceptions=True
@@ -500,32 +581,35 @@ class HaService:
                     probes[address] = result
                     applied.add(address)
                 else:
-                    await self._note(name, "failed", f"{address} did not apply its backlog: {result}", str(address))
+                    await note(name, "failed", f"{address} did not apply its backlog: {result}", str(address))
                     probes[address] = await adaptor.probe(address)
             final = plan_recovery(name, finding, probes, policy, self.clock(), record.last_recovery_at, applied)
             if isinstance(final, Blocked):
-                await self._note(name, "blocked", final.reason, str(finding.instance))
-                return
-            await self._execute(name, record, final, adaptor)
+                await note(name, "blocked", final.reason, str(finding.instance))
+                return final.reason
+            return await self._execute(name, record, final, adaptor, duty)
 
-    async def _execute(self, name: str, record: ClusterRecord, plan: RecoveryPlan, adaptor: Adaptor) -> None:
+    async def _execute(
+        self, name: str, record: ClusterRecord, plan: RecoveryPlan, adaptor: Adaptor, duty: bool = True
+    ) -> str | None:
+        note = functools.partial(self._note, duty=duty)
         old, new = plan.failed_primary, plan.candidate
-        if not await self._hook(name, "pre_failover", self.cfg.pre_failover_hook, old, new):
-            return
+        if not await self._hook(name, "pre_failover", self.cfg.pre_failover_hook, old, new, duty):
+            return "the pre-failover hook failed"
         try:
             await adaptor.promote(new, synchronous=plan.synchronous)
         except AdaptorError as exc:
-            await self._note(name, "failed", f"promoting {new} failed: {exc}", str(new))
-            return
-        await self._note(name, "step", f"promoted {new} ({plan.reason})", str(new))
+            await note(name, "failed", f"promoting {new} failed: {exc}", str(new))
+            return f"promoting {new} failed: {exc}"
+        await note(name, "step", f"promoted {new} ({plan.reason})", str(new))
         for step in plan.steps:
             if step.kind != "repoint":
                 continue
             try:
                 await adaptor.repoint(step.instance, new)
-                await self._note(name, "step", f"{step.instance} replicates from {new}", str(step.instance))
+                await note(name, "step", f"{step.instance} replicates from {new}", str(step.instance))
             except AdaptorError as exc:
-                await self._note(name, "failed", f"repointing {step.instance} failed: {exc}", str(step.instance))
+                await note(name, "failed", f"repointing {step.instance} failed: {exc}", str(step.instance))
         now = self.clock()
         updated = msgspec.structs.replace(
             record, last_recovery_at=now, old_primaries=sorted({*record.old_primaries, str(old)})
@@ -537,11 +621,12 @@ class HaService:
                 SetData(layout.config_path(name), layout.encode(updated)),
                 self._history_op(name, entry),
             ],
-            self._term(),
+            self._term() if duty else 0,
         )
         self.recoveries += 1
         log.warning("failover done", extra={"cluster": name, "old_primary": str(old), "new_primary": str(new)})
-        await self._hook(name, "post_failover", self.cfg.post_failover_hook, old, new)
+        await self._hook(name, "post_failover", self.cfg.post_failover_hook, old, new, duty)
+        return None
 
     def _start_fence(self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor) -> None:
         """Fence a returning old primary in the background (a PostgreSQL rejoin takes a while);
@@ -601,7 +686,7 @@ class HaService:
             str(old),
         )
 
-    async def _hook(self, name: str, which: str, command: str, old: Address, new: Address) -> bool:
+    async def _hook(self, name: str, which: str, command: str, old: Address, new: Address, duty: bool = True) -> bool:
         """Run a failover hook; False when a pre-failover hook failed (the failover stops)."""
         if not command:
             return True
@@ -625,7 +710,7 @@ class HaService:
                 tail = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
                 raise RuntimeError(f"exit code {proc.returncode}: {tail[0]}")
         except (OSError, RuntimeError) as exc:
-            await self._note(name, "failed", f"{which} hook failed: {exc}")
+            await self._note(name, "failed", f"{which} hook failed: {exc}", duty=duty)
             return which != "pre_failover"
-        await self._note(name, "step", f"{which} hook ran")
+        await self._note(name, "step", f"{which} hook ran", duty=duty)
         return True

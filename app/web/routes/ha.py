@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import contextlib
+from typing import Annotated, Any
 
 import msgspec
-from litestar import delete, get, post, put
+from litestar import delete, get, post, put, websocket
+from litestar.connection import WebSocket
+from litestar.exceptions import WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
-from app.errors import Unavailable
+from app.errors import FleetmateError, Unavailable
 from app.node import Node
+from app.services.ha import layout
 from app.services.ha.layout import HistoryEntry
 from app.services.ha.messages import PromotionRule
 from app.services.ha.service import ClusterView, HaService
+from app.services.ha.topology import TopologyTree
+from app.services.registry.messages import Event
 from app.web.errors import ErrorBody
+from app.web.sockets import drain, fail
+
+WATCH_PATH = "/api/v1/ha/watch"
+_enc = msgspec.json.Encoder()
 
 ERRORS = {404: ResponseSpec(data_container=ErrorBody, description="No such cluster")}
 REGISTER_ERRORS = {
@@ -33,6 +44,12 @@ class RegisterBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", examples=["orders"])]
     dsn: Annotated[str, msgspec.Meta(max_length=1000, examples=["mysql://fleetmate@10.0.0.1:3306"])]
+
+
+class FailoverBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Recover the dead primary now: onto this replica (host:port), or the best candidate when omitted."""
+
+    to: Annotated[str, msgspec.Meta(max_length=300, examples=["10.0.0.2:3306"])] | None = None
 
 
 class SwitchoverBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -139,6 +156,41 @@ def ha_routes(node: Node) -> list[BaseRouteHandler]:
         writable again and nothing changes."""
         return await svc().switchover(name, data.to if data else None)
 
+    @get(
+        "/api/v1/ha/clusters/{name:str}/topology",
+        tags=["ha"],
+        summary="The topology as a tree: who replicates from whom",
+        responses=ERRORS,
+    )
+    async def topology(name: str) -> TopologyTree:
+        """Each instance under the one it replicates from, the recorded primary first, with a
+        one-line state per instance (as `orchestrator-client -c topology` draws it) and the
+        leader's findings."""
+        if node.registry is not None:
+            await node.registry.sync()
+        return svc().topology(name)
+
+    @post(
+        "/api/v1/ha/clusters/{name:str}/failover",
+        tags=["ha"],
+        summary="Manual failover of a dead primary",
+        status_code=HTTP_200_OK,
+        responses={
+            **ERRORS,
+            400: REGISTER_ERRORS[400],
+            409: ResponseSpec(
+                data_container=ErrorBody,
+                description="The primary is alive, the leader recovers it itself, or no replica can be promoted",
+            ),
+        },
+    )
+    async def failover(name: str, data: FailoverBody | None = None) -> ClusterView:
+        """For a primary the analysis finds dead (replicas agree) whose automatic recovery does not
+        run: ha.auto_recover off, anti-flapping, downtime, or promotion rules. The request lifts
+        those (and picks the replica with `to`); a replica missing an acknowledged transaction is
+        still never promoted. A live primary is refused: use a switchover."""
+        return await svc().failover(name, data.to if data else None)
+
     @put(
         "/api/v1/ha/clusters/{name:str}/instances/{address:str}/rule",
         tags=["ha"],
@@ -179,4 +231,91 @@ def ha_routes(node: Node) -> list[BaseRouteHandler]:
     async def forget(name: str) -> None:
         await svc().remove(name)
 
-    return [register, list_clusters, one_cluster, history, switchover, set_rule, set_downtime, acknowledge, forget]
+    @websocket(WATCH_PATH)
+    async def watch_clusters(socket: WebSocket[Any, Any, Any]) -> None:
+        """Stream topology changes as JSON: first {"type": "ready", "revision", "clusters": [ClusterView]},
+        then "primary", "instance", "instance_removed", "history", "cluster" and "removed" messages
+        as the leader records them (`?cluster=NAME` for one cluster). Not in the OpenAPI schema
+        (WebSocket routes are not); see the README."""
+        await socket.accept()
+        only = socket.query_params.get("cluster")
+        try:
+            ha = svc()
+            if node.registry is not None:
+                await node.registry.sync()
+            if only is not None:
+                ha.record(only)
+        except FleetmateError as exc:
+            await fail(socket, exc.code, exc.message)
+            return
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        root = layout.cluster_path(only) if only is not None else layout.ROOT
+        sub = ha.registry.watches.subscribe(root, recursive=True, callback=queue.put_nowait)
+        reader = asyncio.create_task(drain(socket))
+        reader.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            names = [only] if only is not None else ha.names()
+            ready = {"type": "ready", "revision": ha.registry.revision, "clusters": [_view(ha, n) for n in names]}
+            await socket.send_text(_enc.encode(ready).decode())
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                message = _change(ha, event)
+                if message is not None:
+                    await socket.send_text(_enc.encode(message).decode())
+        except (WebSocketDisconnect, OSError):
+            return
+        finally:
+            sub.close()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    return [
+        register,
+        list_clusters,
+        one_cluster,
+        history,
+        topology,
+        failover,
+        switchover,
+        set_rule,
+        set_downtime,
+        acknowledge,
+        forget,
+        watch_clusters,
+    ]
+
+
+def _view(ha: HaService, name: str) -> ClusterView | None:
+    try:
+        return ha.view(name)
+    except FleetmateError:
+        return None  # half-created or being removed
+
+
+def _change(ha: HaService, event: Event) -> dict[str, Any] | None:
+    """The message for a registry event under /fleet/clusters; None for folders and superseded events."""
+    where = layout.parse_path(event.path)
+    if where is None:
+        return None
+    name, part, child = where
+    base: dict[str, Any] = {"revision": event.revision, "cluster": name}
+    if part == "cluster":
+        return {"type": "removed", **base} if event.type == "deleted" else None
+    if event.type == "deleted":
+        return {"type": "instance_removed", **base, "instance": child} if part == "instance" else None
+    if event.type not in ("created", "changed"):
+        return None
+    found = ha.registry.state.nodes.get(event.path)
+    if found is None or found.version != event.version:
+        return None  # a later event carries the newer data
+    data = bytes(found.data)
+    if part == "primary":
+        return {"type": "primary", **base, "primary": data.decode()}
+    if part == "config":
+        return {"type": "cluster", **base, "record": msgspec.json.decode(data)}
+    if part == "instance":
+        return {"type": "instance", **base, "instance": msgspec.json.decode(data)}
+    return {"type": "history", **base, "entry": msgspec.json.decode(data)}

@@ -31,6 +31,7 @@ from app.services.membership.service import MembershipService, NodeDetail, NodeV
 from app.services.membership.state import State
 from app.services.registry.messages import Event
 from app.web.errors import ErrorBody
+from app.web.sockets import drain, fail
 
 WATCH_PATH = "/api/v1/nodes/watch"
 SLOW_TIMEOUT_S = 60.0  # engine scans run binaries; cleanups walk directories
@@ -186,11 +187,11 @@ def node_routes(node: Node) -> list[BaseRouteHandler]:
             members = ms()
             await members.registry.sync()
         except FleetmateError as exc:
-            await _fail(socket, exc.code, exc.message)
+            await fail(socket, exc.code, exc.message)
             return
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         sub = members.registry.watches.subscribe(ROOT, recursive=True, callback=queue.put_nowait)
-        reader = asyncio.create_task(_drain(socket))
+        reader = asyncio.create_task(drain(socket))
         reader.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             views = await members.nodes(linearizable=False)
@@ -231,16 +232,3 @@ def _change(members: MembershipService, event: Event, only: str | None) -> dict[
     if event.type not in ("created", "changed") or found is None or found[1] != event.version:
         return None  # a later event carries the newer state
     return {"type": "state", "revision": event.revision, "node": members.view(found[0])}
-
-
-async def _drain(socket: WebSocket[Any, Any, Any]) -> None:
-    """Read (and ignore) what the client sends until it goes away."""
-    with contextlib.suppress(WebSocketDisconnect, OSError):
-        while True:
-            await socket.receive_data("text")
-
-
-async def _fail(socket: WebSocket[Any, Any, Any], code: str, message: str) -> None:
-    with contextlib.suppress(Exception):
-        await socket.send_text(_enc.encode({"type": "error", "error": code, "message": message}).decode())
-        await socket.close(code=4000)
