@@ -49,13 +49,13 @@ pytest: $(STAMP) test-deps ## the test suite alone
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 
-BENCHES := startup registry zk failover metrics agent
+BENCHES := startup registry zk failover metrics agent ha
 
-bench: $(STAMP) ## run every benchmark in bench/ against its peers (etcd, ZooKeeper, node_exporter); JSON under bench/results/
-	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py; done
+bench: $(STAMP) test-deps ## run every benchmark in bench/ against its peers (etcd, ZooKeeper, node_exporter, Patroni); JSON under bench/results/
+	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $$([ $$b = ha ] && echo --install); done
 
-bench-quick: $(STAMP) ## the same as smoke runs (--quick), a few minutes in all
-	@set -e; for b in $(filter-out startup,$(BENCHES)); do echo "== bench/$$b.py --quick"; $(PY) bench/$$b.py --quick; done
+bench-quick: $(STAMP) test-deps ## the same as smoke runs (--quick), a few minutes in all
+	@set -e; for b in $(filter-out startup,$(BENCHES)); do echo "== bench/$$b.py --quick"; $(PY) bench/$$b.py --quick $$([ $$b = ha ] && echo --install); done
 
 clean: ## remove the virtualenv, caches and the local data dir
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data

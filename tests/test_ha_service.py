@@ -65,12 +65,16 @@ def test_bad_registrations_are_refused_and_change_nothing(fm: Fleetmate, mariadb
         ({"name": "x", "dsn": f"redis://{seed}"}, 400, "must start with"),
         ({"name": "bad name!", "dsn": f"mysql://fleetmate@{seed}"}, 400, "name"),
         ({"name": "x", "dsn": "mysql://fleetmate@127.0.0.1:1"}, 502, "cannot reach"),
+        # Wrong credentials: the configured password is not this user's.
+        ({"name": "x", "dsn": f"mysql://nobody@{seed}"}, 502, "denied"),
+        ({"name": "x", "dsn": f"mysql://fleetmate@{seed}", "extra": 1}, 400, "extra"),
     ]
     for body, status, words in cases:
         reply = fm.post(CLUSTERS, json=body)
         assert reply.status_code == status, (body, reply.text)
         assert words in reply.text, reply.text
         assert "pw-Zq81x" not in reply.text
+        assert MariaDBReplicaSet.admin.password not in reply.text
     assert fm.get(CLUSTERS).json() == []
     assert fm.get(f"{CLUSTERS}/nope").status_code == 404
 
