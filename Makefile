@@ -45,7 +45,7 @@ test-deps: ## install mariadb-server, postgresql and zookeeper (Debian/Ubuntu) i
 			mariadb-server postgresql zookeeper >/dev/null; fi
 
 pytest: $(STAMP) test-deps ## the test suite alone
-	$(PY) -m pytest -ra -q
+	$(PY) -m pytest -ra -q --durations=15
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 

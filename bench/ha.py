@@ -136,19 +136,23 @@ def one_round(fm: Fleetmate, replicas: MariaDBReplicaSet, n: int) -> dict[str, A
             "acknowledged": len(acked), "lost": lost}  # fmt: skip
 
 
-def mariadb_rounds(rounds: int, results: list[dict[str, Any]]) -> None:
-    """Run the MariaDB rounds, appending each round's figures to results."""
-    progress("starting MariaDB: a primary and two semi-sync GTID replicas")
-    replicas = MariaDBReplicaSet(3, semi_sync=True).start()
-    tmp = Path(tempfile.mkdtemp(prefix="fleetmate-bench-ha-"))
-    admin, repl = MariaDBReplicaSet.admin, MariaDBReplicaSet.replication
-    env = {
+def _fleetmate_env(admin: Credentials, repl: Credentials) -> dict[str, str]:
+    """The environment of the fleetmate under test: the cluster's logins and the bench's HA timings."""
+    return {
         "FLEETMATE_HA_USER": admin.user,
         "FLEETMATE_HA_PASSWORD": admin.password,
         "FLEETMATE_HA_REPLICATION_USER": repl.user,
         "FLEETMATE_HA_REPLICATION_PASSWORD": repl.password,
         **FLEETMATE_ENV,
     }
+
+
+def mariadb_rounds(rounds: int, results: list[dict[str, Any]]) -> None:
+    """Run the MariaDB rounds, appending each round's figures to results."""
+    progress("starting MariaDB: a primary and two semi-sync GTID replicas")
+    replicas = MariaDBReplicaSet(3, semi_sync=True).start()
+    tmp = Path(tempfile.mkdtemp(prefix="fleetmate-bench-ha-"))
+    env = _fleetmate_env(MariaDBReplicaSet.admin, MariaDBReplicaSet.replication)
     fm: Fleetmate | None = None
     try:
         fm = Fleetmate(tmp, env=env).start()
@@ -334,14 +338,8 @@ def postgresql_rounds(rounds: int, results: list[dict[str, Any]]) -> None:
     progress("starting PostgreSQL 15: a primary and two streaming standbys, one synchronous")
     pgset = PostgresReplicaSet(3, synchronous="first").start()
     tmp = Path(tempfile.mkdtemp(prefix="fleetmate-bench-ha-pg-"))
-    admin, repl = PostgresReplicaSet.admin, PostgresReplicaSet.replication
-    env = {
-        "FLEETMATE_HA_USER": admin.user,
-        "FLEETMATE_HA_PASSWORD": admin.password,
-        "FLEETMATE_HA_REPLICATION_USER": repl.user,
-        "FLEETMATE_HA_REPLICATION_PASSWORD": repl.password,
-        **FLEETMATE_ENV,
-    }
+    admin = PostgresReplicaSet.admin
+    env = _fleetmate_env(admin, PostgresReplicaSet.replication)
     fm: Fleetmate | None = None
     try:
         pgset.sql(0, f"CREATE TABLE {PROBE_TABLE} (at timestamptz DEFAULT clock_timestamp())")

@@ -1,13 +1,18 @@
-"""Helpers the Litestar WebSocket routes share: an error frame and close, and draining what a client sends."""
+"""What the Litestar WebSocket routes share: an error frame and close, draining a client, streaming changes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
+
+from app.services.registry.messages import Event
+from app.services.registry.watches import WatchHub
 
 _enc = msgspec.json.Encoder()
 
@@ -24,3 +29,34 @@ async def fail(socket: WebSocket[Any, Any, Any], code: str, message: str) -> Non
     with contextlib.suppress(Exception):
         await socket.send_text(_enc.encode({"type": "error", "error": code, "message": message}).decode())
         await socket.close(code=4000)
+
+
+async def stream_changes(
+    socket: WebSocket[Any, Any, Any],
+    watches: WatchHub,
+    root: str,
+    ready: Callable[[], Awaitable[dict[str, Any]]],
+    change: Callable[[Event], Any],
+) -> None:
+    """Watch root recursively, send ready() first, then change(event) for each event (None: skipped),
+    until the client goes away. Subscribing first means no change between the two is missed."""
+    queue: asyncio.Queue[Event | None] = asyncio.Queue()
+    sub = watches.subscribe(root, recursive=True, callback=queue.put_nowait)
+    reader = asyncio.create_task(drain(socket))
+    reader.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        await socket.send_text(_enc.encode(await ready()).decode())
+        while True:
+            event = await queue.get()
+            if event is None:
+                return
+            message = change(event)
+            if message is not None:
+                await socket.send_text(_enc.encode(message).decode())
+    except (WebSocketDisconnect, OSError):
+        return
+    finally:
+        sub.close()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader

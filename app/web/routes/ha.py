@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Annotated, Any
 
 import msgspec
 from litestar import delete, get, post, put, websocket
 from litestar.connection import WebSocket
-from litestar.exceptions import WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
@@ -23,7 +20,7 @@ from app.services.ha.service import ClusterView, HaService
 from app.services.ha.topology import TopologyTree
 from app.services.registry.messages import Event
 from app.web.errors import ErrorBody
-from app.web.sockets import drain, fail
+from app.web.sockets import fail, stream_changes
 
 WATCH_PATH = "/api/v1/ha/watch"
 _enc = msgspec.json.Encoder()
@@ -248,29 +245,13 @@ def ha_routes(node: Node) -> list[BaseRouteHandler]:
         except FleetmateError as exc:
             await fail(socket, exc.code, exc.message)
             return
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
         root = layout.cluster_path(only) if only is not None else layout.ROOT
-        sub = ha.registry.watches.subscribe(root, recursive=True, callback=queue.put_nowait)
-        reader = asyncio.create_task(drain(socket))
-        reader.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
+
+        async def ready() -> dict[str, Any]:
             names = [only] if only is not None else ha.names()
-            ready = {"type": "ready", "revision": ha.registry.revision, "clusters": [_view(ha, n) for n in names]}
-            await socket.send_text(_enc.encode(ready).decode())
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                message = _change(ha, event)
-                if message is not None:
-                    await socket.send_text(_enc.encode(message).decode())
-        except (WebSocketDisconnect, OSError):
-            return
-        finally:
-            sub.close()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            return {"type": "ready", "revision": ha.registry.revision, "clusters": [_view(ha, n) for n in names]}
+
+        await stream_changes(socket, ha.registry.watches, root, ready, lambda event: _change(ha, event))
 
     return [
         register,

@@ -8,15 +8,12 @@ Errors come as {"type": "error", "error", "message"} before the server closes th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import delete, get, post, put, websocket
 from litestar.connection import WebSocket
-from litestar.exceptions import WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
@@ -31,7 +28,7 @@ from app.services.membership.service import MembershipService, NodeDetail, NodeV
 from app.services.membership.state import State
 from app.services.registry.messages import Event
 from app.web.errors import ErrorBody
-from app.web.sockets import drain, fail
+from app.web.sockets import fail, stream_changes
 
 WATCH_PATH = "/api/v1/nodes/watch"
 SLOW_TIMEOUT_S = 60.0  # engine scans run binaries; cleanups walk directories
@@ -189,32 +186,13 @@ def node_routes(node: Node) -> list[BaseRouteHandler]:
         except FleetmateError as exc:
             await fail(socket, exc.code, exc.message)
             return
-        queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        sub = members.registry.watches.subscribe(ROOT, recursive=True, callback=queue.put_nowait)
-        reader = asyncio.create_task(drain(socket))
-        reader.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
+
+        async def ready() -> dict[str, Any]:
             views = await members.nodes(linearizable=False)
-            ready = {
-                "type": "ready",
-                "revision": members.registry.revision,
-                "nodes": [v for v in views if only is None or v.node_id == only],
-            }
-            await socket.send_text(_enc.encode(ready).decode())
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                message = _change(members, event, only)
-                if message is not None:
-                    await socket.send_text(_enc.encode(message).decode())
-        except (WebSocketDisconnect, OSError):
-            return
-        finally:
-            sub.close()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            nodes = [v for v in views if only is None or v.node_id == only]
+            return {"type": "ready", "revision": members.registry.revision, "nodes": nodes}
+
+        await stream_changes(socket, members.registry.watches, ROOT, ready, lambda event: _change(members, event, only))
 
     return [list_nodes, one_node, scan, clean, ports, maintenance, remove, watch_nodes]
 
