@@ -365,6 +365,10 @@ def postgresql_rounds(rounds: int, results: list[dict[str, Any]]) -> None:
 
 def patroni_round(peer: PatroniPeer, n: int) -> dict[str, Any]:
     """One Patroni round; the old member's patroni is restarted and everything streams again before it returns."""
+    peer.wait_healthy(180)
+    # Patroni reassigns its synchronous standby on its own loop after a member rejoins: let it
+    # settle (two loops) so that a round does not kill the leader in the middle of that.
+    time.sleep(2 * peer.settings["loop_wait"])
     old = peer.wait_healthy(180)
     names = [m.name for m in peer.members]
     _sync_state(peer.sql, old)
@@ -392,13 +396,24 @@ def patroni_round(peer: PatroniPeer, n: int) -> dict[str, Any]:
             return None
         return leader + 1  # wait_for wants a truthy value
 
-    new = wait_for(promoted, 60, "Patroni's new leader to be a primary", interval=0.1) - 1
+    stuck = ""
+    if writable_s is None:
+        # No survivor took over within FAILOVER_TIMEOUT_S (seen with synchronous_mode: each
+        # survivor deferring to the other). Recorded as a round without failover; the old member's
+        # patroni is started again so that the next round has a cluster.
+        stuck = f"no failover within {FAILOVER_TIMEOUT_S:g} s; the old member was restarted to recover"
+        progress(f"Patroni round {n}: {stuck}")
+        peer.restart(old)
+        new = peer.wait_healthy(180)
+    else:
+        new = wait_for(promoted, 60, "Patroni's new leader to be a primary", interval=0.1) - 1
+        # Between rounds, not measured: patroni started again on the old member, which it rewinds.
+        peer.restart(old)
+        peer.wait_healthy(180)
     lost = _lost(peer.sql, new, table, acked)
-    # Between rounds, not measured: patroni started again on the old member, which it rewinds.
-    peer.restart(old)
-    peer.wait_healthy(180)
     return {"killed": names[old], "new_primary": names[new], "writable_s": writable_s, "key_s": key_s,
-            "acknowledged": len(acked), "lost": lost, "synchronous_standby_names": sync_names}  # fmt: skip
+            "acknowledged": len(acked), "lost": lost, "synchronous_standby_names": sync_names,
+            "stuck": stuck}  # fmt: skip
 
 
 def patroni_rounds(rounds: int, results: list[dict[str, Any]], peer: PatroniPeer) -> None:

@@ -10,6 +10,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -344,7 +345,10 @@ class PatroniPeer:
                         self.kill(i)
         finally:
             self.etcd.stop()
-            shutil.rmtree(self.root, ignore_errors=True)
+            if os.environ.get("FLEETMATE_BENCH_KEEP"):
+                print(f"kept {self.root} (FLEETMATE_BENCH_KEEP)", file=sys.stderr)
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
 
     # --- state --------------------------------------------------------------------------------
 

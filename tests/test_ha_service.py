@@ -10,6 +10,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,9 +215,19 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
 
     wait_for(blocked, 30, "the second recovery to be blocked")
     assert _primary(fm) == new
-    # Acknowledging the first recovery lifts the block: the fenced old primary, which has every
-    # transaction, takes over (seeds[1] is must_not).
+    # Downtime on the dead primary blocks its recovery too, once the anti-flapping block is lifted.
+    _cli(fm, "downtime", "orders", new, "3600", "--reason", "hardware check")
     _cli(fm, "acknowledge", "orders", "--reason", "checked")
+
+    def downtime_blocked() -> bool:
+        return any(f"the primary {new} is in downtime" in m for m in _history(fm))
+
+    wait_for(downtime_blocked, 30, "the recovery to be blocked by the primary's downtime")
+    time.sleep(1.5)  # three more polls
+    assert _primary(fm) == new
+    # Ending the downtime lets the recovery run: the fenced old primary, which has every
+    # transaction, takes over (seeds[1] is must_not).
+    _cli(fm, "downtime", "orders", new, "0")
     try:
         wait_for(lambda: _primary(fm) == str(seeds[0]), 30, "the second recovery after the acknowledgement")
     except AssertionError as exc:
