@@ -381,6 +381,14 @@ def test_no_nats_url_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert any("nats.url" in line and "required for `fleetmate agent`" in line for line in proc.raw), proc.raw
 
 
+@pytest.mark.parametrize("node_id", ["heartbeat", "facts", "watch"])
+def test_a_reserved_node_id_exits_2_naming_the_key(tmp_path: Path, node_id: str) -> None:
+    env = {"FLEETMATE_NODE_ID": node_id, "FLEETMATE_NATS_URL": "nats://127.0.0.1:1"}
+    proc = Agent(tmp_path, env).start(False)
+    assert proc.wait(15) == 2
+    assert any("node_id" in line and "is reserved" in line for line in proc.raw), proc.raw
+
+
 def test_an_unreadable_token_file_exits_2_naming_the_key(tmp_path: Path, token_nats: NatsServer) -> None:
     empty = tmp_path / "empty.token"
     empty.write_text("\n")
