@@ -250,3 +250,14 @@ TestMembershipVsModel = MembershipVsModel.TestCase
 TestMembershipVsModel.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_forgettable_nodes_are_silent_and_unrecorded() -> None:
+    from app.services.membership.service import Heard, forgettable
+
+    heard = {
+        "gone": Heard(10.0, "agent", {}, 1),  # silent, record removed: forgotten
+        "down": Heard(10.0, "agent", {}, 1),  # silent but still recorded (down): kept
+        "fresh": Heard(500.0, "agent", {}, 1),  # heard after the cutoff: kept
+    }
+    assert forgettable(heard, 100.0, lambda n: n == "down") == ["gone"]

@@ -26,7 +26,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
-RESERVED_NODE_IDS = frozenset({"heartbeat", "facts", "watch"})  # subjects fleetmate.agent.heartbeat.*; /api/v1/nodes/watch
+# They would clash with the subjects fleetmate.agent.heartbeat.* / facts.*, or the route /api/v1/nodes/watch.
+RESERVED_NODE_IDS = frozenset({"heartbeat", "facts", "watch"})
 CONNECT_BACKOFF_S = (1.0, 30.0)  # first pause between start-up connection attempts, and the longest
 RECONNECT_WAIT_S = (0.5, 10.0)  # the same once connected (nats-py reconnects, with these pauses)
 

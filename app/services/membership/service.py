@@ -62,6 +62,7 @@ MAX_TICK_S = 1.0
 MAX_LABELS = 64
 OPERATOR_TRIES = 5
 RELAY_TIMEOUT_S = 5.0
+FORGET_AFTER_S = 3600.0  # a silent node with no record is forgotten by every replica's ears after this
 _hb_dec = msgspec.json.Decoder(HeardHeartbeat)
 _facts_dec = msgspec.json.Decoder(HeardFacts)
 _enc = msgspec.json.Encoder()
@@ -78,6 +79,11 @@ class Heard:
     facts: dict[str, bytes] = field(default_factory=dict)  # canonical JSON per fact name
     facts_rev: int = 0  # the rev of the newest facts heard
     asked_at: float = 0.0  # when the leader last asked the agent for its facts
+
+
+def forgettable(heard: dict[str, Heard], cutoff: float, recorded: Callable[[str], bool]) -> list[str]:
+    """The nodes last heard before cutoff that have no record any more."""
+    return [node_id for node_id, h in heard.items() if h.at < cutoff and not recorded(node_id)]
 
 
 class NodeView(msgspec.Struct, frozen=True):
@@ -186,7 +192,14 @@ class MembershipService:
                 await self.bus.nc.publish(subject, _enc.encode(beat))
             except Exception as exc:  # the bus may be reconnecting; the next beat retries
                 log.debug("replica heartbeat failed", extra={"error": repr(exc)})
+            self._prune_heard()
             await asyncio.sleep(self.timings.heartbeat_interval)
+
+    def _prune_heard(self) -> None:
+        """Forget what was heard from nodes silent for FORGET_AFTER_S that have no record (removed ones)."""
+        cutoff = time.time() - max(FORGET_AFTER_S, 10 * self.timings.down_after)
+        for node_id in forgettable(self.heard, cutoff, lambda n: self.records.read(n) is not None):
+            del self.heard[node_id]
 
     # ---- ears (every replica) ----------------------------------------------------------------
 
