@@ -13,7 +13,10 @@ from tests.harness import Fleetmate, running, wait_for
 
 
 def test_two_workers_share_the_port_and_the_log(tmp_path: Path) -> None:
-    fm = Fleetmate(tmp_path, env={"FLEETMATE_NODE_ID": "sv"}, args=["--workers", "2"])
+    metrics = tmp_path / "m" / "metrics.duckdb"  # an explicit path: each worker gets its own file
+    metrics.parent.mkdir()
+    env = {"FLEETMATE_NODE_ID": "sv", "FLEETMATE_METRICS_PATH": str(metrics)}
+    fm = Fleetmate(tmp_path, env=env, args=["--workers", "2"])
     with running(fm):
         supervisor = wait_for(
             lambda: [line for line in fm.logged("fleetmate ready") if line.get("workers") == 2],
@@ -51,6 +54,7 @@ def test_two_workers_share_the_port_and_the_log(tmp_path: Path) -> None:
         for pid in kids:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert (tmp_path / "data" / "workers" / "sv-w1" / "registry.sqlite").exists()
+    assert sorted(p.name for p in metrics.parent.glob("*.duckdb")) == ["metrics-sv-w1.duckdb", "metrics-sv-w2.duckdb"]
 
 
 def test_bad_worker_count_exits_2(tmp_path: Path) -> None:

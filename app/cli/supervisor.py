@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, server_token
@@ -93,7 +94,15 @@ def _worker_env(
     )
     if nats_url:
         env["FLEETMATE_NATS_URL"] = nats_url
+    if cfg.metrics.path:
+        env["FLEETMATE_METRICS_PATH"] = str(worker_metrics_path(cfg.metrics.path, node_id))
     return env
+
+
+def worker_metrics_path(path: str, node_id: str) -> Path:
+    """Each worker its own DuckDB file (one writer per file): metrics.duckdb -> metrics-<node_id>.duckdb."""
+    given = Path(path).expanduser()
+    return given.with_name(f"{given.stem}-{node_id}{given.suffix}")
 
 
 async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
