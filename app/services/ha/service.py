@@ -49,6 +49,7 @@ log = logging.getLogger("fleetmate.ha")
 T = TypeVar("T")
 
 AdaptorFactory = Callable[[Engine, Credentials, Credentials, float], Adaptor]
+LOCATE_PATIENCE_S = 15.0  # how long a fence waits for an agent to report the instance's socket
 FENCE_RETRY_S = 30.0  # a failed fence of an old primary is tried again after this long
 REFRESH_S = 10.0  # an unchanged instance record is rewritten this often (fresh lag and position)
 
@@ -484,8 +485,13 @@ class HaService:
             for finding in found:
                 if finding.kind == "DeadPrimary" and self.leading:
                     await self._recover(name, record, finding, probes, adaptor)
-                elif finding.kind == "SplitBrain" and str(finding.instance) in record.old_primaries:
-                    self._start_fence(name, record, finding.instance, primary, adaptor)
+            # A failed primary that came back and follows no one (writable, or already set
+            # read-only by an earlier fence that could not finish) is fenced until it replicates.
+            for old_text in record.old_primaries:
+                old = Address.parse(old_text)
+                status = probes.get(old)
+                if old != primary and status is not None and status.reachable and status.role == "primary":
+                    self._start_fence(name, record, old, primary, adaptor, writable=status.read_only is False)
             return found
 
     async def _probe_all(self, adaptor: Adaptor, known: set[Address]) -> dict[Address, InstanceStatus]:
@@ -628,7 +634,9 @@ class HaService:
         await self._hook(name, "post_failover", self.cfg.post_failover_hook, old, new, duty)
         return None
 
-    def _start_fence(self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor) -> None:
+    def _start_fence(
+        self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor, writable: bool
+    ) -> None:
         """Fence a returning old primary in the background (a PostgreSQL rejoin takes a while);
         one fence per cluster at a time, and a failed one is retried after FENCE_RETRY_S."""
         running = self._fencing.get(name)
@@ -637,15 +645,24 @@ class HaService:
         failed_at = self._fence_failed_at.get((name, str(old)))
         if failed_at is not None and self.clock() - failed_at < FENCE_RETRY_S:
             return
-        self._fencing[name] = asyncio.create_task(self._fence(name, record, old, primary, adaptor), name="ha-fence")
+        self._fencing[name] = asyncio.create_task(
+            self._fence(name, record, old, primary, adaptor, writable), name="ha-fence"
+        )
 
-    async def _fence(self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor) -> None:
+    async def _fence(
+        self, name: str, record: ClusterRecord, old: Address, primary: Address, adaptor: Adaptor, writable: bool
+    ) -> None:
         """A failed primary came back writable: make it read-only, then a replica of the current primary
         (PostgreSQL: rewound into a standby by the agent on its host, when ha.rejoin is on)."""
         try:
-            await adaptor.set_read_only(old, True)
-            await self._note(name, "fenced", f"{old} came back writable: set read-only", str(old))
+            if writable:
+                await adaptor.set_read_only(old, True)
+                await self._note(name, "fenced", f"{old} came back writable: set read-only", str(old))
             if record.engine == "postgresql":
+                if not self.cfg.rejoin:
+                    if writable:
+                        await self._note(name, "fenced", f"{old} left read-only (ha.rejoin is off)", str(old))
+                    return
                 await self._rejoin(name, record, old, primary)
             else:
                 await adaptor.repoint(old, primary)
@@ -656,14 +673,24 @@ class HaService:
             with contextlib.suppress(RegistryError):
                 await self._note(name, "failed", f"fencing {old} is incomplete: {exc}", str(old))
 
+    async def _locate_agent(self, address: Address, patience: float = LOCATE_PATIENCE_S) -> str:
+        """The agent running address; waits a little, since an instance that just started shows up
+        in its agent's facts only at the agent's next heartbeat."""
+        assert self.agents is not None
+        deadline = asyncio.get_running_loop().time() + patience
+        while True:
+            try:
+                return self.agents.locate(address)
+            except AgentCallFailed:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise
+            await asyncio.sleep(0.5)
+
     async def _rejoin(self, name: str, record: ClusterRecord, old: Address, primary: Address) -> None:
         """Ask the agent on the old primary's host to pg_rewind it into a standby of primary."""
-        if not self.cfg.rejoin:
-            await self._note(name, "fenced", f"{old} left read-only (ha.rejoin is off)", str(old))
-            return
         if self.agents is None:
             raise AgentCallFailed("no agent directory: cannot rejoin")
-        node = self.agents.locate(old)
+        node = await self._locate_agent(old)
         login, replication = credentials_for(self.cfg, record.name, record.user, record.database)
         request = PgRejoinRequest(
             address=str(old),
