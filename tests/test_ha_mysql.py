@@ -17,8 +17,10 @@ import pytest
 from asyncmy import errors
 
 from app.services.ha.adaptor import AdaptorError
+from app.services.ha.credentials import parse_seed
+from app.services.ha.errors import BadClusterRequest
 from app.services.ha.messages import Address, Credentials, InstanceStatus
-from app.services.ha.mysql import MySQLAdaptor, gtid_covers, mariadb_gtids, mysql_gtids, parse_dsn
+from app.services.ha.mysql import MySQLAdaptor, gtid_covers, mariadb_gtids, mysql_gtids
 from tests.ha_mariadb import MariaDBReplicaSet
 from tests.harness import free_port
 
@@ -82,20 +84,20 @@ def ids_on(rs: MariaDBReplicaSet, i: int) -> set[int]:
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def test_dsn_parsing_and_its_errors_never_show_the_password() -> None:
-    address, creds = parse_dsn("mysql://fleet%40ops:s3cr%3At@db1.example:3307/app")
-    assert address == Address("db1.example", 3307)
-    assert (creds.user, creds.password, creds.database) == ("fleet@ops", "s3cr:t", "app")
-    assert parse_dsn("mariadb://u@h")[0] == Address("h", 3306)
-    assert "s3cr" not in repr(creds)
+def test_seed_dsn_parsing_and_its_errors_never_show_the_password() -> None:
+    engine, address, user, database = parse_seed("mysql://fleet%40ops@db1.example:3307/app")
+    assert (engine, address, user, database) == ("mysql", Address("db1.example", 3307), "fleet@ops", "app")
+    assert parse_seed("mariadb://u@h")[:2] == ("mysql", Address("h", 3306))
+    assert parse_seed("postgresql://u@h/db")[:2] == ("postgresql", Address("h", 5432))
+    assert repr(Credentials("u", "s3cr:t")) == "Credentials(user='u', password='***', database='')"
     for dsn, complaint in (
-        ("postgresql://u:TopSecret99@h/db", "mysql:// or mariadb://"),
-        ("mysql://u:TopSecret99@h:99999/db", "bad host or port"),
-        ("mysql://u:TopSecret99@/db", "no host"),
-        ("mysql://:TopSecret99@h/db", "no user"),
+        ("redis://u@h/db", "must start with one of"),
+        ("mysql://u@h:99999/db", "malformed"),
+        ("mysql://u@/db", "no host"),
+        ("mysql://u:TopSecret99@h/db", "carries a password"),
     ):
-        with pytest.raises(ValueError, match=complaint) as caught:
-            parse_dsn(dsn)
+        with pytest.raises(BadClusterRequest, match=complaint) as caught:
+            parse_seed(dsn)
         assert "TopSecret99" not in str(caught.value)
 
 

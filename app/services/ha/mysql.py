@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -119,39 +118,6 @@ def gtid_covers(flavor: Flavor, have: str, want: str) -> bool:
     if flavor == "mariadb":
         return MariaDBGtidPos.parse(_compact(have)).covers(MariaDBGtidPos.parse(_compact(want)))
     return MySQLGtidSet.parse(_compact(have)).covers(MySQLGtidSet.parse(_compact(want)))
-
-
-def parse_dsn(dsn: str) -> tuple[Address, Credentials]:
-    """mysql://user:password@host[:port][/database] (or mariadb://) as an Address and Credentials.
-
-    A bad DSN raises ValueError naming what is wrong; the password never appears in the message.
-    """
-    try:
-        url = urllib.parse.urlsplit(dsn)
-        port = url.port or 3306
-    except ValueError as exc:
-        raise ValueError(f"{_redact(dsn)}: bad host or port ({exc})") from None
-    if url.scheme not in ("mysql", "mariadb"):
-        raise ValueError(f"{_redact(dsn)}: must start with mysql:// or mariadb://")
-    if not url.hostname:
-        raise ValueError(f"{_redact(dsn)}: has no host")
-    if not url.username:
-        raise ValueError(f"{_redact(dsn)}: has no user")
-    credentials = Credentials(
-        urllib.parse.unquote(url.username),
-        urllib.parse.unquote(url.password or ""),
-        url.path.lstrip("/"),
-    )
-    return Address(url.hostname, port), credentials
-
-
-def _redact(dsn: str) -> str:
-    # Everything between the scheme's '//' and the last '@' is user:password: keep the user only.
-    head, sep, rest = dsn.partition("://")
-    if not sep or "@" not in rest:
-        return dsn
-    userinfo, _, hostpart = rest.rpartition("@")
-    return f"{head}://{userinfo.split(':', 1)[0]}:***@{hostpart}" if ":" in userinfo else dsn
 
 
 # --- one connection to one instance --------------------------------------------------------------
