@@ -221,6 +221,52 @@ def test_manual_failover_when_anti_flapping_blocks_streamed_over_the_websocket(
     assert pgset.sql([str(a) for a in pgset.addresses].index(new), "SELECT pg_is_in_recovery()").strip() == "f"
 
 
+def test_switchover_loses_nothing_and_the_old_primary_is_rejoined_as_a_standby(
+    fm: Fleetmate, pgset: PostgresReplicaSet, nats_port: int, tmp_path: Path
+) -> None:
+    """Runs after the three above: one primary and one streaming standby are left."""
+    addresses = [str(a) for a in pgset.addresses]
+    old = _primary(fm)
+    i_old = addresses.index(old)
+    target = next(
+        i["address"] for i in fm.get(f"{CLUSTERS}/pg").json()["instances"] if i["role"] == "replica" and i["reachable"]
+    )
+    i_target = addresses.index(target)
+    pgset.sql(i_old, "INSERT INTO acked SELECT -1000 - g FROM generate_series(1, 100) g")
+    # The same host's agent again (a second node id on one host would make every socket ambiguous).
+    agent = Agent(
+        tmp_path / "agent",
+        {"FLEETMATE_NODE_ID": "pg-host", "FLEETMATE_NATS_URL": f"nats://127.0.0.1:{nats_port}"},
+    )
+    with agent_running(agent):
+        wait_for(lambda: fm.get("/api/v1/nodes/pg-host").status_code == 200, 20, "the agent's node record")
+        reply = fm.post(f"{CLUSTERS}/pg/switchover", json={"to": target}, timeout=90)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["primary"] == target
+        assert _sql_as_owner(pgset, i_target, "SELECT pg_is_in_recovery()") == "f"
+        moved = "SELECT count(*) FROM acked WHERE id BETWEEN -1100 AND -1001"
+        assert _sql_as_owner(pgset, i_target, moved) == "100"
+
+        def rejoined() -> bool:
+            return any(
+                e["message"].startswith(f"{old} rejoined as a standby of {target}")
+                for e in fm.get(f"{CLUSTERS}/pg/history").json()
+            )
+
+        try:
+            wait_for(rejoined, 90, "the old primary to be rejoined as a standby")
+        except AssertionError as exc:
+            history = [e["message"] for e in fm.get(f"{CLUSTERS}/pg/history").json()][-10:]
+            raise AssertionError(f"{exc}; history: {history}") from None
+        pgset.sql(i_target, "INSERT INTO acked VALUES (-3)")
+        wait_for(
+            lambda: _sql_as_owner(pgset, i_old, "SELECT count(*) FROM acked WHERE id = -3") == "1",
+            30,
+            "a row written on the new primary to reach the old one",
+        )
+        assert _sql_as_owner(pgset, i_old, "SELECT pg_is_in_recovery()") == "t"
+
+
 def _sql_as_owner(pgset: PostgresReplicaSet, i: int, statement: str) -> str:
     try:
         return pgset.sql(i, statement).strip()

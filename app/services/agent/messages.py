@@ -267,6 +267,7 @@ class NodeFacts(msgspec.Struct, frozen=True, kw_only=True):
     network: NetStatus
     logs: tuple[LogCleanReport, ...] = ()  # the most recent cleanup runs, oldest first
     updated_at: float  # unix seconds of the change
+    started_at: float = 0.0  # when this agent process started: rev counts from 1 again after a restart
 
 
 class FreePortsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -348,6 +348,7 @@ class AgentService:
                 network=self._network,
                 logs=tuple(self.reports),
                 updated_at=time.time(),
+                started_at=self.started_at,
             )
             log.info(
                 "facts changed",

@@ -317,23 +317,61 @@ class HaService:
             await adaptor.set_read_only(old, True)
             try:
                 await self._catch_up(adaptor, old, target)
+                await self._unmark_old_primary(name, target)
                 await adaptor.promote(target, synchronous=probes[old].sync_replication)
             except (AdaptorError, TimeoutError) as exc:
                 await adaptor.set_read_only(old, False)
                 await note(name, "failed", f"switchover to {target} abandoned, {old} writable again: {exc}")
                 raise DiscoveryFailed(f"switchover abandoned: {exc}") from None
             await note(name, "step", f"promoted {target} (switchover)", str(target))
-            for other in [old, *(s.address for s in replicas if s.address != target)]:
+            # A PostgreSQL primary cannot turn into a standby in place: it stays read-only and the
+            # leader's fence has the agent on its host rewind and restart it, as after a failover.
+            in_place = record.engine != "postgresql"
+            for other in [*([old] if in_place else []), *(s.address for s in replicas if s.address != target)]:
                 try:
                     await adaptor.repoint(other, target)
                     await note(name, "step", f"{other} replicates from {target}", str(other))
                 except AdaptorError as exc:
                     await note(name, "failed", f"repointing {other} failed: {exc}", str(other))
-            entry = HistoryEntry(self.clock(), "step", f"primary is now {target} (was {old})", str(target), _trace_id())
-            await self.registry.multi(
-                [SetData(layout.primary_path(name), str(target).encode()), self._history_op(name, entry)]
-            )
+            message = f"primary is now {target} (was {old})" + ("" if in_place else f"; {old} is rejoined as a standby")
+            await self._publish_switchover(name, old, target, message, mark_old=not in_place)
         return self.view(name)
+
+    async def _unmark_old_primary(self, name: str, address: Address) -> None:
+        """Take an instance about to be promoted off the list of failed primaries to fence, before it
+        is promoted: else the leader could see it writable and fence it before the primary key moves."""
+        for _ in range(5):
+            node = self.registry.state.nodes.get(layout.config_path(name))
+            record = self.record(name)
+            if node is None or str(address) not in record.old_primaries:
+                return
+            kept = [a for a in record.old_primaries if a != str(address)]
+            updated = layout.encode(msgspec.structs.replace(record, old_primaries=kept))
+            try:
+                await self.registry.multi([SetData(layout.config_path(name), updated, node.version)])
+                return
+            except RegistryError:
+                await self.registry.sync()
+        raise AdaptorError(address, "could not take it off the failed primaries to fence (the record kept changing)")
+
+    async def _publish_switchover(self, name: str, old: Address, target: Address, message: str, mark_old: bool) -> None:
+        """Write the new primary (and, mark_old, the old one among those to fence), retrying a
+        compare-and-set that the leader's own writes to the record got in the way of."""
+        for _ in range(5):
+            ops: list[MultiOp] = [SetData(layout.primary_path(name), str(target).encode())]
+            if mark_old:
+                node = self.registry.state.nodes.get(layout.config_path(name))
+                record = self.record(name)
+                assert node is not None
+                updated = msgspec.structs.replace(record, old_primaries=sorted({*record.old_primaries, str(old)}))
+                ops.append(SetData(layout.config_path(name), layout.encode(updated), node.version))
+            ops.append(self._history_op(name, HistoryEntry(self.clock(), "step", message, str(target), _trace_id())))
+            try:
+                await self.registry.multi(ops)
+                return
+            except RegistryError:
+                await self.registry.sync()
+        raise DiscoveryFailed(f"switchover to {target} done, but recording it kept conflicting; see the history")
 
     def _switchover_target(
         self, name: str, record: ClusterRecord, replicas: list[InstanceStatus], to: str | None
@@ -603,6 +641,7 @@ class HaService:
         if not await self._hook(name, "pre_failover", self.cfg.pre_failover_hook, old, new, duty):
             return "the pre-failover hook failed"
         try:
+            await self._unmark_old_primary(name, new)
             await adaptor.promote(new, synchronous=plan.synchronous)
         except AdaptorError as exc:
             await note(name, "failed", f"promoting {new} failed: {exc}", str(new))
@@ -617,8 +656,9 @@ class HaService:
             except AdaptorError as exc:
                 await note(name, "failed", f"repointing {step.instance} failed: {exc}", str(step.instance))
         now = self.clock()
+        current = self.record(name)  # fresh: an operator may have changed rules or downtime meanwhile
         updated = msgspec.structs.replace(
-            record, last_recovery_at=now, old_primaries=sorted({*record.old_primaries, str(old)})
+            current, last_recovery_at=now, old_primaries=sorted({*current.old_primaries, str(old)} - {str(new)})
         )
         entry = HistoryEntry(now, "step", f"primary is now {new} (was {old})", str(new), _trace_id())
         await self.registry.multi(
@@ -654,6 +694,11 @@ class HaService:
     ) -> None:
         """A failed primary came back writable: make it read-only, then a replica of the current primary
         (PostgreSQL: rewound into a standby by the agent on its host, when ha.rejoin is on)."""
+        try:
+            if str(old) not in self.record(name).old_primaries or self.primary(name) == str(old):
+                return  # promoted again meanwhile (a switchover or failover onto it): nothing to fence
+        except UnknownCluster:
+            return  # forgotten meanwhile
         try:
             if writable:
                 await adaptor.set_read_only(old, True)

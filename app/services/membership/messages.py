@@ -23,6 +23,7 @@ class HeardHeartbeat(msgspec.Struct, frozen=True):
     seq: int = 0
     sent_at: float = 0.0
     facts_rev: int | None = None
+    started_at: float = 0.0
 
 
 class HeardFacts(msgspec.Struct, frozen=True):
@@ -35,6 +36,7 @@ class HeardFacts(msgspec.Struct, frozen=True):
     logs: msgspec.Raw = msgspec.Raw(b"null")
     updated_at: float = 0.0
     rev: int = 0
+    started_at: float = 0.0  # the agent process's start: a new one counts rev from 1 again
 
 
 class ReplicaHeartbeat(msgspec.Struct, frozen=True):

@@ -78,6 +78,7 @@ class Heard:
     seq: int
     facts: dict[str, bytes] = field(default_factory=dict)  # canonical JSON per fact name
     facts_rev: int = 0  # the rev of the newest facts heard
+    facts_started_at: float = 0.0  # the start time of the agent process those facts came from
     asked_at: float = 0.0  # when the leader last asked the agent for its facts
 
 
@@ -226,9 +227,10 @@ class MembershipService:
             self._wake.set()
             heard = self.heard[beat.node_id]
             # The agent's facts moved on and their publication did not reach us: ask for them.
+            restarted = bool(beat.started_at) and beat.started_at > heard.facts_started_at
             if (
                 beat.facts_rev
-                and beat.facts_rev > heard.facts_rev
+                and (beat.facts_rev > heard.facts_rev or restarted)
                 and now - heard.asked_at > 2 * self.cfg.heartbeat_interval
             ):
                 heard.asked_at = now
@@ -258,6 +260,10 @@ class MembershipService:
 
     def _keep_facts(self, facts: HeardFacts) -> None:
         heard = self.heard.setdefault(facts.node_id, Heard(0.0, "agent", {}, 0))
+        if facts.started_at and facts.started_at != heard.facts_started_at:
+            if facts.started_at < heard.facts_started_at:
+                return  # from an agent process older than the one we hear
+            heard.facts_started_at, heard.facts_rev = facts.started_at, 0  # a restarted agent counts again
         if facts.rev and facts.rev < heard.facts_rev:
             return  # older than what we have (a publication and an answer crossed)
         heard.facts_rev = max(heard.facts_rev, facts.rev)
