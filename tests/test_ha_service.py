@@ -146,9 +146,13 @@ def test_rules_and_downtime_change_the_record_and_bad_ones_change_nothing(
     assert str(seeds[2]) in fm.get(f"{CLUSTERS}/orders").json()["cluster"]["downtime"]
     _cli(fm, "downtime", "orders", str(seeds[2]), "0")
     assert fm.get(f"{CLUSTERS}/orders").json()["cluster"]["downtime"] == {}
-    # seeds[1] must never be promoted: the failover below has to pick seeds[2].
     _cli(fm, "rule", "orders", str(seeds[1]), "must_not")
     assert fm.get(f"{CLUSTERS}/orders").json()["cluster"]["rules"] == {str(seeds[1]): "must_not"}
+    # Back to neutral: under semi-sync either replica may be the one holding the last acknowledged
+    # commit when the primary dies, and a must_not replica that alone holds it blocks the recovery
+    # (the failover test sets must_not once every replica holds everything).
+    _cli(fm, "rule", "orders", str(seeds[1]), "neutral")
+    assert fm.get(f"{CLUSTERS}/orders").json()["cluster"]["rules"] == {}
 
 
 def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBReplicaSet) -> None:
@@ -165,8 +169,8 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
     new = wait_for(lambda: (p := _primary(fm)) != str(seeds[0]) and p, 30, "the registry's primary key to change")
     stop.set()
     writer.join(10)
-    assert new == str(seeds[2]), "seeds[1] is must_not"
-    i_new = 2
+    assert new in (str(seeds[1]), str(seeds[2]))
+    i_new = 1 if new == str(seeds[1]) else 2
     i_other = 3 - i_new
     assert mariadb_set.value(i_new, "SELECT @@read_only") == "0"
     have = {int(x) for x in mariadb_set.sql(i_new, "SELECT id FROM app.t").split()}
@@ -206,6 +210,8 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
     wait_for(lambda: mariadb_set.value(0, counted) == "1", 30, "the fenced old primary to catch up")
     wait_for(lambda: f"{seeds[0]} replicates from {new}" in _history(fm), 30, "the fence's last step in the history")
 
+    # The other replica must never be promoted: the next recovery has to pick the old primary.
+    _cli(fm, "rule", "orders", str(seeds[i_other]), "must_not")
     # Anti-flapping: the new primary dies too, within recovery_block_seconds: no second failover.
     mariadb_set.kill(i_new)
 
@@ -226,7 +232,7 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
     time.sleep(1.5)  # three more polls
     assert _primary(fm) == new
     # Ending the downtime lets the recovery run: the fenced old primary, which has every
-    # transaction, takes over (seeds[1] is must_not).
+    # transaction, takes over (the other replica is must_not).
     _cli(fm, "downtime", "orders", new, "0")
     try:
         wait_for(lambda: _primary(fm) == str(seeds[0]), 30, "the second recovery after the acknowledgement")

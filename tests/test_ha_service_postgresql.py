@@ -228,9 +228,14 @@ def test_switchover_loses_nothing_and_the_old_primary_is_rejoined_as_a_standby(
     addresses = [str(a) for a in pgset.addresses]
     old = _primary(fm)
     i_old = addresses.index(old)
-    target = next(
-        i["address"] for i in fm.get(f"{CLUSTERS}/pg").json()["instances"] if i["role"] == "replica" and i["reachable"]
-    )
+
+    def streaming_standby() -> str | None:
+        # A standby the topology shows under the primary (repointed by the failover before).
+        roots = fm.get(f"{CLUSTERS}/pg/topology").json()["roots"]
+        under = [n for r in roots if r["address"] == old for n in r["replicas"] if n["instance"]["reachable"]]
+        return str(under[0]["address"]) if under else None
+
+    target = wait_for(streaming_standby, 30, "a standby streaming from the primary")
     i_target = addresses.index(target)
     pgset.sql(i_old, "INSERT INTO acked SELECT -1000 - g FROM generate_series(1, 100) g")
     # The same host's agent again (a second node id on one host would make every socket ambiguous).
