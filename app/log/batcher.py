@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from app.aio import Signal
@@ -21,6 +25,23 @@ log = logging.getLogger("fleetmate.log")
 C = TypeVar("C")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+_STATUS_HEADER = "Status"  # a status message from the server, e.g. 503: no stream takes the subject
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: where the entry landed, or why it did not."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+
+
+def _expire(fut: asyncio.Future[Msg]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no acknowledgement from JetStream in time"))
 
 
 class AppendError(RuntimeError):
@@ -28,12 +49,37 @@ class AppendError(RuntimeError):
 
 
 class Pending:
-    """The futures of one published entry, resolved by the applier when it applies that entry."""
+    """The futures of one published entry, resolved by the applier when it applies that entry.
 
-    __slots__ = ("futures",)
+    Each future has its deadline (time.monotonic()); `due` is the earliest of those still open, so a
+    sweep looks at one number per entry rather than at every write.
+    """
 
-    def __init__(self, futures: list[asyncio.Future[Any]]) -> None:
+    __slots__ = ("deadlines", "due", "futures")
+
+    def __init__(self, futures: list[asyncio.Future[Any]], deadlines: list[float]) -> None:
         self.futures = futures
+        self.deadlines = deadlines
+        self.due = min(deadlines) if deadlines else math.inf
+
+    def expire(self, now: float) -> None:
+        """Fail the futures whose deadline has passed (TimeoutError) and recompute `due`."""
+        due = math.inf
+        for fut, deadline in zip(self.futures, self.deadlines, strict=True):
+            if fut.done():
+                continue
+            if deadline <= now:
+                fut.set_exception(TimeoutError("the write was not applied in time"))
+            elif deadline < due:
+                due = deadline
+        self.due = due
+
+
+def expire_queued(queue: list[tuple[Any, int, asyncio.Future[Any], float]], now: float) -> None:
+    """Fail the queued (not yet published) commands whose deadline has passed."""
+    for _, _, fut, deadline in queue:
+        if deadline <= now and not fut.done():
+            fut.set_exception(TimeoutError("the write was not applied in time"))
 
 
 class Batcher(Generic[C]):
@@ -41,7 +87,7 @@ class Batcher(Generic[C]):
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: Client,
         subject: str,
         encode: Callable[[Sequence[C]], bytes],
         pending: dict[str, Pending],
@@ -52,7 +98,7 @@ class Batcher(Generic[C]):
         publish_timeout: float = 1.0,
         give_up_after: float = 9.0,
     ) -> None:
-        self.js = js
+        self.nc = nc
         self.subject = subject
         self.encode = encode
         self.pending = pending
@@ -67,7 +113,11 @@ class Batcher(Generic[C]):
         # Msg ids are unique per process run, so a retried publish is deduplicated by JetStream.
         self._prefix = f"{node_id}.{os.getpid()}.{os.urandom(4).hex()}."
         self._ids = itertools.count(1)
-        self._queue: list[tuple[C, int, asyncio.Future[Any]]] = []
+        # Acknowledgements come to one inbox subscription, each attempt on its own subject.
+        self._acks: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count(1)  # one subject token per attempt (no dots: the inbox is prefix.*)
+        self._ack_prefix = ""
+        self._queue: list[tuple[C, int, asyncio.Future[Any], float]] = []
         self._wake = Signal()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -85,22 +135,32 @@ class Batcher(Generic[C]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for _, _, fut in self._queue:
+        for _, _, fut, _ in self._queue:
             if not fut.done():
                 fut.set_exception(AppendError("shutting down"))
         self._queue.clear()
 
-    def submit(self, command: C, size: int) -> asyncio.Future[Any]:
-        """Queue one command (size: its encoded size estimate); the future gets its apply result."""
+    def submit(self, command: C, size: int, deadline: float = math.inf) -> asyncio.Future[Any]:
+        """Queue one command (size: its encoded size estimate; deadline: when it times out, on
+        time.monotonic()); the future gets its apply result."""
         loop = self._loop or asyncio.get_running_loop()  # see app.aio: not once per command
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((command, size, fut))
+        self._queue.append((command, size, fut, deadline))
         self._wake.set()
         return fut
 
-    def _take(self) -> list[tuple[C, int, asyncio.Future[Any]]]:
+    def expire(self, now: float) -> None:
+        """Fail the queued commands whose deadline has passed (the log's deadline sweep calls this)."""
+        expire_queued(self._queue, now)
+
+    @property
+    def queued(self) -> int:
+        """Commands waiting to be published."""
+        return len(self._queue)
+
+    def _take(self) -> list[tuple[C, int, asyncio.Future[Any], float]]:
         total = 0
-        for i, (_, size, _) in enumerate(self._queue):
+        for i, (_, size, _, _) in enumerate(self._queue):
             total += size
             if i >= self.max_commands or (i > 0 and total > self.max_bytes):
                 batch, self._queue = self._queue[:i], self._queue[i:]
@@ -114,14 +174,45 @@ class Batcher(Generic[C]):
             self._wake.clear()
             while self._queue:
                 batch = self._take()
-                live = [(c, f) for c, _, f in batch if not f.cancelled()]
+                live = [(c, f, d) for c, _, f, d in batch if not f.done()]  # cancelled or timed out
                 if live:
                     await self._publish(live)
 
-    async def _publish(self, batch: list[tuple[C, asyncio.Future[Any]]]) -> None:
+    async def _append_once(self, payload: bytes, headers: dict[str, str], token: str) -> None:
+        """One publish of an entry and its acknowledgement (raises on a timeout or a refusal).
+
+        What js.publish() does, without what costs most per entry at load: a random token per
+        request, asyncio.wait_for(), and the acknowledgement parsed into dataclasses.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        if not self._ack_prefix:
+            prefix = self.nc.new_inbox() + "."
+            await self.nc.subscribe(prefix + "*", cb=self._on_ack)
+            self._ack_prefix = prefix
+        fut: asyncio.Future[Msg] = loop.create_future()
+        self._acks[token] = fut
+        timer = loop.call_later(self.publish_timeout, _expire, fut)
+        try:
+            await self.nc.publish(self.subject, payload, reply=self._ack_prefix + token, headers=headers)
+            reply = await fut
+        finally:
+            timer.cancel()
+            self._acks.pop(token, None)
+        if reply.headers and reply.headers.get(_STATUS_HEADER) == "503":
+            raise NoRespondersError
+        ack = _pub_ack.decode(reply.data)
+        if ack.error is not None:
+            raise APIError.from_error(ack.error)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._acks.get(msg.subject[len(self._ack_prefix) :])
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def _publish(self, batch: list[tuple[C, asyncio.Future[Any], float]]) -> None:
         msg_id = self._prefix + str(next(self._ids))
-        payload = self.encode([c for c, _ in batch])
-        self.pending[msg_id] = Pending([f for _, f in batch])
+        payload = self.encode([c for c, _, _ in batch])
+        self.pending[msg_id] = Pending([f for _, f, _ in batch], [d for _, _, d in batch])
         headers = {MSG_ID_HEADER: msg_id}
         last: Exception | None = None
         loop = self._loop or asyncio.get_running_loop()
@@ -130,7 +221,7 @@ class Batcher(Generic[C]):
         while True:
             attempt += 1
             try:
-                await self.js.publish(self.subject, payload, timeout=self.publish_timeout, headers=headers)
+                await self._append_once(payload, headers, str(next(self._tokens)))
                 self.entries += 1
                 self.commands += len(batch)
                 return
@@ -145,6 +236,6 @@ class Batcher(Generic[C]):
                 break
         # The entry may still have been stored (a lost ack): its writers cannot know, as with etcd.
         self.pending.pop(msg_id, None)
-        for _, fut in batch:
+        for _, fut, _ in batch:
             if not fut.done():
                 fut.set_exception(AppendError(f"log append failed, outcome unknown: {last!r}"))

@@ -54,6 +54,8 @@ class Observe:
         self.metrics = metrics
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # The header names the configured propagators read (traceparent, tracestate, baggage by default).
+        self._fields = frozenset(f.lower().encode("latin-1") for f in propagate.get_global_textmap().fields)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -67,8 +69,13 @@ class Observe:
                 self.metrics.requests.labels(method, "throttled", "429").inc()
                 await _too_many(send, wait)
                 return
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        ctx = propagate.extract(carrier)
+        ctx = None
+        fields = self._fields
+        for name, _ in scope["headers"]:
+            if name in fields:  # a caller's trace context to continue (most requests carry none)
+                carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                ctx = propagate.extract(carrier)
+                break
         status = 500
         start = time.perf_counter()
 
