@@ -63,4 +63,4 @@ def create_app(node: Node) -> Observe:
     limiter = RateLimiter(node.cfg.registry.rate_limit_total, node.cfg.registry.rate_limit_per_client)
     metrics.limits.labels("total").set(node.cfg.registry.rate_limit_total)
     metrics.limits.labels("per_client").set(node.cfg.registry.rate_limit_per_client)
-    return Observe(FastPath(litestar, node, guard, metrics.fast, WatchSocket(node, guard)), metrics, limiter)
+    return Observe(FastPath(litestar, node, guard, metrics.requests, WatchSocket(node, guard)), metrics, limiter)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -134,6 +136,67 @@ class _NodeCollector(Collector):
                 )
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MAX_SERIES = 10_000  # (method, route, status) combinations kept; routes are templates, so few
+
+
+class RequestFigures(Collector):
+    """Requests per (method, route, status) and their latency per (method, route), as plain numbers.
+
+    Every request lands here, so recording is a few list and dict operations on the event loop
+    (prometheus_client's Counter and Histogram take a lock per increment, four per request); the
+    Prometheus families are built at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}
+        # (method, route) -> [per-bucket counts (the last one is +Inf)..., sum of seconds]
+        self.latency: dict[tuple[str, str], list[float]] = {}
+        self.fast = 0  # requests answered by the lean path (app.web.fastpath)
+
+    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
+        key = (method, route, status)
+        counts = self.counts
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < MAX_SERIES:
+            counts[key] = 1
+        series = self.latency.get((method, route))
+        if series is None:
+            if len(self.latency) >= MAX_SERIES:
+                return
+            series = self.latency[(method, route)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        series[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "fleetmate_http_requests",
+            "HTTP requests by method, route template and status",
+            labels=["method", "route", "status"],
+        )
+        for (method, route, status), count in list(self.counts.items()):
+            requests.add_metric([method, route, str(status)], float(count))
+        yield requests
+        latency = HistogramMetricFamily(
+            "fleetmate_http_request_duration_seconds",
+            "HTTP request latency by method and route template",
+            labels=["method", "route"],
+        )
+        for (method, route), series in list(self.latency.items()):
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, observed in zip((*LATENCY_BUCKETS, math.inf), series, strict=False):
+                cumulative += observed
+                buckets.append((repr(bound) if bound != math.inf else "+Inf", cumulative))
+            latency.add_metric([method, route], buckets, series[-1])
+        yield latency
+        yield CounterMetricFamily(
+            "fleetmate_http_fast_path", "Node gets and sets answered by the lean path", value=float(self.fast)
+        )
+
+
 class HttpMetrics:
     """The app's registry with the HTTP request counter and latency histogram."""
 
@@ -141,19 +204,8 @@ class HttpMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         self.registry.register(_NodeCollector(node))
-        self.requests = Counter(
-            "fleetmate_http_requests",
-            "HTTP requests by method, route template and status",
-            ["method", "route", "status"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "fleetmate_http_request_duration_seconds",
-            "HTTP request latency by method and route template",
-            ["method", "route"],
-            registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )
+        self.requests = RequestFigures()
+        self.registry.register(self.requests)
         self.limits = Gauge(
             "fleetmate_rate_limit_per_second",
             "Configured request rate limits (0: off)",
@@ -162,7 +214,4 @@ class HttpMetrics:
         )
         self.throttled = Counter(
             "fleetmate_rate_limited", "Requests refused with 429 by the rate limit", registry=self.registry
-        )
-        self.fast = Counter(
-            "fleetmate_http_fast_path", "Node gets and sets answered by the lean path", registry=self.registry
         )

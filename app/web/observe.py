@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Any
 
 import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
+from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 from opentelemetry import context, propagate
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
 from app.telemetry import tracer
+from app.web.fastpath import FastPath
 from app.web.metrics import HttpMetrics
 from app.web.ratelimit import RateLimiter
 
@@ -47,26 +47,27 @@ async def _too_many(send: Send, wait: float) -> None:
 
 
 class Observe:
-    """Wraps the Litestar app (outside routing, so 404s are seen too)."""
+    """Wraps the app (outside routing, so 404s are seen too); the lean path is tried first."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics, limiter: RateLimiter | None = None) -> None:
-        self.app = app
+    def __init__(self, fast: FastPath, metrics: HttpMetrics, limiter: RateLimiter | None = None) -> None:
+        self.fast = fast
+        self.app = fast.app  # Litestar
         self.metrics = metrics
+        self.figures = metrics.requests
         self.limiter = limiter if limiter is not None and limiter.enabled else None
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         # The header names the configured propagators read (traceparent, tracestate, baggage by default).
         self._fields = frozenset(f.lower().encode("latin-1") for f in propagate.get_global_textmap().fields)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
-            await self.app(scope, receive, send)
+            await self.fast(scope, receive, send)  # the watch socket, else Litestar
             return
         method: str = scope["method"]
         if self.limiter is not None and scope["path"].startswith("/api/") and scope["path"] not in _OPEN:
             wait = self.limiter.check(_client_key(scope))
             if wait:
                 self.metrics.throttled.inc()
-                self.metrics.requests.labels(method, "throttled", "429").inc()
+                self.figures.record(method, "throttled", 429, 0.0)
                 await _too_many(send, wait)
                 return
         ctx = None
@@ -76,19 +77,27 @@ class Observe:
                 carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 ctx = propagate.extract(carrier)
                 break
-        status = 500
         start = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         span = tracer().start_span(f"{method} {scope['path']}", context=ctx, kind=SpanKind.SERVER)
         token = context.attach(set_span_in_context(span, ctx))
+        status = 500
         try:
-            await self.app(scope, receive, send_wrapper)
+            answered, receive = await self.fast.http(scope, receive, send)
+            if answered:
+                status = answered
+            else:
+                started: list[int] = []
+
+                async def send_wrapper(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        started.append(message["status"])
+                    await send(message)
+
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    if started:
+                        status = started[0]
         finally:
             context.detach(token)
             route = scope.get("path_template") or "unmatched"
@@ -100,15 +109,4 @@ class Observe:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-            elapsed = time.perf_counter() - start
-            key = (method, route, status)
-            children = self._children.get(key)
-            if children is None:  # labels() builds and locks per call: look each series up once
-                children = (
-                    self.metrics.requests.labels(method, route, str(status)),
-                    self.metrics.latency.labels(method, route),
-                )
-                if len(self._children) < 10_000:
-                    self._children[key] = children
-            children[0].inc()
-            children[1].observe(elapsed)
+            self.figures.record(method, route, status, time.perf_counter() - start)
