@@ -59,6 +59,7 @@ VALUE_BYTES = 100
 PREFIX = "/bench"
 WRITE_CONNECTIONS = (1, 16, 64)
 READ_CONNECTIONS = 64
+PAIR_CONNECTIONS = 64
 WATCH_WRITES = 20
 WATCH_INTERVAL_S = 0.5  # steady pace of the watch writer
 WATCH_COLLECT_S = 30.0  # how long watchers may take to receive every write once the writer is done
@@ -247,6 +248,7 @@ class Fleetmate(Server):
             FLEETMATE_DATA_DIR=str(self.tmp / "data"),
             FLEETMATE_HTTP_PORT=str(self.port),
             FLEETMATE_NATS_PORT="0",
+            FLEETMATE_ZK_PORT=str(free_port()),  # never assume 2181 is free
             FLEETMATE_LOG_LEVEL="warning",
             FLEETMATE_NODE_ID="bench",
         )
@@ -826,6 +828,33 @@ def run_system(server: Server, wrk: str, duration: float, watcher_counts: list[i
     return out
 
 
+def interleaved_writes(
+    wrk: str, etcd_bin: str, pairs: int, connections: int, duration: float, quiet_s: float
+) -> list[dict[str, Any]]:
+    """Write runs alternating between fleetmate and etcd, both started side by side (one loaded at
+    a time): this VM's speed drifts by a fifth from minute to minute, so only runs next to each
+    other compare fairly. One row per pair: both results and their ratio."""
+    rows: list[dict[str, Any]] = []
+    fm, et = Fleetmate(sys.executable), Etcd(etcd_bin)
+    with running(fm), running(et):
+        for server in (fm, et):
+            asyncio.run(server.create_all())
+        for i in range(pairs):
+            row: dict[str, Any] = {"pair": i + 1}
+            order = (fm, et) if i % 2 == 0 else (et, fm)  # neither always goes first
+            for server in order:
+                before = {"versions": sum(server.versions().values()), "served": server.settled_writes()}
+                wait_quiet(quiet_s)
+                res = wrk_scenario(wrk, server, server.write_script(), f"writes (pair {i + 1})", connections, duration)
+                check = check_writes(server, res, before)
+                res.pop("raw", None)
+                row[server.name] = {**{k: res[k] for k in WRK_FIELDS}, "check_ok": check["ok"]}
+            row["ratio_ops"] = _ratio(row["fleetmate"]["ops_s"], row["etcd"]["ops_s"])
+            row["ratio_p99"] = _ratio(row["fleetmate"]["p99_ms"], row["etcd"]["p99_ms"])
+            rows.append(row)
+    return rows
+
+
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else None
 
@@ -844,6 +873,13 @@ def main() -> int:
         default=0.0,
         metavar="S",
         help=f"wait up to S seconds before each scenario for other processes to use < {OTHER_LOAD_NOTE_PCT}%% of CPUs",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help=f"interleaved fleetmate/etcd write runs at {PAIR_CONNECTIONS} connections after the main run"
+        " (default 4, 1 with --quick, 0 to skip)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="fleetmate worker processes (default: the configured default)"
@@ -872,6 +908,9 @@ def main() -> int:
         server = kind(binary)  # one at a time: its temporary directory exists only while it runs
         progress(f"=== {server.name} ===")
         results[server.name] = run_system(server, wrk, duration, watcher_counts, args.wait_quiet)
+    pairs = args.pairs if args.pairs is not None else (1 if args.quick else 4)
+    progress(f"=== interleaved writes, {pairs} pairs ===")
+    interleaved = interleaved_writes(wrk, etcd_bin, pairs, PAIR_CONNECTIONS, duration, args.wait_quiet)
     elapsed = time.monotonic() - total
 
     fm, et = results["fleetmate"], results["etcd"]
@@ -935,6 +974,21 @@ def main() -> int:
             f" etcd p50 {b['write_latency_ms_p50']:.0f} ms, max {b['write_latency_ms_max']:.0f} ms,"
             f" {b['writes']} sets in {b['writer_span_s']:.1f} s"
         )
+    if interleaved:
+        print()
+        print(f"interleaved writes c={PAIR_CONNECTIONS} (both servers up, runs alternate)")
+        for row in interleaved:
+            a, b = row["fleetmate"], row["etcd"]
+            print(
+                f"  pair {row['pair']}: fleetmate {a['ops_s']:.0f} ops/s p99 {a['p99_ms']:.2f} ms;"
+                f" etcd {b['ops_s']:.0f} ops/s p99 {b['p99_ms']:.2f} ms; fm/etcd ops {_fmt(row['ratio_ops'])},"
+                f" p99 {_fmt(row['ratio_p99'])}"
+            )
+        ops = sorted(r["ratio_ops"] for r in interleaved if r["ratio_ops"] is not None)
+        p99 = sorted(r["ratio_p99"] for r in interleaved if r["ratio_p99"] is not None)
+        if ops and p99:
+            print(f"  median of pairs: ops {percentile(ops, 50):.2f}x, p99 {percentile(p99, 50):.2f}x;"
+                  f" range ops {ops[0]:.2f}-{ops[-1]:.2f}x, p99 {p99[0]:.2f}-{p99[-1]:.2f}x")  # fmt: skip
     print()
     problems = []  # failed checks, errors, lost events: the run's figures are not to be trusted
     notes = []  # worth knowing: server log warnings, other load on the machine
@@ -958,6 +1012,10 @@ def main() -> int:
         }
         if busy:
             notes.append(f"{sysname}: other processes used >= {OTHER_LOAD_NOTE_PCT}% of the CPUs during {busy}")
+    for row in interleaved:
+        for sysname in ("fleetmate", "etcd"):
+            if not row[sysname]["check_ok"]:
+                problems.append(f"{sysname}: interleaved pair {row['pair']}: write check failed")
     if idle_load >= OTHER_LOAD_NOTE_PCT:
         notes.insert(0, f"other processes used {idle_load:.0f}% of the CPUs just before the run")
     checks = "; ".join(
@@ -987,6 +1045,7 @@ def main() -> int:
                 "watch_interval_s": WATCH_INTERVAL_S,
             },
             "comparison": comparison,
+            "interleaved_writes": {"connections": PAIR_CONNECTIONS, "pairs": interleaved},
             "checks": {s: res["checks"] for s, res in results.items()},
             "problems": problems,
             "notes": notes,
