@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from app import __version__
 from app.config import TelemetryConfig
 
 log = logging.getLogger("fleetmate.telemetry")
 TRACER_NAME = "fleetmate"
+_sampling: tuple[object, bool] = (None, False)  # (the global provider, whether its spans can be recorded)
 
 
 def _exporter(cfg: TelemetryConfig) -> SpanExporter | None:
@@ -49,3 +52,20 @@ def setup(cfg: TelemetryConfig, node_id: str, exporter: SpanExporter | None = No
 def tracer() -> trace.Tracer:
     """fleetmate's tracer (a proxy until the global provider is set, which OpenTelemetry allows once)."""
     return trace.get_tracer(TRACER_NAME, __version__)
+
+
+def recording() -> bool:
+    """Whether the global tracer provider may record spans (not when its sampler drops them all)."""
+    global _sampling
+    provider = trace.get_tracer_provider()
+    if _sampling[0] is not provider:
+        _sampling = (provider, isinstance(provider, TracerProvider) and provider.sampler is not ALWAYS_OFF)
+    return _sampling[1]
+
+
+def unrecorded_span() -> NonRecordingSpan:
+    """A root span as the tracer makes one when nothing is recorded (fresh ids, not sampled), for the
+    hottest paths: the same ids for logs and propagation, without the sampler and span machinery."""
+    trace_id = random.getrandbits(128) or 1
+    span_id = random.getrandbits(64) or 1
+    return NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(0)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -247,8 +246,10 @@ class RegistryService:
         return self._submit(SetData(path, data, self._version(version, path), _now_ms()), len(data) + 48)
 
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
-        with contextlib.suppress(Exception):  # settle() raises it, translated
+        try:  # noqa: SIM105 - contextlib.suppress() builds an object per write on the hottest path
             await fut
+        except Exception:
+            pass  # settle() raises it, translated
         return self.settle(fut)
 
     def submit_delete(self, path: str, version: int = -1, recursive: bool = False) -> asyncio.Future[Any]:
