@@ -52,6 +52,7 @@ def fleetmate_round(idle_s: float) -> dict[str, float]:
             FLEETMATE_DATA_DIR=f"{tmp}/data",
             FLEETMATE_HTTP_PORT=str(port),
             FLEETMATE_NATS_PORT="0",
+            FLEETMATE_ZK_PORT="0",  # never assume ZooKeeper's 2181 is free
             FLEETMATE_LOG_LEVEL="warning",
         )
         started = time.monotonic()
