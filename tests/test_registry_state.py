@@ -19,10 +19,11 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import event, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
     BadVersion,
@@ -1306,3 +1307,21 @@ def test_store_keeps_the_newest_events_across_commits_and_restarts(tmp_path: Pat
     # Batches older than the five newest events are gone from the file.
     (rows,) = again.conn.execute("SELECT count(*) FROM event_batches").fetchone()
     assert rows == 2
+
+
+_PATH_TEXT = st.text(
+    alphabet=st.sampled_from(["/", ".", "a", "é", "\x00", "\x1f", "\x85", "\ud800", "\uf8ff", "\ufff5"])
+)
+
+
+@settings(max_examples=2000)
+@given(path=st.one_of(_PATH_TEXT, _PATH_TEXT.map(lambda p: "/" + p), st.text()), limit=st.sampled_from([4, 16, 1024]))
+def test_path_pattern_agrees_with_the_rules(path: str, limit: int) -> None:
+    """validate()'s one-pattern fast check accepts exactly what the rule-by-rule check accepts."""
+    outcomes = []
+    for check in (lambda: paths.validate(path, limit), lambda: paths._explain(path, limit, True)):
+        try:
+            outcomes.append(("ok", check()))
+        except BadArguments as exc:
+            outcomes.append(("error", str(exc)))
+    assert outcomes[0] == outcomes[1]

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import re
+
 from app.services.registry.errors import BadArguments
 
 ROOT = "/"
 # apply() checks structure with this bound; the configured (smaller) limit is checked on append.
 MAX_STRUCTURAL_LENGTH = 1 << 20
+# Forbidden in a path (ZooKeeper's rule): control characters, U+D800-U+F8FF, U+FFF0-U+FFFF.
+_FORBIDDEN = r"\x00-\x1f\x7f-\x9f\ud800-\uf8ff\ufff0-\uffff"
+# A valid path other than the root, as one pattern: each segment non-empty, not '.' or '..', no
+# forbidden character. Every write checks its path, so the common case is one C call; a path it
+# does not match goes on to _explain(), which finds the reason.
+_VALID = re.compile(rf"(?:/(?!\.\.?(?:/|$))[^/{_FORBIDDEN}]+)+")
 
 
 def validate(path: str, max_length: int, *, allow_root: bool = True) -> str:
     """Return path if it is a valid absolute znode path, else raise BadArguments saying why."""
+    if (
+        type(path) is str
+        and _VALID.fullmatch(path) is not None
+        and (len(path) * 4 <= max_length or len(path.encode("utf-8")) <= max_length)
+    ):
+        return path
+    return _explain(path, max_length, allow_root)
+
+
+def _explain(path: str, max_length: int, allow_root: bool) -> str:
+    """validate() for what the pattern did not accept: the root, a str subclass, or the first rule broken."""
     if not isinstance(path, str) or not path:
         raise BadArguments("path must be a non-empty string", str(path))
     if len(path.encode("utf-8", "surrogatepass")) > max_length:
