@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from app import config
 from app.node import Node
 from app.web.app import create_app
+from app.web.server import HttpServer, resolve_port
 from tests.harness import NatsServer
 
 EXPORTER = InMemorySpanExporter()
@@ -26,7 +28,7 @@ trace.set_tracer_provider(_provider)
 
 @pytest.fixture
 async def node(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Node]:
-    """A started replica on a real nats-server, served in-process through the ASGI app."""
+    """A started replica on a real nats-server."""
     cfg = config.load(
         None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_NATS_URL": nats_server.url, "FLEETMATE_NODE_ID": "tr"}
     )
@@ -38,40 +40,54 @@ async def node(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Node]:
         await started.stop()
 
 
-async def test_trace_spans_gateway_bus_and_handler(node: Node) -> None:
-    app = create_app(node)
+@pytest.fixture
+async def client(node: Node) -> AsyncIterator[httpx.AsyncClient]:
+    """The replica's gateway served by Granian in this process (the spans land in this exporter)."""
+    server = HttpServer(create_app(node), "127.0.0.1", resolve_port("127.0.0.1", 0))
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10, trust_env=False) as http:
+            for _ in range(100):  # Granian binds in its own task
+                try:
+                    await http.get("/api/v1/health")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            yield http
+    finally:
+        await server.stop()
+
+
+async def test_trace_spans_gateway_bus_and_handler(client: httpx.AsyncClient) -> None:
     EXPORTER.clear()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        r = await client.get("/api/v1/cluster/replicas/tr", headers={"traceparent": _PARENT})
+    r = await client.get("/api/v1/cluster/replicas/tr", headers={"traceparent": _PARENT})
     assert r.status_code == 200
     assert r.json()["node_id"] == "tr"
 
     spans = {s.name: s for s in EXPORTER.get_finished_spans()}
     http = spans["GET /api/v1/cluster/replicas/{node_id}"]
-    client = spans["request fleetmate.system.tr.info"]
+    bus = spans["request fleetmate.system.tr.info"]
     handler = spans["handle info"]
     assert http.kind == SpanKind.SERVER
-    assert client.kind == SpanKind.CLIENT
+    assert bus.kind == SpanKind.CLIENT
     assert handler.kind == SpanKind.SERVER
     # One trace id, continuing the caller's traceparent.
-    assert {http.context.trace_id, client.context.trace_id, handler.context.trace_id} == {int(_TRACE, 16)}
+    assert {http.context.trace_id, bus.context.trace_id, handler.context.trace_id} == {int(_TRACE, 16)}
     # Parent links: caller -> gateway -> bus request -> handler.
     assert http.parent is not None
     assert http.parent.span_id == int(_CALLER_SPAN, 16)
-    assert client.parent is not None
-    assert client.parent.span_id == http.context.span_id
+    assert bus.parent is not None
+    assert bus.parent.span_id == http.context.span_id
     assert handler.parent is not None
-    assert handler.parent.span_id == client.context.span_id
+    assert handler.parent.span_id == bus.context.span_id
     assert http.attributes is not None
     assert http.attributes["http.response.status_code"] == 200
 
 
-async def test_trace_without_incoming_context_starts_a_root(node: Node) -> None:
-    app = create_app(node)
+async def test_trace_without_incoming_context_starts_a_root(client: httpx.AsyncClient) -> None:
     EXPORTER.clear()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        assert (await client.get("/api/v1/cluster/replicas/tr")).status_code == 200
-        missing = await client.get("/api/v1/cluster/replicas/ghost")
+    assert (await client.get("/api/v1/cluster/replicas/tr")).status_code == 200
+    missing = await client.get("/api/v1/cluster/replicas/ghost")
     assert missing.status_code == 404
     assert missing.json() == {"error": "not_found", "message": "replica 'ghost' did not answer"}
     spans = EXPORTER.get_finished_spans()

@@ -28,7 +28,7 @@ from app.web.routes.watch import WatchSocket
 
 
 def create_app(node: Node) -> Observe:
-    """The ASGI application served by Granian: Litestar wrapped in the tracing/metrics layer."""
+    """The RSGI application served by Granian: the lean path and Litestar, wrapped in the tracing/metrics layer."""
     metrics = HttpMetrics(node)
 
     @get("/metrics", opt={"public": True}, include_in_schema=False, sync_to_thread=False)

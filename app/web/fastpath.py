@@ -9,11 +9,12 @@ goes on to Litestar unchanged, which answers it, errors included, as before.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPScope, Receive, ReceiveMessage, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import FleetmateError
 from app.node import Node
@@ -25,23 +26,36 @@ from app.web.routes.watch import WATCH_PATH, WatchSocket
 
 PREFIX = "/api/v1/registry/nodes"
 ROUTE = PREFIX + "/{path}"  # the template Litestar reports for these routes (metrics, spans)
-_READ_QUERIES = {b"": False, b"serializable=false": False, b"serializable=true": True}
-_JSON = (b"content-type", b"application/json")
+_READ_QUERIES = {"": False, "serializable=false": False, "serializable=true": True}
 _enc = msgspec.json.Encoder()
 _set_dec = msgspec.json.Decoder(SetBody)
 
 
-async def _answer(send: Send, status: int, body: bytes, extra: dict[str, str] | None = None) -> int:
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
-    if extra:
-        headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-    return status
+class Answer(NamedTuple):
+    """A response of the lean path: status, JSON body, extra headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+class Body:
+    """A request body read at most once: the lean path reads it, Litestar gets it if the request goes on."""
+
+    __slots__ = ("_read", "data")
+
+    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
+        self._read = read
+        self.data: bytes | None = None
+
+    async def read(self) -> bytes:
+        if self.data is None:
+            self.data = await self._read()
+        return self.data
 
 
 class FastPath:
-    """Beside Litestar: Observe tries http() first for every HTTP request; the watch socket is here too."""
+    """Beside Litestar: the front tries lean() first for every HTTP request; the watch socket is here too."""
 
     def __init__(
         self, app: ASGIApp, node: Node, guard: TokenGuard | None, figures: RequestFigures, watch: WatchSocket
@@ -52,17 +66,16 @@ class FastPath:
         self.guard = guard
         self.figures = figures
 
-    def _allowed(self, scope: Scope, write: bool) -> bool:
+    def _allowed(self, authorization: str | None, write: bool) -> bool:
         if self.guard is None:
             return True
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                kind, _, presented = value.decode("latin-1").partition(" ")
-                if kind.lower() != "bearer":
-                    return False
-                granted = self.guard.scope_of(presented.strip())
-                return granted == "admin" or (granted == "read" and not write)
-        return False
+        if authorization is None:
+            return False
+        kind, _, presented = authorization.partition(" ")
+        if kind.lower() != "bearer":
+            return False
+        granted = self.guard.scope_of(presented.strip())
+        return granted == "admin" or (granted == "read" and not write)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anything but HTTP: the watch socket, else Litestar."""
@@ -71,10 +84,9 @@ class FastPath:
             return
         await self.app(scope, receive, send)
 
-    async def http(self, scope: HTTPScope, receive: Receive, send: Send) -> tuple[int, Receive]:
-        """Answer a plain node get or set: (status sent, receive). (0, receive) leaves the request to
-        Litestar, with a receive that replays a body this path already read."""
-        path: str = scope["path"]
+    async def lean(self, method: str, path: str, query: str, authorization: str | None, body: Body) -> Answer | None:
+        """Answer a plain node get or set, or None to leave the request to Litestar (with the body
+        this path may have read kept in `body`)."""
         registry = self.node.registry
         if (
             registry is None
@@ -83,58 +95,28 @@ class FastPath:
             or path[len(PREFIX)] != "/"
             or path[-1] == "/"
         ):
-            return 0, receive
+            return None
         node_path = path[len(PREFIX) :]
-        method: str = scope["method"]
         if method == "GET":
-            serializable = _READ_QUERIES.get(scope["query_string"])
-            if serializable is not None and self._allowed(scope, write=False):
+            serializable = _READ_QUERIES.get(query)
+            if serializable is not None and self._allowed(authorization, write=False):
                 try:
                     data, stat = await registry.get(node_path, linearizable=not serializable)
                 except FleetmateError:
-                    return 0, receive  # Litestar reads again and renders the error
+                    return None  # Litestar reads again and renders the error
                 text, used = encode_data(data, None)
-                scope["path_template"] = ROUTE
                 self.figures.fast += 1
-                return await _answer(send, 200, _enc.encode(NodeView(node_path, text, used, stat))), receive
-        elif method == "PUT" and not scope["query_string"] and self._allowed(scope, write=True):
-            body = await _read_body(receive)
+                return Answer(200, _enc.encode(NodeView(node_path, text, used, stat)))
+        elif method == "PUT" and not query and self._allowed(authorization, write=True):
             try:
-                req = _set_dec.decode(body)
+                req = _set_dec.decode(await body.read())
             except msgspec.DecodeError:
-                return 0, _replay(body, receive)
-            scope["path_template"] = ROUTE
+                return None
             self.figures.fast += 1
             try:
                 updated = await registry.set(node_path, decode_data(req.data, req.encoding), req.version)
             except FleetmateError as exc:
                 err, headers = fleetmate_error_parts(exc)
-                return await _answer(send, exc.status, _enc.encode(err), headers), receive
-            return await _answer(send, 200, _enc.encode(StatView(updated.path, updated.stat))), receive
-        return 0, receive
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message: Any = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the already-read body once, then whatever comes next (a disconnect)."""
-    sent = False
-
-    async def again() -> ReceiveMessage:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return again
+                return Answer(exc.status, _enc.encode(err), headers)
+            return Answer(200, _enc.encode(StatView(updated.path, updated.stat)))
+        return None

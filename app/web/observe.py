@@ -1,4 +1,5 @@
-"""The one outer ASGI layer: a server span and the request figures for every HTTP request."""
+"""The one outer layer, served by Granian over RSGI: a server span and the request figures for every
+HTTP request, the lean path tried first, everything else bridged to Litestar as ASGI."""
 
 from __future__ import annotations
 
@@ -7,47 +8,37 @@ import math
 import time
 
 import msgspec
-from litestar.enums import ScopeType
-from litestar.types import HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
+from granian._granian import RSGIHTTPProtocol as HTTPProtocol
+from granian._granian import RSGIWebsocketProtocol as WebsocketProtocol
+from granian.rsgi import Scope as RsgiScope
 from opentelemetry import context, propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from app.telemetry import recording, tracer, unrecorded_span
-from app.web.fastpath import FastPath
+from app.web.fastpath import ROUTE, Body, FastPath
 from app.web.metrics import HttpMetrics
 from app.web.ratelimit import RateLimiter
+from app.web.rsgi import HttpReceive, HttpSend, asgi_scope, serve_websocket
 
 _OPEN = frozenset({"/api/v1/health", "/api/v1/ready"})
+_JSON = ("content-type", "application/json")
 
 
-def _client_key(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return "t:" + hashlib.blake2b(value, digest_size=8).hexdigest()
-    client = scope.get("client")
-    return "a:" + (client[0] if client else "?")
+def _client_key(authorization: str | None, client: str) -> str:
+    if authorization is not None:
+        return "t:" + hashlib.blake2b(authorization.encode("latin-1"), digest_size=8).hexdigest()
+    return "a:" + client.rpartition(":")[0].strip("[]")
 
 
-async def _too_many(send: Send, wait: float) -> None:
+def _too_many(proto: HTTPProtocol, wait: float) -> None:
     body = msgspec.json.encode(
         {"error": "too_many_requests", "message": f"request rate limit exceeded; retry in {wait:.2f}s"}
     )
-    start: HTTPResponseStartEvent = {
-        "type": "http.response.start",
-        "status": 429,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"retry-after", str(max(1, math.ceil(wait))).encode()),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
-    await send(start)
-    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-    await send(end)
+    proto.response_bytes(429, [_JSON, ("retry-after", str(max(1, math.ceil(wait))))], body)
 
 
 class Observe:
-    """Wraps the app (outside routing, so 404s are seen too); the lean path is tried first."""
+    """The RSGI application (outside routing, so 404s are seen too); the lean path is tried first."""
 
     def __init__(self, fast: FastPath, metrics: HttpMetrics, limiter: RateLimiter | None = None) -> None:
         self.fast = fast
@@ -56,60 +47,64 @@ class Observe:
         self.figures = metrics.requests
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         # The header names the configured propagators read (traceparent, tracestate, baggage by default).
-        self._fields = frozenset(f.lower().encode("latin-1") for f in propagate.get_global_textmap().fields)
+        self._fields = tuple(f.lower() for f in propagate.get_global_textmap().fields)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await self.fast(scope, receive, send)  # the watch socket, else Litestar
-            return
-        method: str = scope["method"]
-        if self.limiter is not None and scope["path"].startswith("/api/") and scope["path"] not in _OPEN:
-            wait = self.limiter.check(_client_key(scope))
+    async def __rsgi__(self, scope: RsgiScope, proto: HTTPProtocol | WebsocketProtocol) -> None:
+        if isinstance(proto, HTTPProtocol):
+            await self._http(scope, proto)
+        else:
+            await serve_websocket(self.fast, scope, proto)  # the watch socket, else Litestar
+
+    async def _http(self, scope: RsgiScope, proto: HTTPProtocol) -> None:
+        method = scope.method
+        path = scope.path
+        headers = scope.headers
+        authorization: str | None = headers.get("authorization")
+        if self.limiter is not None and path.startswith("/api/") and path not in _OPEN:
+            wait = self.limiter.check(_client_key(authorization, scope.client))
             if wait:
                 self.metrics.throttled.inc()
                 self.figures.record(method, "throttled", 429, 0.0)
-                await _too_many(send, wait)
+                _too_many(proto, wait)
                 return
         ctx = None
-        fields = self._fields
-        for name, _ in scope["headers"]:
-            if name in fields:  # a caller's trace context to continue (most requests carry none)
-                carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-                ctx = propagate.extract(carrier)
+        for field in self._fields:
+            if field in headers:  # a caller's trace context to continue (most requests carry none)
+                ctx = propagate.extract(dict(headers.items()))
                 break
         start = time.perf_counter()
         span: Span
         if ctx is None and not recording():
             span = unrecorded_span()  # nothing recorded: what start_span gives, at a fraction of its cost
         else:
-            span = tracer().start_span(f"{method} {scope['path']}", context=ctx, kind=SpanKind.SERVER)
+            span = tracer().start_span(f"{method} {path}", context=ctx, kind=SpanKind.SERVER)
         token = context.attach(set_span_in_context(span, ctx))
         status = 500
+        route = "unmatched"
         try:
-            answered, receive = await self.fast.http(scope, receive, send)
-            if answered:
-                status = answered
+            body = Body(proto)
+            answer = await self.fast.lean(method, path, scope.query_string, authorization, body)
+            if answer is not None:
+                status, route = answer.status, ROUTE
+                out = [_JSON]
+                if answer.headers:
+                    out.extend(answer.headers.items())
+                proto.response_bytes(status, out, answer.body)
             else:
-                started: list[int] = []
-
-                async def send_wrapper(message: Message) -> None:
-                    if message["type"] == "http.response.start":
-                        started.append(message["status"])
-                    await send(message)
-
+                inner = asgi_scope(scope, "http")
+                send = HttpSend(proto)
                 try:
-                    await self.app(scope, receive, send_wrapper)
+                    await self.app(inner, HttpReceive(proto, body.data), send)  # type: ignore[arg-type]
                 finally:
-                    if started:
-                        status = started[0]
+                    status = send.status or 500
+                    route = inner.get("path_template") or "unmatched"
         finally:
             context.detach(token)
-            route = scope.get("path_template") or "unmatched"
             if span.is_recording():
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.request.method", method)
                 span.set_attribute("http.route", route)
-                span.set_attribute("url.path", scope["path"])
+                span.set_attribute("url.path", path)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))

@@ -33,7 +33,7 @@ def resolve_port(host: str, port: int) -> int:
 
 
 class HttpServer:
-    """Runs Granian (ASGI, no lifespan) as a task on the current loop."""
+    """Runs Granian (RSGI, see app.web.rsgi) as a task on the current loop."""
 
     def __init__(self, app: Observe, host: str, port: int) -> None:
         self.host = host
@@ -42,7 +42,7 @@ class HttpServer:
             app,
             address=host,
             port=port,
-            interface=Interfaces.ASGINL,
+            interface=Interfaces.RSGI,
             log_enabled=True,
             # Granian applies a dictConfig; this one hands its records to fleetmate's root handler.
             log_dictconfig={

@@ -25,10 +25,10 @@ async def drain(socket: WebSocket[Any, Any, Any]) -> None:
 
 
 async def fail(socket: WebSocket[Any, Any, Any], code: str, message: str) -> None:
-    """Send {"type": "error", "error": code, "message": ...} and close with 4000."""
+    """Send {"type": "error", "error": code, "message": ...}, then close (RSGI sends no close code)."""
     with contextlib.suppress(Exception):
         await socket.send_text(_enc.encode({"type": "error", "error": code, "message": message}).decode())
-        await socket.close(code=4000)
+        await socket.close()
 
 
 async def stream_changes(

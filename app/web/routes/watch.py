@@ -10,7 +10,8 @@ between the event and the server's send costs that many times over. The protocol
 - the client may send {"op": "keepalive", "session_id": N} to keep a session alive over the
   socket; the answer is {"type": "keepalive", "session_id", "timeout_ms"};
 - errors come as {"type": "error", "error": code, "message"} before the server closes the socket
-  (code 4000, or 4001 for Compacted). A missing or refused token closes the handshake (403).
+  (Granian's RSGI sends a plain close frame, without a code: the message says why). A missing
+  or refused token refuses the handshake (403).
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def parse_query(query_string: bytes) -> WatchQuery:
 class _Pusher:
     """One persistent watcher's sending side, fed by the shared fan-out instead of a task of its own.
 
-    Granian starts an ASGI send when it is called and returns an awaitable that completes once
-    the frame is written; the fan-out calls send() and keeps the awaitables, oldest first, to
-    tell a watcher that stopped reading (too many sends not written yet) from one that keeps up.
+    A send starts when it is called (app.web.rsgi hands the frame to Granian at once) and returns
+    an awaitable that completes once the frame is written; the fan-out calls send() and keeps the
+    awaitables, oldest first, to tell a watcher that stopped reading (too many sends not written
+    yet) from one that keeps up.
     """
 
     __slots__ = ("_buffer", "_limit", "_pending", "_send", "_wake", "failure")
@@ -336,4 +338,4 @@ class WatchSocket:
 async def _fail(send: Send, code: str, message: str) -> None:
     with contextlib.suppress(Exception):
         await send(_text({"type": "error", "error": code, "message": message}))
-        await send({"type": "websocket.close", "code": 4000 + (1 if code == "Compacted" else 0), "reason": ""})
+        await send({"type": "websocket.close", "code": 1000, "reason": ""})
