@@ -66,7 +66,8 @@ WATCH_COLLECT_S = 30.0  # how long watchers may take to receive every write once
 WATCHERS_PER_PROCESS = 2500
 READ_BACK = 8  # keys read back after the write runs
 OTHER_LOAD_NOTE_PCT = 10  # flag scenarios during which foreign processes used this much of the CPUs
-WRK_FIELDS = ("ops_s", "p50_ms", "p99_ms", "requests", "non2xx", "socket_errors", "other_load_pct")
+STEAL_NOTE_PCT = 5  # a scenario with this much steal time is noted: it is not comparable
+WRK_FIELDS = ("ops_s", "p50_ms", "p99_ms", "requests", "non2xx", "socket_errors", "other_load_pct", "steal_pct")
 
 KEY_NAMES = [f"{PREFIX}/k{i:04d}" for i in range(KEYS)]
 _rng = random.Random(20261123)
@@ -396,11 +397,18 @@ class OtherLoad:
 
     Machine-wide busy time minus this process, its reaped children (wrk, watcher processes) and the
     server with its children; `pct` is that share of all cores over the scenario's wall time.
+    `steal_pct`: the share the hypervisor gave to other guests (on this VM it comes and goes, and
+    a run with much of it is not comparable with one without).
     """
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.pct = 0.0
+        self.steal_pct = 0.0
+
+    @staticmethod
+    def _steal() -> float:
+        return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
     @staticmethod
     def _busy() -> float:
@@ -414,12 +422,15 @@ class OtherLoad:
 
     def __enter__(self) -> OtherLoad:
         self.start = (time.monotonic(), self._busy(), self._own(), self.server.cpu_s())
+        self.steal0 = self._steal()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall, busy, own, srv = self.start
         foreign = (self._busy() - busy) - (self._own() - own) - (self.server.cpu_s() - srv)
-        self.pct = max(0.0, 100.0 * foreign / ((time.monotonic() - wall) * (os.cpu_count() or 1)))
+        cores_s = (time.monotonic() - wall) * (os.cpu_count() or 1)
+        self.pct = max(0.0, 100.0 * foreign / cores_s)
+        self.steal_pct = max(0.0, 100.0 * (self._steal() - self.steal0) / cores_s)
 
 
 def machine_load(seconds: float) -> float:
@@ -467,12 +478,14 @@ def wrk_scenario(
             res = run_wrk(wrk, server.url, f.name, connections, duration)
     res["ok"] = res["requests"] - res["non2xx"]
     res["other_load_pct"] = other.pct
+    res["steal_pct"] = other.steal_pct
     bad = res["non2xx"] + sum(res["socket_errors"].values())
     if bad:
         progress(f"  !! {server.name} {label}: non-2xx {res['non2xx']}, socket errors {res['socket_errors']}")
     progress(
         f"  {res['ops_s']:.0f} ops/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms"
-        f" ({res['requests']} requests, non-2xx {res['non2xx']}; other processes used {other.pct:.0f}% of the CPUs)"
+        f" ({res['requests']} requests, non-2xx {res['non2xx']}; other processes used {other.pct:.0f}% of the CPUs,"
+        f" steal {other.steal_pct:.0f}%)"
     )
     if not server.alive():
         raise RuntimeError(f"{server.name} died during {label}; see its log")
@@ -982,7 +995,7 @@ def main() -> int:
             print(
                 f"  pair {row['pair']}: fleetmate {a['ops_s']:.0f} ops/s p99 {a['p99_ms']:.2f} ms;"
                 f" etcd {b['ops_s']:.0f} ops/s p99 {b['p99_ms']:.2f} ms; fm/etcd ops {_fmt(row['ratio_ops'])},"
-                f" p99 {_fmt(row['ratio_p99'])}"
+                f" p99 {_fmt(row['ratio_p99'])} (steal {a['steal_pct']:.0f}% / {b['steal_pct']:.0f}%)"
             )
         ops = sorted(r["ratio_ops"] for r in interleaved if r["ratio_ops"] is not None)
         p99 = sorted(r["ratio_p99"] for r in interleaved if r["ratio_p99"] is not None)
@@ -1012,6 +1025,9 @@ def main() -> int:
         }
         if busy:
             notes.append(f"{sysname}: other processes used >= {OTHER_LOAD_NOTE_PCT}% of the CPUs during {busy}")
+        stolen = {k: round(v["steal_pct"]) for k, v in res["scenarios"].items() if v["steal_pct"] >= STEAL_NOTE_PCT}
+        if stolen:
+            notes.append(f"{sysname}: the hypervisor took >= {STEAL_NOTE_PCT}% of the CPUs (steal) during {stolen}")
     for row in interleaved:
         for sysname in ("fleetmate", "etcd"):
             if not row[sysname]["check_ok"]:
