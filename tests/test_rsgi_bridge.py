@@ -8,6 +8,8 @@ as it did under an ASGI server.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +93,24 @@ def test_a_framework_websocket_route_works_and_refuses_without_a_token(fm: Fleet
     with connect(url, open_timeout=5, additional_headers={"Authorization": f"Bearer {ADMIN}"}) as ws:
         first = json.loads(ws.recv(timeout=5))
         assert first["type"] == "ready"
+
+
+def test_a_client_that_leaves_mid_body_changes_nothing_and_logs_no_error(fm: Fleetmate) -> None:
+    api = _client(fm)
+    assert api.post(f"{NODES}/left", json={"data": "before"}).status_code == 201
+    port = int(fm.url.rsplit(":", 1)[1])
+    errors_before = [line for line in fm.lines if line.get("level") in ("error", "critical")]
+    for path in (f"{NODES}/left", "/api/v1/registry/multi"):  # the lean path, then Litestar
+        method = "PUT" if path.endswith("/left") else "POST"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n".encode()
+                + b'{"data": "af'
+            )
+            time.sleep(0.2)
+    time.sleep(0.5)
+    assert api.get(f"{NODES}/left").json()["data"] == "before"
+    errors_after = [line for line in fm.lines if line.get("level") in ("error", "critical")]
+    assert errors_after == errors_before
+    assert api.get("/api/v1/health").status_code == 200

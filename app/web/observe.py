@@ -9,6 +9,8 @@ import time
 
 import msgspec
 from granian._granian import RSGIHTTPProtocol as HTTPProtocol
+from granian._granian import RSGIProtocolClosed as ProtocolClosed
+from granian._granian import RSGIProtocolError as ProtocolError
 from granian._granian import RSGIWebsocketProtocol as WebsocketProtocol
 from granian.rsgi import Scope as RsgiScope
 from opentelemetry import context, propagate
@@ -22,6 +24,7 @@ from app.web.rsgi import HttpReceive, HttpSend, asgi_scope, serve_websocket
 
 _OPEN = frozenset({"/api/v1/health", "/api/v1/ready"})
 _JSON = ("content-type", "application/json")
+CLIENT_GONE = 499  # the figures' status for a request whose client left before it was answered (nginx's)
 
 
 def _client_key(authorization: str | None, client: str) -> str:
@@ -98,6 +101,8 @@ class Observe:
                 finally:
                     status = send.status or 500
                     route = inner.get("path_template") or "unmatched"
+        except (ProtocolError, ProtocolClosed):
+            status = CLIENT_GONE  # the client went away mid-request (e.g. before its body arrived)
         finally:
             context.detach(token)
             if span.is_recording():
