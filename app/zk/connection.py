@@ -520,13 +520,15 @@ class ZkConnection:
             if req.kind not in (p.ADD_WATCH_PERSISTENT, p.ADD_WATCH_PERSISTENT_RECURSIVE):
                 raise Unimplemented(f"addWatch mode {req.kind} is not supported", req.path)
             self._watch_persistent(req.path, req.kind == p.ADD_WATCH_PERSISTENT_RECURSIVE)
-            return Writer()
+            return Writer().int(p.OK)  # ZooKeeper answers addWatch with an ErrorResponse body
         if op in (p.REMOVE_WATCHES, p.CHECK_WATCHES):
             self._path(req.path)
             return self._remove_watches(req.path, req.kind, remove=op == p.REMOVE_WATCHES, xid=xid)
         if op in (p.SET_WATCHES, p.SET_WATCHES2):
+            # The reply echoes the request's xid: kazoo sends -8, Java's client an ordinary xid
+            # that it expects back in order.
             self._set_watches(req)
-            return Writer().header(p.XID_SET_WATCHES, registry.revision, p.OK).frame()
+            return Writer()
         if op == p.AUTH:
             return await self._auth(req)
         if op == p.WHO_AM_I:

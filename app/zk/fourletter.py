@@ -12,9 +12,21 @@ from typing import TYPE_CHECKING
 from app import __version__
 
 if TYPE_CHECKING:
+    from app.services.registry.service import RegistryService
     from app.zk.server import ZkServer
 
 ALL_WORDS = ("ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "dirs")
+
+# The ZooKeeper release whose client protocol fleetmate speaks. Clients parse the version that
+# `envi`/`srvr` report (kazoo's server_version() reads the leading x.y.z to pick features), so it
+# leads the string; fleetmate's own version follows, as ZooKeeper puts its build after the number.
+ZOOKEEPER_PROTOCOL = "3.8.4"
+VERSION = f"{ZOOKEEPER_PROTOCOL}-fleetmate-{__version__}"
+BUILT = f"{VERSION}, built on fleetmate {__version__} (ZooKeeper {ZOOKEEPER_PROTOCOL} protocol)"
+
+
+def _data_size(registry: RegistryService | None) -> int:
+    return sum(len(n.data or b"") for n in registry.state.nodes.values()) if registry else 0
 
 
 class FourLetterWords:
@@ -47,7 +59,7 @@ class FourLetterWords:
         nodes = len(registry.state.nodes) if registry else 0
         revision = registry.revision if registry else 0
         return (
-            f"Zookeeper version: fleetmate-{__version__}, protocol 3.8-compatible\n"
+            f"Zookeeper version: {BUILT}\n"
             f"Latency min/avg/max: {server.latency_text()}\n"
             f"Received: {server.received}\n"
             f"Sent: {server.sent}\n"
@@ -78,7 +90,7 @@ class FourLetterWords:
         registry = server.node.registry
         watches = registry.watches.one_shot_count() + registry.watches.subscription_count() if registry else 0
         rows = [
-            ("zk_version", f"fleetmate-{__version__}"),
+            ("zk_version", BUILT),
             ("zk_server_state", self._mode(server)),
             ("zk_avg_latency", server.latency_avg_ms()),
             ("zk_packets_received", server.received),
@@ -88,7 +100,7 @@ class FourLetterWords:
             ("zk_znode_count", len(registry.state.nodes) if registry else 0),
             ("zk_watch_count", watches),
             ("zk_ephemerals_count", sum(len(v) for v in registry.state.ephemerals.values()) if registry else 0),
-            ("zk_approximate_data_size", sum(len(n.data) for n in registry.state.nodes.values()) if registry else 0),
+            ("zk_approximate_data_size", _data_size(registry)),
             (
                 "zk_open_file_descriptor_count",
                 len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
@@ -108,12 +120,15 @@ class FourLetterWords:
             f"maxClientCnxns=0\n"
             f"serverId={cfg.node_id}\n"
             f"jute.maxbuffer={server.max_packet}\n"
+            f"zookeeper.version={VERSION}\n"
+            f"fleetmate.version={__version__}\n"
         )
 
     def _envi(self, server: ZkServer) -> str:
         return (
             "Environment:\n"
-            f"zookeeper.version=fleetmate-{__version__}\n"
+            f"zookeeper.version={BUILT}\n"
+            f"fleetmate.version={__version__}\n"
             f"host.name={socket.gethostname()}\n"
             f"python.version={platform.python_version()}\n"
             f"python.executable={sys.executable}\n"
