@@ -101,7 +101,7 @@ def _under(path: str, top: str) -> bool:
 
 @dataclass(frozen=True)
 class MNode:
-    data: bytes
+    data: bytes | None
     czxid: int
     mzxid: int
     pzxid: int
@@ -152,7 +152,7 @@ class Model:
             n.cversion,
             n.aversion,
             n.owner,
-            len(n.data),
+            len(n.data) if n.data is not None else 0,
             len(self.kids(path)),
         )
 
@@ -408,7 +408,7 @@ STATIC_PATHS = ["/"] + [
 ]
 STATIC_PARENTS = [p for p in STATIC_PATHS if _depth(p) <= 2]
 CREATE_NAMES = ("a", "b", "c", "s-", "s-0000000001")
-DATAS = (b"", b"x", b"hello")
+DATAS = (b"", b"x", b"hello", None)  # None: ZooKeeper's null data
 OTHER_ACL = (Acl(PERM_READ, "digest", "bob:hash"),)
 SESSION_IDS = (1, 2, 3)
 small_time = st.integers(0, 10_000)

@@ -32,7 +32,10 @@ from tests.zkwire import WireClient, four_letter, pack_string, split_addr
 @pytest.fixture(scope="module")
 def fm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleetmate]:
     tmp: Path = tmp_path_factory.mktemp("zk")
-    env = {"FLEETMATE_REGISTRY_SESSION_TIMEOUT_MIN_MS": "1000", "FLEETMATE_ZK_FOUR_LETTER_WORDS": "ruok,srvr,mntr,stat"}
+    env = {
+        "FLEETMATE_REGISTRY_SESSION_TIMEOUT_MIN_MS": "1000",
+        "FLEETMATE_ZK_FOUR_LETTER_WORDS": "ruok,srvr,mntr,stat,envi",
+    }
     with running(Fleetmate(tmp, env=env)) as server:
         yield server
 
@@ -268,7 +271,78 @@ def test_four_letter_words(fm: Fleetmate) -> None:
     assert "Node count: " in srvr
     mntr = dict(line.split("\t", 1) for line in four_letter(fm.zk, "mntr").splitlines())
     assert int(mntr["zk_znode_count"]) >= 1
-    assert four_letter(fm.zk, "envi") == "envi is not executed because it is not in the whitelist.\n"
+    assert four_letter(fm.zk, "cons") == "cons is not executed because it is not in the whitelist.\n"
+
+
+def test_version_is_one_zookeeper_clients_parse(fm: Fleetmate) -> None:
+    # kazoo reads `envi`'s zookeeper.version and picks features by its leading x.y.z.
+    with kazoo(fm.zk) as zk:
+        assert zk.server_version() == (3, 8, 4)
+    assert four_letter(fm.zk, "srvr").startswith("Zookeeper version: 3.8.4-fleetmate-")
+    envi = four_letter(fm.zk, "envi")
+    assert "zookeeper.version=3.8.4-fleetmate-" in envi
+    assert "fleetmate.version=" in envi
+    mntr = dict(line.split("\t", 1) for line in four_letter(fm.zk, "mntr").splitlines())
+    assert mntr["zk_version"].startswith("3.8.4-fleetmate-")
+
+
+def test_null_data_is_kept_apart_from_empty(fm: Fleetmate) -> None:
+    with kazoo(fm.zk) as zk:
+        zk.create("/null", None)
+        zk.create("/empty", b"")
+        assert zk.get("/null")[0] is None
+        assert zk.get("/null")[1].dataLength == 0
+        assert zk.get("/empty")[0] == b""
+        zk.set("/empty", None)
+        assert zk.get("/empty")[0] is None
+        zk.set("/null", b"")
+        assert zk.get("/null")[0] == b""
+        # kazoo's transactions take bytes only: a multi with null data (length -1) by hand.
+        null = struct.pack(">i", -1)
+        acl = struct.pack(">ii", 1, 31) + pack_string("world") + pack_string("anyone")
+        create = struct.pack(">i?i", 1, False, -1) + pack_string("/null/in-multi") + null + acl + struct.pack(">i", 0)
+        set_data = struct.pack(">i?i", 5, False, -1) + pack_string("/null") + null + struct.pack(">i", -1)
+        client = WireClient(fm.zk)
+        try:
+            _, err, _ = client.request(14, create + set_data + struct.pack(">i?i", -1, True, -1))
+            assert err == 0
+        finally:
+            client.close()
+        assert zk.get("/null/in-multi")[0] is None
+        assert zk.get("/null")[0] is None
+        # The REST API says null for null and "" for empty, and takes null back.
+        assert httpx.get(f"{fm.url}/api/v1/registry/nodes/null").json()["data"] is None
+        assert httpx.get(f"{fm.url}/api/v1/registry/nodes/empty").json()["data"] is None
+        zk.set("/empty", b"")
+        assert httpx.get(f"{fm.url}/api/v1/registry/nodes/empty").json()["data"] == ""
+        created = httpx.post(f"{fm.url}/api/v1/registry/nodes/rest-null", json={"data": None})
+        assert created.status_code == 201, created.text
+        assert zk.get("/rest-null")[0] is None
+        assert httpx.put(f"{fm.url}/api/v1/registry/nodes/empty", json={"data": None}).status_code == 200
+        assert zk.get("/empty")[0] is None
+        assert httpx.put(f"{fm.url}/api/v1/registry/nodes/empty", json={"data": ""}).status_code == 200
+        assert zk.get("/empty")[0] == b""
+        zk.delete("/null", recursive=True)
+        zk.delete("/empty")
+        zk.delete("/rest-null")
+
+
+def test_set_watches_and_add_watch_answer_as_the_java_client_expects(fm: Fleetmate) -> None:
+    # Java's client gives setWatches an ordinary xid and expects it back in order; addWatch's
+    # reply carries an ErrorResponse (one int). kazoo's -8 is echoed the same way.
+    client = WireClient(fm.zk)
+    try:
+        empty = struct.pack(">i", 0)
+        _, err, body = client.request(101, struct.pack(">q", 0) + empty * 3)  # request() checks the xid
+        assert (err, body) == (0, b"")
+        _, err, body = client.request(105, struct.pack(">q", 0) + empty * 5)  # setWatches2
+        assert (err, body) == (0, b"")
+        _, err, body = client.request(106, pack_string("/") + struct.pack(">i", 1))  # persistent recursive
+        assert (err, body) == (0, struct.pack(">i", 0))
+        _, err, _ = client.request(3, pack_string("/") + b"\x00")  # the next request still matches
+        assert err == 0
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize(

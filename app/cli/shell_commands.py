@@ -402,7 +402,10 @@ class Commands:
 
     async def _get(self, name: str, args: Args) -> None:
         node = await self.client.get(self.path(args.paths[0]))
-        self.say(node.data if node.encoding == "utf-8" else f"base64:{node.data}")
+        if node.data is None:
+            self.say("null")  # ZooKeeper's null data, as zkCli prints it
+        else:
+            self.say(node.data if node.encoding == "utf-8" else f"base64:{node.data}")
 
     async def _set(self, name: str, args: Args) -> None:
         await self.client.set(self.path(args.paths[0]), args.value or "", _version(args, name))

@@ -86,7 +86,7 @@ class CreateRequest(msgspec.Struct, frozen=True):
     """create, create2, createContainer, createTTL (ttl_ms 0 unless createTTL)."""
 
     path: str
-    data: bytes
+    data: bytes | None  # None: null data (length -1), kept apart from empty
     acl: tuple[Acl, ...]
     flags: int
     ttl_ms: int = 0
@@ -103,7 +103,7 @@ class SetDataRequest(msgspec.Struct, frozen=True):
     """setData."""
 
     path: str
-    data: bytes
+    data: bytes | None
     version: int
 
 
@@ -177,11 +177,11 @@ def _path_watch(r: Reader) -> PathWatchRequest:
 
 
 def _create(r: Reader) -> CreateRequest:
-    return CreateRequest(r.ustring(), r.buffer() or b"", _acl_list(r), r.int())
+    return CreateRequest(r.ustring(), r.buffer(), _acl_list(r), r.int())
 
 
 def _create_ttl(r: Reader) -> CreateRequest:
-    return CreateRequest(r.ustring(), r.buffer() or b"", _acl_list(r), r.int(), r.long())
+    return CreateRequest(r.ustring(), r.buffer(), _acl_list(r), r.int(), r.long())
 
 
 def _delete(r: Reader) -> DeleteRequest:
@@ -189,7 +189,7 @@ def _delete(r: Reader) -> DeleteRequest:
 
 
 def _set_data(r: Reader) -> SetDataRequest:
-    return SetDataRequest(r.ustring(), r.buffer() or b"", r.int())
+    return SetDataRequest(r.ustring(), r.buffer(), r.int())
 
 
 def _set_acl(r: Reader) -> SetAclRequest:

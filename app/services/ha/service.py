@@ -121,12 +121,12 @@ class HaService:
         node = self.registry.state.nodes.get(layout.config_path(name)) if layout.NAME_RE.match(name) else None
         if node is None:
             raise UnknownCluster(f"no cluster {name!r} is registered")
-        return _cluster_dec.decode(node.data)
+        return _cluster_dec.decode(node.data or b"")
 
     def primary(self, name: str) -> str:
         """The recorded writable primary (host:port)."""
         node = self.registry.state.nodes.get(layout.primary_path(name))
-        return node.data.decode() if node is not None else ""
+        return (node.data or b"").decode() if node is not None else ""
 
     def instances(self, name: str) -> list[InstanceRecord]:
         """The recorded instances, by address."""
@@ -148,7 +148,7 @@ class HaService:
         if folder not in state.nodes:
             return []
         nodes = (state.nodes.get(f"{folder}/{child}") for child in state.child_names(folder))
-        return [decoder.decode(node.data) for node in nodes if node is not None]
+        return [decoder.decode(node.data or b"") for node in nodes if node is not None]
 
     # ---- registration (any replica) -----------------------------------------------------------
 
@@ -556,7 +556,7 @@ class HaService:
                 ops.append(Create(path, layout.encode(layout.instance_record(status))))
                 self._written_at[(name, str(address))] = now
                 continue
-            old = _instance_dec.decode(node.data)
+            old = _instance_dec.decode(node.data or b"")
             new = layout.instance_record(status, old)
             stale = now - self._written_at.get((name, str(address)), 0.0) >= REFRESH_S
             if not layout.same_shape(old, new) or stale:

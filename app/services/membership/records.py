@@ -99,7 +99,7 @@ class Records:
         node = self.registry.state.nodes.get(state_path(node_id))
         if node is None:
             return None
-        record = decode_state(node_id, node.data)
+        record = decode_state(node_id, node.data or b"")
         return (record, node.version) if record is not None else None
 
     def read_all(self) -> dict[str, tuple[NodeRecord, int]]:
@@ -114,7 +114,7 @@ class Records:
     def data(self, node_id: str, name: str) -> bytes | None:
         """The data of /fleet/nodes/<id>/<name>; None when absent."""
         node = self.registry.state.nodes.get(child_path(node_id, name))
-        return None if node is None else node.data
+        return None if node is None else node.data or b""
 
     def history(self, node_id: str) -> list[tuple[str, HistoryData]]:
         """The node's history entries, oldest first, with their names."""
@@ -125,7 +125,7 @@ class Records:
         out = []
         for name in state.child_names(parent):
             node = state.nodes.get(f"{parent}/{name}")
-            entry = decode_history(node.data) if node is not None else None
+            entry = decode_history(node.data or b"") if node is not None else None
             if entry is not None:
                 out.append((name, entry))
         return out

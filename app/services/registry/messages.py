@@ -50,7 +50,7 @@ class Create(msgspec.Struct, frozen=True, tag="create", array_like=True):
     """Create a node (ephemeral when session_id != 0; sequential appends the parent's cversion)."""
 
     path: str
-    data: bytes = b""
+    data: bytes | None = b""  # None is ZooKeeper's null data (length -1), kept apart from empty
     session_id: int = 0
     sequential: bool = False
     container: bool = False
@@ -64,7 +64,7 @@ class SetData(msgspec.Struct, frozen=True, tag="set", array_like=True):
     """Replace a node's data; version -1 matches any."""
 
     path: str
-    data: bytes
+    data: bytes | None
     version: int = -1
     time_ms: int = 0
 

@@ -99,7 +99,7 @@ def election_state(registry: RegistryService, path: str) -> tuple[str | None, st
     for name in order:
         try:
             data, _ = registry.state.get(paths.join(path, name))
-            names.append(data.decode("utf-8", "replace"))
+            names.append((data or b"").decode("utf-8", "replace"))
         except NoNode:
             continue
     if not order:

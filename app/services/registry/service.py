@@ -239,11 +239,11 @@ class RegistryService:
             raise result
         return result
 
-    def submit_set(self, path: str, data: bytes, version: int = -1) -> asyncio.Future[Any]:
-        """set() without waiting: the future settles to Updated."""
+    def submit_set(self, path: str, data: bytes | None, version: int = -1) -> asyncio.Future[Any]:
+        """set() without waiting: the future settles to Updated (data None: ZooKeeper's null)."""
         self._path(path)
-        self._data(data, path)
-        return self._submit(SetData(path, data, self._version(version, path), _now_ms()), len(data) + 48)
+        size = self._data(data, path)
+        return self._submit(SetData(path, data, self._version(version, path), _now_ms()), size + 48)
 
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
         try:  # noqa: SIM105 - contextlib.suppress() builds an object per write on the hottest path
@@ -260,7 +260,7 @@ class RegistryService:
     def submit_create(
         self,
         path: str,
-        data: bytes = b"",
+        data: bytes | None = b"",
         *,
         session_id: int = 0,
         sequential: bool = False,
@@ -281,17 +281,20 @@ class RegistryService:
             now=_now_ms(),
             ttl_ms=ttl_ms,
         )
-        return self._submit(cmd, len(data) + len(path) + 32)
+        return self._submit(cmd, len(data or b"") + len(path) + 32)
 
     def _path(self, path: str, *, allow_root: bool = True) -> str:
         return paths.validate(path, self.cfg.max_path_bytes, allow_root=allow_root)
 
-    def _data(self, data: bytes, path: str) -> bytes:
+    def _data(self, data: bytes | None, path: str) -> int:
+        """Check data (None is ZooKeeper's null); returns its size."""
+        if data is None:
+            return 0
         if not isinstance(data, bytes):
-            raise BadArguments("data must be bytes", path)
+            raise BadArguments("data must be bytes or None", path)
         if len(data) > self.cfg.max_data_bytes:
             raise BadArguments(f"data is {len(data)} bytes; the limit is {self.cfg.max_data_bytes}", path)
-        return data
+        return len(data)
 
     @staticmethod
     def _version(version: int, path: str) -> int:
@@ -302,7 +305,7 @@ class RegistryService:
     def _create_cmd(
         self,
         path: str,
-        data: bytes,
+        data: bytes | None,
         *,
         session_id: int,
         sequential: bool,
@@ -329,7 +332,7 @@ class RegistryService:
     async def create(
         self,
         path: str,
-        data: bytes = b"",
+        data: bytes | None = b"",
         *,
         session_id: int = 0,
         sequential: bool = False,
@@ -356,7 +359,7 @@ class RegistryService:
         assert isinstance(result, Created)
         return result
 
-    async def set(self, path: str, data: bytes, version: int = -1) -> Updated:
+    async def set(self, path: str, data: bytes | None, version: int = -1) -> Updated:
         """Replace a node's data if its version matches (-1: any)."""
         result = await self._wait(self.submit_set(path, data, version))
         assert isinstance(result, Updated)
@@ -405,12 +408,11 @@ class RegistryService:
                                 ttl_ms=op.ttl_ms,
                             )
                         )
-                        size += len(op.data)
+                        size += len(op.data or b"")
                     case SetData():
                         self._path(op.path)
-                        self._data(op.data, op.path)
+                        size += self._data(op.data, op.path)
                         checked.append(SetData(op.path, op.data, self._version(op.version, op.path), now))
-                        size += len(op.data)
                     case Delete() | Check():
                         self._path(op.path, allow_root=isinstance(op, Check))
                         self._version(op.version, op.path)
@@ -442,7 +444,7 @@ class RegistryService:
         if linearizable:
             await self.sync()
 
-    async def get(self, path: str, linearizable: bool = True) -> tuple[bytes, Stat]:
+    async def get(self, path: str, linearizable: bool = True) -> tuple[bytes | None, Stat]:
         """Data and stat of a node."""
         self._path(path)
         await self._read_point(linearizable)

@@ -54,9 +54,12 @@ ROOT = paths.ROOT
 
 
 class Znode(msgspec.Struct, frozen=True, array_like=True):
-    """A node as stored (children are kept apart, so a parent's row never grows with them)."""
+    """A node as stored (children are kept apart, so a parent's row never grows with them).
 
-    data: bytes
+    data None is ZooKeeper's null data: it reads back as null, with data_length 0.
+    """
+
+    data: bytes | None
     czxid: int
     mzxid: int
     pzxid: int
@@ -159,11 +162,11 @@ class RegistryState:
             node.cversion,
             node.aversion,
             node.ephemeral_owner,
-            len(node.data),
+            len(node.data) if node.data is not None else 0,
             len(self.children[path]),
         )
 
-    def get(self, path: str) -> tuple[bytes, Stat]:
+    def get(self, path: str) -> tuple[bytes | None, Stat]:
         """Data and stat; raises NoNode."""
         node = self.nodes.get(path)
         if node is None:
@@ -329,7 +332,7 @@ class RegistryState:
     def _add_node(
         self,
         path: str,
-        data: bytes,
+        data: bytes | None,
         owner: int,
         kind: int,
         acl: tuple[Acl, ...],

@@ -292,7 +292,7 @@ def _change(ha: HaService, event: Event) -> dict[str, Any] | None:
     found = ha.registry.state.nodes.get(event.path)
     if found is None or found.version != event.version:
         return None  # a later event carries the newer data
-    data = bytes(found.data)
+    data = bytes(found.data or b"")
     if part == "primary":
         return {"type": "primary", **base, "primary": data.decode()}
     if part == "config":

@@ -14,8 +14,10 @@ from app.services.registry.messages import Acl, Stat
 Encoding = Literal["utf-8", "base64"]
 
 
-def decode_data(data: str, encoding: Encoding) -> bytes:
-    """The bytes a client sent as text or base64."""
+def decode_data(data: str | None, encoding: Encoding) -> bytes | None:
+    """The bytes a client sent as text or base64; null stays null (ZooKeeper's null data)."""
+    if data is None:
+        return None
     if encoding == "base64":
         try:
             return base64.b64decode(data, validate=True)
@@ -24,8 +26,11 @@ def decode_data(data: str, encoding: Encoding) -> bytes:
     return data.encode("utf-8")
 
 
-def encode_data(data: bytes, encoding: Encoding | None) -> tuple[str, Encoding]:
-    """Data as text when asked (or when it is valid UTF-8 and no encoding was asked), else base64."""
+def encode_data(data: bytes | None, encoding: Encoding | None) -> tuple[str | None, Encoding]:
+    """Data as text when asked (or when it is valid UTF-8 and no encoding was asked), else base64;
+    null data is null."""
+    if data is None:
+        return None, encoding or "utf-8"
     if encoding != "base64":
         try:
             return data.decode("utf-8"), "utf-8"
@@ -47,10 +52,10 @@ class AclEntry(msgspec.Struct, frozen=True):
 
 
 class NodeView(msgspec.Struct, frozen=True):
-    """A node: its data (in `encoding`) and stat."""
+    """A node: its data (in `encoding`; null for ZooKeeper's null data, which is not empty data) and stat."""
 
     path: str
-    data: str
+    data: str | None
     encoding: Encoding
     stat: Stat
 
@@ -66,7 +71,7 @@ class CreateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Create a node. ephemeral needs session_id; sequential appends a 10-digit counter; ttl_ms > 0 makes a
     TTL node, deleted once it has no children and was not modified for that long."""
 
-    data: str = ""
+    data: str | None = ""  # null: ZooKeeper's null data, kept apart from ""
     encoding: Encoding = "utf-8"
     ephemeral: bool = False
     session_id: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -78,9 +83,9 @@ class CreateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class SetBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Replace a node's data; version -1 (default) matches any version."""
+    """Replace a node's data (null: ZooKeeper's null data); version -1 (default) matches any version."""
 
-    data: str
+    data: str | None
     encoding: Encoding = "utf-8"
     version: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
@@ -133,7 +138,7 @@ class OpCreate(msgspec.Struct, frozen=True, tag="create", tag_field="op", forbid
     """Multi: create."""
 
     path: str
-    data: str = ""
+    data: str | None = ""
     encoding: Encoding = "utf-8"
     ephemeral: bool = False
     session_id: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -146,7 +151,7 @@ class OpSet(msgspec.Struct, frozen=True, tag="set", tag_field="op", forbid_unkno
     """Multi: set data."""
 
     path: str
-    data: str
+    data: str | None
     encoding: Encoding = "utf-8"
     version: Annotated[int, msgspec.Meta(ge=-1)] = -1
 
