@@ -96,7 +96,9 @@ class ZkConnection:
         self._one_shot: dict[tuple[str, str], int] = {}  # (path, "data"|"children") -> hub handle
         self._persistent: dict[tuple[str, bool], Subscription] = {}
         self._last_event: Event | None = None
-        self._last_keepalive = 0.0
+        self._last_keepalive = 0.0  # when activity was last forwarded to the leader
+        self._last_activity = 0.0  # when the client last sent anything
+        self._forward: asyncio.TimerHandle | None = None
         self._closing = False
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -143,6 +145,9 @@ class ZkConnection:
             await self._cleanup(reason)
 
     async def _cleanup(self, reason: str) -> None:
+        if self._forward is not None:
+            self._forward.cancel()
+            self._forward = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -214,26 +219,42 @@ class ZkConnection:
             self.session_id, self.timeout_ms = record.session_id, record.timeout_ms
             await self._keepalive()
         self._write(p.connect_response(self.timeout_ms, self.session_id, password, req.read_only))
-        self._last_keepalive = time.monotonic()
+        self._last_keepalive = self._last_activity = time.monotonic()
         self.server.connections.add(self)
         log.debug("ZooKeeper session attached", extra={"peer": self.peer, "session": f"0x{self.session_id:x}"})
 
-    async def _keepalive(self) -> None:
+    async def _keepalive(self, last_active: float | None = None) -> None:
         try:
-            await self.registry.keepalive(self.session_id)
+            await self.registry.keepalive(self.session_id, last_active)
         except SessionExpired:
             self._closing = True
             raise Closing(f"session 0x{self.session_id:x} expired") from None
 
-    def _maybe_keepalive(self) -> None:
+    def _active(self) -> None:
+        """The client sent something. Activity is forwarded to the leader at most every third of
+        the timeout, and the last of it always is: a forward is due a third after the previous
+        one, carrying the time of the latest activity, so a client that falls silent is expired
+        no sooner than its timeout after its last request (ZooKeeper's promise)."""
         now = time.monotonic()
-        if now - self._last_keepalive < self.timeout_ms / 3000:
+        self._last_activity = now
+        if self._forward is not None:
+            return  # a forward is scheduled and will carry this activity
+        wait = self._last_keepalive + self.timeout_ms / 3000 - now
+        if wait <= 0:
+            self._send_keepalive()
+        else:
+            self._forward = self._loop.call_later(wait, self._send_keepalive)
+
+    def _send_keepalive(self) -> None:
+        self._forward = None
+        if self._closing or self.writer.is_closing():
             return
-        self._last_keepalive = now
+        self._last_keepalive = time.monotonic()
+        last_active = self._last_activity
 
         async def refresh() -> None:
             try:
-                await self._keepalive()
+                await self._keepalive(last_active)
             except Closing:
                 self.writer.close()
             except FleetmateError as exc:
@@ -255,7 +276,7 @@ class ZkConnection:
             xid, op, req = p.read_request(data)
             if self.session_id not in self.registry.state.sessions:
                 raise Closing(f"session 0x{self.session_id:x} expired")
-            self._maybe_keepalive()
+            self._active()
             if op in WRITE_OPS:
                 if len(self._replies) >= MAX_IN_FLIGHT:
                     await self._drained.wait()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -226,9 +226,15 @@ class Event(msgspec.Struct, frozen=True, array_like=True):
 
 
 class KeepaliveRequest(msgspec.Struct, frozen=True):
-    """A client's session keepalive, forwarded to the leader over core NATS."""
+    """A client's session keepalive, forwarded to the leader over core NATS.
 
-    session_id: int
+    idle_ms: how long before sending the forwarding replica last heard from the client. Replicas
+    forward at most every third of the timeout, so the leader counts the timeout from the
+    client's last activity (its own clock minus idle_ms), never from when the forward arrived.
+    """
+
+    session_id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+    idle_ms: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
 
 
 class KeepaliveReply(msgspec.Struct, frozen=True):

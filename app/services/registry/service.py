@@ -498,17 +498,21 @@ class RegistryService:
         assert isinstance(result, SessionClosed)
         return result
 
-    async def keepalive(self, session_id: int) -> int:
-        """Refresh a session at the leader; returns its timeout. Raises SessionExpired."""
+    async def keepalive(self, session_id: int, last_active: float | None = None) -> int:
+        """Refresh a session at the leader for activity at `last_active` (time.monotonic() on this
+        replica; default now); returns its timeout. Raises SessionExpired."""
+        if last_active is None:
+            last_active = time.monotonic()
         if self.keeper.leading:  # this replica is the leader: no bus round trip
-            timeout = self.keeper.touch(session_id)
+            timeout = self.keeper.touch(session_id, time.monotonic() - last_active)
             if timeout is None:
                 raise SessionExpired(f"session 0x{session_id:x} does not exist")
             return timeout
-        payload = codec.encode(KeepaliveRequest(session_id))
         # A few short tries: a leader that was just paused or replaced may still hold the
         # subscription for a moment, and the next try reaches the one that answers.
         for attempt in range(4):
+            idle_ms = min(2**31 - 1, max(0, int((time.monotonic() - last_active) * 1000)))
+            payload = codec.encode(KeepaliveRequest(session_id, idle_ms))
             try:
                 reply = await call(self.bus.nc, subjects.REGISTRY_KEEPALIVE, payload, timeout=0.5)
                 return codec.decode(reply, KeepaliveReply).timeout_ms
@@ -525,7 +529,7 @@ class RegistryService:
             req = codec.decode(data, KeepaliveRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise HandlerError("400", f"bad KeepaliveRequest: {exc}") from None
-        timeout = self.keeper.touch(req.session_id)
+        timeout = self.keeper.touch(req.session_id, req.idle_ms / 1000)
         if timeout is None:
             raise HandlerError("404", f"session 0x{req.session_id:x} does not exist")
         return codec.encode(KeepaliveReply(req.session_id, timeout))

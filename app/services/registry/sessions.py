@@ -63,12 +63,15 @@ class SessionKeeper:
         """True while this keeper runs as the leader's."""
         return self._task is not None and not self._task.done()
 
-    def touch(self, session_id: int) -> int | None:
-        """Record a keepalive; returns the session's timeout, or None when it does not exist."""
+    def touch(self, session_id: int, idle_s: float = 0.0) -> int | None:
+        """Record a keepalive for activity idle_s seconds ago; returns the session's timeout, or
+        None when it does not exist. A keepalive older than one already recorded changes nothing."""
         record = self.state.sessions.get(session_id)
         if record is None:
             return None
-        self.last_seen[session_id] = self.clock()
+        active = self.clock() - max(0.0, idle_s)
+        if active > self.last_seen.get(session_id, active - 1):
+            self.last_seen[session_id] = active
         return record.timeout_ms
 
     def overdue(self) -> list[int]:
