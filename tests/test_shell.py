@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import select
 import signal
 import subprocess
@@ -21,11 +22,13 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
 from app.cli.shell_client import RegistryClient
-from app.cli.shell_commands import SPECS, UsageError, parse, resolve, split_commands
+from app.cli.shell_commands import SPECS, UsageError, java_date, parse, split_commands
 from app.cli.shell_complete import ShellCompleter
+from app.cli.shell_paths import InvalidPath, path_problem, resolve
 from tests.harness import ROOT, Fleetmate, running, wait_for
 
 TOKEN = "shell-admin-token-1"
+ZKCLI = Path("/usr/share/zookeeper/bin/zkCli.sh")
 DEAD = "http://127.0.0.1:1"  # nothing listens on port 1
 
 
@@ -115,8 +118,64 @@ def test_paths_resolve_against_the_working_node() -> None:
     assert resolve("/a/b", "..") == "/a"
     assert resolve("/a/b", "../../..") == "/"
     assert resolve("/a/b", "./c/./../d") == "/a/b/d"
-    assert resolve("/a/b", "/x//y/") == "/x/y"
     assert resolve("/a", ".") == "/a"
+    assert resolve("/a", "/x/y") == "/x/y"
+    assert resolve("/a", "b/", directory=True) == "/a/b"  # cd after tab completion
+    assert resolve("/a", "/b/", directory=True) == "/b"
+    assert resolve("/a", "/", directory=True) == "/"
+    assert resolve("/a", "/a/seq-/", sequential=True) == "/a/seq-/"  # the server appends the counter
+    assert resolve("/a", "b/", sequential=True) == "/a/b/"
+
+
+# Each refusal as zkCli prints it (Debian's zookeeper 3.8 zkCli.sh, checked by hand and in
+# test_invalid_paths_are_refused_as_zkcli_refuses_them below).
+ZK_REFUSALS = [
+    ("/a//b", 'Invalid path string "/a//b" caused by empty node name specified @3'),
+    ("/a/", "Path must not end with / character"),
+    ("/a/./b", 'Invalid path string "/a/./b" caused by relative paths not allowed @3'),
+    ("/a/../b", 'Invalid path string "/a/../b" caused by relative paths not allowed @4'),
+    ("/a/..", 'Invalid path string "/a/.." caused by relative paths not allowed @4'),
+    ("/a/b\x01c", 'Invalid path string "/a/b\x01c" caused by invalid character @4'),
+    ("/a\x00", 'Invalid path string "/a\x00" caused by null character not allowed @2'),
+    ("/a\x7f", 'Invalid path string "/a\x7f" caused by invalid character @2'),
+    ("//", "Path must not end with / character"),
+]
+
+
+@pytest.mark.parametrize(("path", "message"), ZK_REFUSALS)
+def test_paths_zookeeper_refuses_are_refused_with_its_message(path: str, message: str) -> None:
+    assert path_problem(path) == message
+    with pytest.raises(InvalidPath) as err:
+        resolve("/", path)
+    assert (err.value.code, err.value.message) == ("BadArguments", message)
+
+
+def test_relative_paths_are_checked_as_typed_after_the_working_node() -> None:
+    for arg, message in [
+        ("a//b", 'Invalid path string "/w/a//b" caused by empty node name specified @5'),
+        ("a/", "Path must not end with / character"),
+        ("../a//..", 'Invalid path string "/w/../a//.." caused by empty node name specified @8'),
+        ("a\tb", 'Invalid path string "/w/a\tb" caused by invalid character @4'),
+        ("", "Path length must be > 0"),
+    ]:
+        with pytest.raises(InvalidPath) as err:
+            resolve("/w", arg)
+        assert err.value.message == message, arg
+    # Names that merely contain dots are names; a character beyond U+FFFF counts as two, as in Java.
+    assert resolve("/", "/a/.../..b/.c") == "/a/.../..b/.c"
+    emoji = "/\U0001f600//x"
+    assert path_problem(emoji) == f'Invalid path string "{emoji}" caused by empty node name specified @4'
+
+
+def test_times_print_as_java_prints_a_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert java_date(1796647426123) == "Mon Dec 07 12:43:46 UTC 2026"
+        assert java_date(0) == "Thu Jan 01 00:00:00 UTC 1970"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_lines_split_at_semicolons_outside_quotes() -> None:
@@ -172,21 +231,110 @@ def test_commands_print_their_results(fm: Fleetmate, api: httpx.Client) -> None:
     assert api.get("/registry/stat/out/a/b").json()["stat"]["version"] == 1
 
 
-def test_stat_prints_every_field(fm: Fleetmate, api: httpx.Client) -> None:
+def test_stat_prints_zkclis_fields(fm: Fleetmate, api: httpx.Client) -> None:
     assert api.post("/registry/nodes/st/n", json={"data": "12345", "parents": True}).status_code == 201
     api.put("/registry/nodes/st/n", json={"data": "abc"})
     result = shell(fm, "-c", "stat /st/n")
     assert result.returncode == 0, result.stderr
     fields = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
     stat = api.get("/registry/stat/st/n").json()["stat"]
-    assert list(fields) == list(stat)
-    for name in ("czxid", "mzxid", "pzxid", "version", "cversion", "aversion", "dataLength", "numChildren"):
-        assert fields[name] == str(stat[name]), name
-    assert fields["version"] == "1"
-    assert fields["dataLength"] == "3"
-    assert fields["ephemeralOwner"] == "0x0"
-    assert fields["mtime"].startswith(f"{stat['mtime']} (20")
-    assert fields["mtime"].endswith(" UTC)")
+    assert list(fields) == [
+        "cZxid",
+        "ctime",
+        "mZxid",
+        "mtime",
+        "pZxid",
+        "cversion",
+        "dataVersion",
+        "aclVersion",
+        "ephemeralOwner",
+        "dataLength",
+        "numChildren",
+    ]
+    assert fields["cZxid"] == hex(stat["czxid"])
+    assert fields["mZxid"] == hex(stat["mzxid"])
+    assert fields["pZxid"] == hex(stat["pzxid"])
+    assert fields["ctime"] == java_date(stat["ctime"])
+    assert fields["mtime"] == java_date(stat["mtime"])
+    assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun) \w{3} \d\d \d\d:\d\d:\d\d \S+ 20\d\d", fields["mtime"])
+    assert (fields["dataVersion"], fields["aclVersion"], fields["cversion"]) == ("1", "0", "0")
+    assert (fields["ephemeralOwner"], fields["dataLength"], fields["numChildren"]) == ("0x0", "3", "0")
+
+
+@pytest.mark.skipif(not ZKCLI.exists(), reason=f"{ZKCLI} is missing: `make test-deps` installs Debian's zookeeper")
+def test_stat_and_path_refusals_read_as_zkclis(fm: Fleetmate, api: httpx.Client) -> None:
+    """The same commands through ZooKeeper's own zkCli.sh (on the ZooKeeper port) and the shell (REST)."""
+    api.post("/registry/nodes/zkstat/n", json={"data": "abc", "parents": True})
+    api.post("/registry/nodes/zkstat/n/child", json={"data": ""})
+    api.put("/registry/nodes/zkstat/n", json={"data": "abcd"})
+    bad = ["/zkstat//n", "/zkstat/n/", "/zkstat/./n", "/zkstat/n/../n", "/zkstat/n\x01x"]
+    commands = ["stat /zkstat/n", *(f"get {path}" for path in bad)]
+    env = {**os.environ, "TZ": "America/New_York"}  # a zone that is not UTC: both print local time
+    zk = subprocess.run(
+        ["bash", str(ZKCLI), "-server", fm.zk],
+        input="".join(f"{c}\n" for c in (*commands, "quit")),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    theirs = [
+        line
+        for line in (zk.stdout + zk.stderr).splitlines()
+        if " = " in line or line.startswith(("Invalid path", "Path must"))
+    ]
+    ours = subprocess.run(
+        _cmd(fm.url, "-c", "; ".join(commands)),
+        capture_output=True,
+        text=True,
+        env={**_env(), "TZ": "America/New_York"},
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert ours.returncode == 2
+    assert ours.stdout.splitlines() == theirs[:11]
+    assert ours.stderr.splitlines() == [f"Error: BadArguments: {line}" for line in theirs[11:]]
+    assert len(theirs) == 11 + len(bad)
+
+
+def test_paths_zookeeper_refuses_are_never_folded_into_another_node(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(fm, "-c", "put /fold//b x; put /fold/ x; create /fold/./b x; create -e /fold/../b; set /f\x02 x")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        'Error: BadArguments: Invalid path string "/fold//b" caused by empty node name specified @6',
+        "Error: BadArguments: Path must not end with / character",
+        'Error: BadArguments: Invalid path string "/fold/./b" caused by relative paths not allowed @6',
+        'Error: BadArguments: Invalid path string "/fold/../b" caused by relative paths not allowed @7',
+        'Error: BadArguments: Invalid path string "/f\x02" caused by invalid character @2',
+    ]
+    assert not exists(api, "/fold")
+    assert not exists(api, "/b")
+    # The shell's own navigation still works: relative '.' and '..', and cd to a completed 'name/'.
+    result = shell(fm, "-c", "put /fold/a/b 1; cd /fold/a/; pwd; get ./b; cd ..; get a/../a/b; cd a/; pwd")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["/fold/a", "1", "1", "/fold/a"]
+    # A sequential node's path may end with '/': the server appends the counter (ZooKeeper checks path + "1").
+    result = shell(fm, "-c", "create -s /fold/ x; create /fold/ x")
+    assert result.returncode == 2
+    assert result.stdout.startswith("/fold/00000000")
+    assert result.stderr == "Error: BadArguments: Path must not end with / character\n"
+
+
+def test_deleteall_and_rmr_delete_a_tree(fm: Fleetmate, api: httpx.Client) -> None:
+    result = shell(
+        fm, "-c", "put /da/a/b 1; put /rm/a/b 2; deleteall /da; rmr /rm; deleteall -b 100 /da; deleteall -b x /rm"
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "Error: NoNode: no node /da",
+        "Error: BadArguments: deleteall: -b needs a positive batch size, not 'x'",
+        "usage: deleteall [-b batch] path",
+    ]
+    assert not exists(api, "/da")
+    assert not exists(api, "/rm")
 
 
 def test_errors_go_to_stderr_and_exit_1(fm: Fleetmate) -> None:
@@ -438,6 +586,9 @@ def test_watch_prints_events_as_they_happen(fm: Fleetmate, api: httpx.Client) ->
 
 def test_watch_of_a_bad_path_fails(fm: Fleetmate) -> None:
     result = shell(fm, "-c", "watch /bad\x01name")
+    assert result.returncode == 2
+    assert result.stderr == 'Error: BadArguments: Invalid path string "/bad\x01name" caused by invalid character @4\n'
+    result = shell(fm, "-c", "watch /" + "x" * 5000)  # valid to ZooKeeper's rules, too long for the server
     assert result.returncode == 1
     assert result.stderr.startswith("Error: BadArguments: ")
 
@@ -536,7 +687,7 @@ async def test_tab_completes_commands_and_paths(fm: Fleetmate) -> None:
             await client.create(path, "", parents=True)
         assert await _complete(completer, "") == list(SPECS)
         assert await _complete(completer, "s") == ["set", "stat", "sync"]
-        assert await _complete(completer, "help de") == ["help delete"]
+        assert await _complete(completer, "help de") == ["help delete", "help deleteall"]
         assert await _complete(completer, "get /comp/al") == ["get /comp/alpha/", "get /comp/alpine"]
         assert await _complete(completer, "ls -r /comp/alpha/") == ["ls -r /comp/alpha/x"]
         assert await _complete(completer, "set -v 3 /comp/b") == ["set -v 3 /comp/beta"]

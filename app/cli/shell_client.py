@@ -19,6 +19,7 @@ from app.web.routes.registry_models import (
     DeletedView,
     ElectionView,
     LockView,
+    MultiView,
     NodeView,
     SessionView,
     StatView,
@@ -205,6 +206,15 @@ class RegistryClient:
         body: dict[str, Any] = {"data": data, "sequential": sequential, "parents": parents}
         if session_id:
             body.update(ephemeral=True, session_id=session_id)
+        if path.endswith("/") and path != "/":
+            # A sequential node named by its counter alone (`create -s /parent/`): a URL's trailing
+            # slash is not kept by routing, so the path goes in the body of a one-op transaction.
+            multi = await self._call(
+                MultiView, "POST", f"{API}/registry/multi", body={"ops": [{"op": "create", "path": path, **body}]}
+            )
+            (result,) = multi.results
+            assert result.stat is not None
+            return StatView(result.path, result.stat)
         return await self._call(StatView, "POST", registry_url("nodes", path), body=body)
 
     async def set(self, path: str, data: str, version: int = -1) -> StatView:

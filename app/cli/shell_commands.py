@@ -5,14 +5,15 @@ from __future__ import annotations
 import enum
 import shlex
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TextIO
 
 import msgspec
 
 from app.cli.shell_client import RegistryClient, Session, ShellError, WatchMessage
+from app.cli.shell_paths import InvalidPath, join, resolve
 from app.services.registry.messages import Stat
 
 
@@ -72,6 +73,13 @@ SPECS: dict[str, Spec] = {
         "r",
         "v",
     ),
+    "deleteall": Spec(
+        "deleteall [-b batch] path",
+        "delete a node with all its descendants (zkCli's name for delete -r)",
+        ("-b  accepted for zkCli scripts and ignored: the server deletes the tree in one step",),
+        valued="b",
+    ),
+    "rmr": Spec("rmr path", "delete a node with all its descendants (zkCli's old name for deleteall)"),
     "watch": Spec(
         "watch [-r] path",
         "print changes as they happen, until Ctrl-C",
@@ -104,19 +112,23 @@ SPECS: dict[str, Spec] = {
     "quit": Spec("quit", "close the session and leave", paths=(0, 0)),
 }
 
+# zkCli's stat lines in zkCli's order, each with the REST API's name of the field.
 STAT_FIELDS = (
-    "czxid",
-    "mzxid",
-    "pzxid",
-    "ctime",
-    "mtime",
-    "version",
-    "cversion",
-    "aversion",
-    "ephemeralOwner",
-    "dataLength",
-    "numChildren",
+    ("cZxid", "czxid"),
+    ("ctime", "ctime"),
+    ("mZxid", "mzxid"),
+    ("mtime", "mtime"),
+    ("pZxid", "pzxid"),
+    ("cversion", "cversion"),
+    ("dataVersion", "version"),
+    ("aclVersion", "aversion"),
+    ("ephemeralOwner", "ephemeralOwner"),
+    ("dataLength", "dataLength"),
+    ("numChildren", "numChildren"),
 )
+_HEX = ("czxid", "mzxid", "pzxid", "ephemeralOwner")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 @dataclass
@@ -151,25 +163,6 @@ def split_commands(line: str) -> list[str]:
         current.append(ch)
     parts.append("".join(current))
     return [p.strip() for p in parts if p.strip()]
-
-
-def resolve(cwd: str, arg: str) -> str:
-    """An absolute, normalised path: arg relative to cwd unless it starts with '/'; '.', '..', '//' folded."""
-    parts = [] if arg.startswith("/") else [p for p in cwd.split("/") if p]
-    for segment in arg.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(segment)
-    return "/" + "/".join(parts)
-
-
-def join(parent: str, name: str) -> str:
-    """parent + '/' + name without doubling the root's slash."""
-    return f"/{name}" if parent == "/" else f"{parent}/{name}"
 
 
 def parse(name: str, spec: Spec, tokens: list[str]) -> Args:
@@ -238,19 +231,25 @@ def _wait_ms(args: Args, name: str) -> int:
     return int(raw)
 
 
+def java_date(ms: int) -> str:
+    """A time in ms as zkCli prints it (Java's Date.toString): `Mon Dec 07 12:43:46 UTC 2026`, local time."""
+    t = time.localtime(ms // 1000)
+    clock = f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    return f"{_DAYS[t.tm_wday]} {_MONTHS[t.tm_mon - 1]} {t.tm_mday:02d} {clock} {t.tm_zone} {t.tm_year}"
+
+
 def format_stat(stat: Stat) -> list[str]:
-    """zkCli-style `name = value` lines, field names as the REST API spells them."""
+    """zkCli's `name = value` lines: its names and order, zxids and the owner in hex, times as Java prints them."""
     fields = msgspec.to_builtins(stat)
     lines = []
-    for name in STAT_FIELDS:
-        value = fields[name]
-        if name in ("ctime", "mtime") and value:
-            when = datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-            lines.append(f"{name} = {value} ({when} UTC)")
-        elif name == "ephemeralOwner":
-            lines.append(f"{name} = 0x{value:x}")
+    for label, name in STAT_FIELDS:
+        value: int = fields[name]
+        if name in _HEX:
+            lines.append(f"{label} = 0x{value & 0xFFFF_FFFF_FFFF_FFFF:x}")  # Long.toHexString
+        elif name in ("ctime", "mtime"):
+            lines.append(f"{label} = {java_date(value)}")
         else:
-            lines.append(f"{name} = {value}")
+            lines.append(f"{label} = {value}")
     return lines
 
 
@@ -283,6 +282,8 @@ class Commands:
             "set": self._set,
             "stat": self._stat,
             "delete": self._delete,
+            "deleteall": self._deleteall,
+            "rmr": self._deleteall,
             "watch": self._watch,
             "sync": self._sync,
             "lock": self._lock,
@@ -302,9 +303,9 @@ class Commands:
         """A line on stderr."""
         print(text, file=self.err, flush=True)
 
-    def path(self, arg: str) -> str:
-        """arg resolved against the working node."""
-        return resolve(self.cwd, arg)
+    def path(self, arg: str, *, sequential: bool = False) -> str:
+        """arg resolved against the working node; InvalidPath when ZooKeeper would refuse it."""
+        return resolve(self.cwd, arg, sequential=sequential)
 
     async def execute_line(self, line: str) -> Status:
         """Run every `;`-separated command of a line; the worst status wins. Stops after exit."""
@@ -334,6 +335,9 @@ class Commands:
                 self._describe(name)
                 return Status.OK
             await self._handlers[name](name, args)
+        except InvalidPath as exc:
+            self.note(f"Error: {exc.code}: {exc.message}")  # ZooKeeper's message; no usage line
+            return Status.USAGE
         except UsageError as exc:
             self.note(f"Error: {exc.code}: {exc.message}")
             if name in SPECS:
@@ -378,7 +382,7 @@ class Commands:
                 await self._walk(child_path, top=False)
 
     async def _cd(self, name: str, args: Args) -> None:
-        path = self.path(args.paths[0]) if args.paths else "/"
+        path = resolve(self.cwd, args.paths[0], directory=True) if args.paths else "/"
         await self.client.stat(path)
         self.cwd = path
 
@@ -395,7 +399,7 @@ class Commands:
             await self.client.set(path, value)
 
     async def _create(self, name: str, args: Args) -> None:
-        path = self.path(args.paths[0])
+        path = self.path(args.paths[0], sequential="s" in args.flags)
         session_id = await self.session.ensure() if "e" in args.flags else 0
         created = await self.client.create(path, args.value or "", session_id=session_id, sequential="s" in args.flags)
         self.say(created.path)
@@ -417,6 +421,12 @@ class Commands:
 
     async def _delete(self, name: str, args: Args) -> None:
         await self.client.delete(self.path(args.paths[0]), _version(args, name), "r" in args.flags)
+
+    async def _deleteall(self, name: str, args: Args) -> None:
+        batch = args.valued.get("b")
+        if batch is not None and not (batch.isdigit() and int(batch) > 0):
+            raise UsageError(f"{name}: -b needs a positive batch size, not {batch!r}")
+        await self.client.delete(self.path(args.paths[0]), -1, recursive=True)
 
     async def _watch(self, name: str, args: Args) -> None:
         path, recursive = self.path(args.paths[0]), "r" in args.flags
@@ -461,7 +471,8 @@ class Commands:
                 raise UsageError(f"help: unknown command {args.paths[0]!r}")
             self._describe(args.paths[0])
             return
-        self.say("Commands (paths are relative to the working node unless they start with /; . and .. work):")
+        self.say("Commands (paths are relative to the working node unless they start with /; . and .. work in")
+        self.say("relative paths; an absolute path is a ZooKeeper path, taken exactly as written):")
         for spec in SPECS.values():
             self.say(f"  {spec.usage:<32} {spec.summary}")
         self.say("Several commands may share a line, separated by ';'. `CMD -h` describes one.")

@@ -8,7 +8,8 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
 from app.cli.shell_client import RegistryClient, ShellError
-from app.cli.shell_commands import SPECS, resolve
+from app.cli.shell_commands import SPECS
+from app.cli.shell_paths import InvalidPath, resolve
 
 
 class ShellCompleter(Completer):
@@ -38,7 +39,11 @@ class ShellCompleter(Completer):
             return
         cut = word.rfind("/")
         head, prefix = word[: cut + 1], word[cut + 1 :]
-        parent = resolve(self.cwd(), head) if head else self.cwd()
+        try:
+            # head ends with '/' (the node whose children are wanted), as cd accepts it.
+            parent = resolve(self.cwd(), head, directory=True) if head else self.cwd()
+        except InvalidPath:
+            return
         try:
             view = await self.client.children_stat(parent)
         except ShellError:
