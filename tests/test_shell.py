@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -591,6 +592,66 @@ def test_watch_of_a_bad_path_fails(fm: Fleetmate) -> None:
     result = shell(fm, "-c", "watch /" + "x" * 5000)  # valid to ZooKeeper's rules, too long for the server
     assert result.returncode == 1
     assert result.stderr.startswith("Error: BadArguments: ")
+
+
+# ---- mate-cli --------------------------------------------------------------------------------------
+
+
+def mate_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """mate-cli as its console script runs it: app.cli.mate:main (what [project.scripts] names)."""
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from app.cli.mate import main; sys.exit(main())", *args],
+        capture_output=True,
+        text=True,
+        env=_env(token=None),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_mate_cli_is_a_console_script() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mate-cli"] == "app.cli.mate:main"
+    assert scripts["fleetmate"] == "app.cli.main:main"
+
+
+def test_mate_cli_takes_mates_address_flag(fm: Fleetmate, api: httpx.Client) -> None:
+    hostport = fm.url.removeprefix("http://")
+    result = mate_cli("-mate-addr", hostport, "-token", TOKEN, "-c", "put /mate/a 1; get /mate/a; stat /mate/a")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "1",
+        "cZxid = " + hex(api.get("/registry/stat/mate/a").json()["stat"]["czxid"]),
+    ]
+    for flags in (["-mate-addr=" + hostport], ["--mate-addr", hostport], ["--mate-addr=" + hostport]):
+        result = mate_cli(*flags, "--token=" + TOKEN, "get", "/mate/a")  # one command after the flags
+        assert (result.returncode, result.stdout, result.stderr) == (0, "1\n", ""), flags
+    result = mate_cli("-mate-addr", hostport, "-token", TOKEN, "deleteall", "/mate")
+    assert result.returncode == 0, result.stderr
+    assert not exists(api, "/mate")
+    result = mate_cli("-mate-addr", "ftp://x", "ls", "/")
+    assert result.returncode == 2
+    assert result.stderr.startswith("mate-cli: error: -mate-addr: ")
+    installed = Path(sys.executable).parent / "mate-cli"
+    if installed.exists():  # the installed script itself, when the package was installed with it
+        result = subprocess.run(
+            [str(installed), "-mate-addr", hostport, "-token", TOKEN, "ls", "/"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
+
+def test_one_command_after_the_options_as_zkcli_takes_it(fm: Fleetmate) -> None:
+    result = shell(fm, "put", "/one/a", "x;y")  # the words are one command: ';' is data here
+    assert result.returncode == 0, result.stderr
+    assert shell(fm, "get", "/one/a").stdout == "x;y\n"
+    result = shell(fm, "-c", "ls /", "get", "/one/a")
+    assert result.returncode == 2
+    assert "not both" in result.stderr
 
 
 # ---- addresses and tokens ------------------------------------------------------------------------

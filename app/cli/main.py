@@ -53,16 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     ha_cli.add_parser(sub)
 
     shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
-    shell.add_argument(
-        "--addr",
-        metavar="URL[,URL...]",
-        help="server addresses, tried in order (default: $FLEETMATE_ADDR or http://127.0.0.1:21510)",
-    )
-    shell.add_argument("--token", help="API token sent as 'Authorization: Bearer' (default: $FLEETMATE_TOKEN)")
-    shell.add_argument("-c", dest="commands", metavar="CMDS", help="run these ';'-separated commands, then exit")
-    shell.add_argument(
-        "--timeout-ms", type=int, default=10000, metavar="N", help="session timeout for ephemeral nodes (10000)"
-    )
+    from app.cli.shell_args import add_arguments as add_shell_arguments
+
+    add_shell_arguments(shell)
     return parser
 
 

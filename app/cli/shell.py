@@ -7,6 +7,7 @@ import asyncio
 import codecs
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -18,11 +19,11 @@ from urllib.parse import urlsplit
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 
+from app.cli.shell_args import DEFAULT_ADDR
 from app.cli.shell_client import RegistryClient, Session
 from app.cli.shell_commands import Commands, Status
 from app.cli.shell_complete import ShellCompleter
 
-DEFAULT_ADDR = "http://127.0.0.1:21510"
 HISTORY_FILE = "~/.fleetmate_history"
 EXIT_USAGE = 2
 CLOSE_TIMEOUT = 5.0
@@ -49,20 +50,27 @@ def parse_addrs(text: str) -> list[str]:
     return addrs
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the shell for parsed `fleetmate shell` arguments; returns the exit code."""
+def run(args: argparse.Namespace, prog: str = "fleetmate shell") -> int:
+    """Run the shell for parsed arguments (see add_arguments); returns the exit code."""
+    flag = "--addr" if prog == "fleetmate shell" else "-mate-addr"
     try:
         addrs = parse_addrs(args.addr or os.environ.get("FLEETMATE_ADDR") or DEFAULT_ADDR)
     except ValueError as exc:
-        print(f"fleetmate shell: error: --addr: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {flag}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.timeout_ms <= 0:
-        print("fleetmate shell: error: --timeout-ms must be > 0", file=sys.stderr)
+        print(f"{prog}: error: --timeout-ms must be > 0", file=sys.stderr)
         return EXIT_USAGE
+    script: str | None = args.commands
+    if args.words:
+        if script is not None:
+            print(f"{prog}: error: give commands with -c or after the options, not both", file=sys.stderr)
+            return EXIT_USAGE
+        script = shlex.join(args.words)  # one command: a ';' among its words is not a separator
     token = args.token or os.environ.get("FLEETMATE_TOKEN") or None
-    interactive = args.commands is None and sys.stdin is not None and sys.stdin.isatty()
+    interactive = script is None and sys.stdin is not None and sys.stdin.isatty()
     try:
-        return asyncio.run(_main(addrs, token, args.timeout_ms, args.commands, interactive))
+        return asyncio.run(_main(addrs, token, args.timeout_ms, script, interactive))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 
