@@ -1,4 +1,4 @@
-"""The one configuration loader: defaults, config/default.toml, an optional file, then FLEETMATE_* vars."""
+"""The one configuration loader: defaults, config/default.toml, an optional file, FLEETMATE_* vars, then flags."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 ENV_PREFIX = "FLEETMATE_"
+FLAG_PREFIX = "--"
 # Variables read by the CLI (config file; the shell's address and token), not mapped onto a key.
 RESERVED_ENV = frozenset({"FLEETMATE_CONFIG", "FLEETMATE_ADDR", "FLEETMATE_TOKEN"})
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -270,16 +271,103 @@ def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
     return {name: hints[name] for name in struct.__struct_fields__}
 
 
-def env_keys() -> dict[str, str]:
-    """Map every FLEETMATE_* variable name to the dotted key it sets."""
-    out: dict[str, str] = {}
+def key_names() -> list[str]:
+    """Every dotted key of the schema (`log_level`, `http.port`, ...), in its order: the one list
+    that TOML tables, FLEETMATE_* variables and command-line flags are all named from."""
+    out: list[str] = []
     for name in Config.__struct_fields__:
         if name in SECTIONS:
-            for sub in SECTIONS[name].__struct_fields__:
-                out[f"{ENV_PREFIX}{name}_{sub}".upper()] = f"{name}.{sub}"
+            out.extend(f"{name}.{sub}" for sub in SECTIONS[name].__struct_fields__)
         else:
-            out[f"{ENV_PREFIX}{name}".upper()] = name
+            out.append(name)
     return out
+
+
+def env_name(key: str) -> str:
+    """The variable that sets key: `http.port` -> FLEETMATE_HTTP_PORT."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag that sets key: `http.port` -> --http-port."""
+    return FLAG_PREFIX + key.replace(".", "-").replace("_", "-")
+
+
+def key_docs(path: Path = DEFAULT_TOML) -> dict[str, str]:
+    """Each key's comment in config/default.toml (the comment lines just above it), joined into one
+    paragraph; empty when the file is not there (an installed wheel has no config/)."""
+    docs: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return docs
+    section, comment = "", []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("#").strip())
+        elif text.startswith("[") and text.endswith("]"):
+            section, comment = text[1:-1].strip(), []
+        elif "=" in text:
+            name = text.split("=", 1)[0].strip()
+            docs[f"{section}.{name}" if section else name] = " ".join(c for c in comment if c)
+            comment = []
+        else:
+            comment = []
+    return docs
+
+
+def env_keys() -> dict[str, str]:
+    """Map every FLEETMATE_* variable name to the dotted key it sets."""
+    return {env_name(key): key for key in key_names()}
+
+
+def flag_keys() -> dict[str, str]:
+    """Map every command-line flag (`--http-port`) to the dotted key it sets."""
+    return {flag_name(key): key for key in key_names()}
+
+
+def describe_key(key: str) -> str:
+    """What a key takes, in words: 'an integer >= 0, <= 65535', "one of 'debug', 'info', ...", ..."""
+    declared = _key_type(key)
+    tp = _base_type(declared)
+    if typing.get_origin(tp) is tuple:
+        item = _base_type(typing.get_args(tp)[0])
+        if _is_table(item):
+            return "a JSON list of tables"
+        if typing.get_origin(item) is Literal:
+            return "a comma-separated list of " + ", ".join(repr(a) for a in typing.get_args(item))
+    bounds = []
+    while typing.get_origin(declared) is Annotated:
+        declared, *metas = typing.get_args(declared)
+        for meta in metas:
+            if isinstance(meta, msgspec.Meta):
+                for op, value in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                    if getattr(meta, op) is not None:
+                        bounds.append(f"{value} {getattr(meta, op)}")
+    return _describe(tp) + (" " + ", ".join(bounds) if bounds else "")
+
+
+def _is_table(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
+
+
+def default_text(key: str) -> str:
+    """A key's built-in default as its variable or flag would spell it."""
+    section, _, sub = key.rpartition(".")
+    value = getattr(getattr(Config(), section) if section else Config(), sub)
+    if describe_key(key) == "a JSON list of tables":
+        return msgspec.json.encode(value).decode()
+    return text_of(value)
+
+
+def text_of(value: Any) -> str:
+    """A plain configuration value as a variable or flag spells it: true/false, lists comma-separated."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return ",".join(text_of(v) for v in value)
+    return str(value)
 
 
 def _key_type(key: str) -> Any:
@@ -304,13 +392,15 @@ def _describe(tp: Any) -> str:
     )
 
 
-def _from_env(key: str, raw: str) -> Any:
-    """Turn one environment string into the typed value for key."""
+def _from_text(key: str, raw: str) -> Any:
+    """Turn one variable's or flag's string into the typed value for key."""
     tp = _base_type(_key_type(key))
     origin = typing.get_origin(tp)
     if origin is tuple:
         item = _base_type(typing.get_args(tp)[0])
-        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+        if _is_table(item):
+            if not raw.strip():
+                return []
             try:
                 return msgspec.json.decode(raw)
             except msgspec.DecodeError as exc:
@@ -397,8 +487,17 @@ def _convert(tree: dict[str, Any]) -> Config:
         raise ConfigError(key, problem) from None
 
 
-def load(path: str | os.PathLike[str] | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Build the effective configuration, validate it, and return it; raise ConfigError on a bad value."""
+def load(
+    path: str | os.PathLike[str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    flags: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration, validate it, and return it; raise ConfigError on a bad value.
+
+    Later sources win: defaults, config/default.toml, the file (path or FLEETMATE_CONFIG), the
+    FLEETMATE_* variables, then flags (dotted key -> the flag's text, as its variable would take it).
+    A bad value is reported with the key and where it came from: `http.port (--http-port)`.
+    """
     env = os.environ if environ is None else environ
     tree: dict[str, Any] = {}
     if DEFAULT_TOML.exists():
@@ -408,22 +507,31 @@ def load(path: str | os.PathLike[str] | None = None, environ: typing.Mapping[str
     if path is not None:
         _merge(tree, _read_toml(Path(path)), str(path))
     known = env_keys()
-    from_env: dict[str, str] = {}
+    origin: dict[str, str] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in RESERVED_ENV:
             continue
         if name not in known:
             raise ConfigError(name, "unknown FLEETMATE_ variable (see `fleetmate config keys`)")
-        from_env[known[name]] = name
+        origin[known[name]] = name
         try:
-            _set_dotted(tree, known[name], _from_env(known[name], raw))
+            _set_dotted(tree, known[name], _from_text(known[name], raw))
         except ConfigError as exc:
             raise ConfigError(f"{exc.key} ({name})", exc.problem) from None
+    schema = set(key_names())
+    for key, raw in (flags or {}).items():
+        if key not in schema:
+            raise ConfigError(flag_name(key), "unknown flag")
+        origin[key] = flag_name(key)  # a flag wins over a variable, and so names the source
+        try:
+            _set_dotted(tree, key, _from_text(key, raw))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.key} ({flag_name(key)})", exc.problem) from None
     try:
         return validate(_convert(tree))
     except ConfigError as exc:
-        if exc.key in from_env:
-            raise ConfigError(f"{exc.key} ({from_env[exc.key]})", exc.problem) from None
+        if exc.key in origin:
+            raise ConfigError(f"{exc.key} ({origin[exc.key]})", exc.problem) from None
         raise
 
 

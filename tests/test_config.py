@@ -275,8 +275,107 @@ def test_config_show_masks_secrets(tmp_path: Path) -> None:
 def test_config_keys_lists_every_variable(tmp_path: Path) -> None:
     result = run_cli(["config", "keys"], {}, tmp_path)
     assert result.returncode == 0
-    for env in config.env_keys():
-        assert env in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows == [[env, key, config.flag_name(key)] for env, key in config.env_keys().items()]
+    assert ["FLEETMATE_HTTP_PORT", "http.port", "--http-port"] in rows
+
+
+# ---- flags ----------------------------------------------------------------------------------------
+
+
+def test_flags_variables_and_toml_keys_come_from_one_schema() -> None:
+    keys = config.key_names()
+    assert len(set(keys)) == len(keys)
+    assert list(config.env_keys().values()) == keys
+    assert list(config.flag_keys().values()) == keys  # one flag per key, none shared
+    flags = config.flag_keys()
+    for flag, key in [
+        ("--http-port", "http.port"),
+        ("--zk-port", "zk.port"),
+        ("--data-dir", "data_dir"),
+        ("--nats-url", "nats.url"),
+        ("--log-level", "log_level"),
+        ("--registry-rate-limit-total", "registry.rate_limit_total"),
+        ("--workers", "workers"),
+    ]:
+        assert flags[flag] == key
+    # Every key has its documentation (shown by --help) in config/default.toml.
+    docs = config.key_docs()
+    assert set(docs) == set(keys)
+    assert all(docs.values())
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('log_level = "debug"\n[http]\nport = 1234\nhost = "localhost"\n[zk]\nport = 1\n')
+    env = {"FLEETMATE_DATA_DIR": str(tmp_path / "d"), "FLEETMATE_HTTP_PORT": "4321", "FLEETMATE_ZK_PORT": "2"}
+    flags = {"http.port": "5555", "log_level": "warning", "nats.url": "nats://a:1,nats://b:2", "zk.enabled": "false"}
+    cfg = config.load(path, env, flags)
+    assert cfg.http.port == 5555  # flag over variable over file
+    assert cfg.log_level == "warning"  # flag over file
+    assert cfg.zk.port == 2  # variable over file
+    assert cfg.http.host == "localhost"  # file alone
+    assert cfg.nats.url == ("nats://a:1", "nats://b:2")
+    assert cfg.zk.enabled is False
+
+
+BAD_FLAGS = [
+    ({"http.port": "abc"}, "http.port (--http-port): expected an integer, got 'abc'"),
+    ({"workers": "65"}, "workers (--workers): must be <= 64"),
+    ({"log_level": "loud"}, "log_level (--log-level): expected one of 'debug', 'info'"),
+    ({"registry.rate_limit_total": "-1"}, "registry.rate_limit_total (--registry-rate-limit-total): must be >= 0"),
+    ({"http.host": "0.0.0.0"}, "http.host (--http-host): binding 0.0.0.0 (not loopback) needs"),
+    ({"nats.sync_always": "maybe"}, "nats.sync_always (--nats-sync-always): expected true or false"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[next(iter(f)) for f, _ in BAD_FLAGS])
+def test_bad_flag_value_raises_naming_the_key_and_the_flag(tmp_path: Path, flags: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        # The variable says something valid: the flag wins, so the flag is what is reported.
+        config.load(None, {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_WORKERS": "1"}, flags)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--http-port", "abc"], "http.port (--http-port)"),
+        (["--workers", "99"], "workers (--workers)"),
+        (["--log-level=loud"], "log_level (--log-level)"),
+        (["--data-dir", "/proc/forbidden/data"], "data_dir (--data-dir)"),
+        (["--zk-enabled", "perhaps"], "zk.enabled (--zk-enabled)"),
+    ],
+)
+def test_serve_exits_2_on_bad_flag(tmp_path: Path, args: list[str], key: str) -> None:
+    result = run_cli(["serve", *args], {"FLEETMATE_DATA_DIR": str(tmp_path / "data")}, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"fleetmate: config error: {key}: ")
+    assert not (tmp_path / "data" / "nats").exists()  # nothing was started
+
+
+def test_serve_help_lists_every_flag(tmp_path: Path) -> None:
+    result = run_cli(["serve", "--help"], {}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for flag, key in config.flag_keys().items():
+        assert f"{flag} " in text, flag
+        assert f"${config.env_name(key)}]" in text, key
+    assert "--config PATH" in text
+    # Abbreviations are refused: a typo is an error, not another key.
+    assert run_cli(["serve", "--http-p", "1"], {}, tmp_path).returncode == 2
+
+
+def test_config_show_takes_the_flags_over_the_variables(tmp_path: Path) -> None:
+    env = {"FLEETMATE_DATA_DIR": str(tmp_path), "FLEETMATE_HTTP_PORT": "8", "FLEETMATE_ZK_ENABLED": "false"}
+    result = run_cli(["config", "show", "--http-port", "9", "--zk-enabled", "--nats-sync-always=false"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = tomllib.loads(result.stdout)
+    assert shown["http"]["port"] == 9
+    assert shown["zk"]["enabled"] is True  # a boolean flag alone means true
+    assert shown["nats"]["sync_always"] is False
 
 
 def test_auto_workers_leave_a_core_to_the_embedded_nats_server(tmp_path: Path) -> None:

@@ -7,10 +7,11 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
-from tests.harness import Fleetmate, NatsServer, running, wait_for
+from tests.harness import Fleetmate, NatsServer, free_port, running, wait_for
 
 
 def _check_endpoints(fm: Fleetmate) -> dict[str, object]:
@@ -185,3 +186,39 @@ def test_unreachable_external_nats_fails_start(tmp_path: Path, bad_url: str) -> 
     failed = fm.logged("start-up failed")
     assert failed
     assert "cannot connect to NATS" in failed[0]["error"]
+
+
+# ---- configuration flags ----------------------------------------------------------------------
+
+
+def test_flags_win_over_variables(tmp_path: Path) -> None:
+    port, zk_port = free_port(), free_port()
+    # The harness sets FLEETMATE_HTTP_PORT=0, FLEETMATE_ZK_PORT=0 and FLEETMATE_NODE_ID=t1: the flags win.
+    args = ["--http-port", str(port), "--zk-port", str(zk_port), "--node-id=flagged", "--registry-max-data-bytes", "16"]
+    fm = Fleetmate(tmp_path, args=args)
+    with running(fm):
+        assert fm.url == f"http://127.0.0.1:{port}"
+        assert fm.zk == f"127.0.0.1:{zk_port}"
+        assert fm.get("/api/v1/health").json()["node_id"] == "flagged"
+        assert fm.post("/api/v1/registry/nodes/small", json={"data": "x" * 16}).status_code == 201
+        assert fm.post("/api/v1/registry/nodes/big", json={"data": "x" * 17}).status_code == 400
+        assert fm.stop() == 0
+
+
+def test_workers_get_the_supervisors_flags(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["--workers", "2", "--node-id", "wf", "--http-port", str(port), "--registry-max-data-bytes", "16"]
+    fm = Fleetmate(tmp_path, env={"FLEETMATE_WORKERS": "1"}, args=args)
+    with running(fm):
+        ready = wait_for(
+            lambda: [line for line in fm.logged("fleetmate ready") if line.get("workers") == 2], 30, "supervisor ready"
+        )
+        url = ready[0]["http"]
+        assert url == f"http://127.0.0.1:{port}"
+        seen = set()
+        for i in range(30):  # new connections: the kernel spreads them over both workers
+            with httpx.Client(base_url=url) as client:
+                seen.add(client.get("/api/v1/cluster").json()["node_id"])
+                assert client.post(f"/api/v1/registry/nodes/big{i}", json={"data": "x" * 17}).status_code == 400
+        assert seen == {"wf-w1", "wf-w2"}
+        assert fm.stop() == 0

@@ -9,8 +9,10 @@ import sys
 import msgspec
 
 from app import __version__, config, logs
+from app.cli import config_flags
 
 EXIT_CONFIG = 2
+CONFIG_HELP = "a TOML file over config/default.toml (default: $FLEETMATE_CONFIG)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,26 +20,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleetmate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a replica in the foreground")
-    serve.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
-    serve.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes, each a replica of the log sharing the HTTP port (default: the `workers` key)",
+    # Configuration flags are exact: argparse's abbreviations (--http-p) would hide a typo.
+    serve = sub.add_parser(
+        "serve",
+        help="run a replica in the foreground",
+        usage="fleetmate serve [-h] [--config PATH] [--workers N] [--KEY VALUE ...]",
+        allow_abbrev=False,
     )
+    serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    config_flags.add_flags(serve)  # --workers N among them
 
-    agent = sub.add_parser("agent", help="run the per-host agent against a control plane's NATS (nats.url)")
-    agent.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+    agent = sub.add_parser(
+        "agent",
+        help="run the per-host agent against a control plane's NATS (nats.url)",
+        usage="fleetmate agent [-h] [--config PATH] [--KEY VALUE ...]",
+        allow_abbrev=False,
+    )
+    agent.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    config_flags.add_flags(agent)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
-    show = cfg_sub.add_parser("show", help="print the effective configuration, secrets masked")
-    show.add_argument("--config", metavar="PATH", help="a TOML file over config/default.toml")
+    show = cfg_sub.add_parser(
+        "show",
+        help="print the effective configuration, secrets masked",
+        usage="fleetmate config show [-h] [--config PATH] [--json] [--KEY VALUE ...]",
+        allow_abbrev=False,
+    )
+    show.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
-    cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable and the key it sets")
+    config_flags.add_flags(show)
+    cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable, the key it sets and its flag")
 
     clu = sub.add_parser("cluster", help="look at the replicas")
     clu_sub = clu.add_subparsers(dest="cluster_command", required=True)
@@ -59,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None) -> config.Config:
+def _load(path: str | None, flags: dict[str, str]) -> config.Config:
     try:
-        return config.load(path)
+        return config.load(path, flags=flags)
     except config.ConfigError as exc:
         print(f"fleetmate: config error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -73,31 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         if args.config_command == "keys":
             for env, key in config.env_keys().items():
-                print(f"{env:<36} {key}")
+                print(f"{env:<40} {key:<34} {config.flag_name(key)}")
             return 0
-        data = config.to_dict(_load(args.config))
+        data = config.to_dict(_load(args.config, config_flags.given(args)))
         if args.json:
             print(msgspec.json.format(msgspec.json.encode(data)).decode())
         else:
             print(config.to_toml(data), end="")
         return 0
     if args.command == "serve":
-        cfg = _load(args.config)
-        workers = args.workers if args.workers is not None else cfg.workers
-        if workers < 0 or workers > 64:
-            print(f"fleetmate: config error: workers: {workers} is not between 0 and 64", file=sys.stderr)
-            return EXIT_CONFIG
+        flags = config_flags.given(args)
+        cfg = _load(args.config, flags)
         logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
-        workers = workers or config.auto_workers(cfg, os.cpu_count() or 1)
+        workers = cfg.workers or config.auto_workers(cfg, os.cpu_count() or 1)
         if args.worker or workers == 1:
             from app.cli.serve import run
 
             return run(cfg, worker=args.worker, ready_fd=args.ready_fd)
         from app.cli.supervisor import run as supervise
 
-        return supervise(cfg, workers, args.config)
+        # Workers get the flags as variables, under the settings the supervisor gives each of them.
+        return supervise(cfg, workers, args.config, config_flags.as_env(flags))
     if args.command == "agent":
-        cfg = _load(args.config)
+        cfg = _load(args.config, config_flags.given(args))
         logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
         from app.cli.agent import run as run_agent
 

@@ -81,9 +81,17 @@ class Worker:
 
 
 def _worker_env(
-    cfg: Config, index: int, node_id: str, port: int, nats_url: str, http_url: str, zk_port: int
+    cfg: Config,
+    index: int,
+    node_id: str,
+    port: int,
+    nats_url: str,
+    http_url: str,
+    zk_port: int,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(overrides or {})  # the supervisor's own flags, as variables
     env.update(
         FLEETMATE_NODE_ID=node_id,
         FLEETMATE_DATA_DIR=str(cfg.data_path / "workers" / node_id),
@@ -105,8 +113,11 @@ def worker_metrics_path(path: str, node_id: str) -> Path:
     return given.with_name(f"{given.stem}-{node_id}{given.suffix}")
 
 
-async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
-    """Run `count` workers until a stop signal; 0 on a clean stop, 1 when start-up failed."""
+async def supervise(cfg: Config, count: int, config_path: str | None, overrides: dict[str, str] | None = None) -> int:
+    """Run `count` workers until a stop signal; 0 on a clean stop, 1 when start-up failed.
+
+    overrides: FLEETMATE_* variables for every worker (the supervisor's command-line flags).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,7 +160,7 @@ async def supervise(cfg: Config, count: int, config_path: str | None) -> int:
     workers = []
     for i in range(count):
         node_id = f"{cfg.node_id}-w{i + 1}"
-        env = _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port)
+        env = _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port, overrides)
         if embedded is not None and embedded.token:
             env["FLEETMATE_NATS_TOKEN"] = embedded.token  # workers connect to the embedded server as clients
         workers.append(Worker(i, node_id, env, args))
@@ -213,11 +224,11 @@ async def _watch(workers: list[Worker], stop: asyncio.Event) -> None:
             fut.cancel()
 
 
-def run(cfg: Config, count: int, config_path: str | None) -> int:
+def run(cfg: Config, count: int, config_path: str | None, overrides: dict[str, str] | None = None) -> int:
     """Run the supervisor on uvloop when available."""
     try:
         import uvloop
 
-        return uvloop.run(supervise(cfg, count, config_path))
+        return uvloop.run(supervise(cfg, count, config_path, overrides))
     except ImportError:
-        return asyncio.run(supervise(cfg, count, config_path))
+        return asyncio.run(supervise(cfg, count, config_path, overrides))
