@@ -294,8 +294,8 @@ def flag_name(key: str) -> str:
 
 
 def key_docs(path: Path = DEFAULT_TOML) -> dict[str, str]:
-    """Each key's comment in config/default.toml (the comment lines just above it), joined into one
-    paragraph; empty when the file is not there (an installed wheel has no config/)."""
+    """Each key's comment in config/default.toml (the comment lines just above it, one line each);
+    empty when the file is not there (an installed wheel has no config/)."""
     docs: dict[str, str] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -310,7 +310,7 @@ def key_docs(path: Path = DEFAULT_TOML) -> dict[str, str]:
             section, comment = text[1:-1].strip(), []
         elif "=" in text:
             name = text.split("=", 1)[0].strip()
-            docs[f"{section}.{name}" if section else name] = " ".join(c for c in comment if c)
+            docs[f"{section}.{name}" if section else name] = "\n".join(c for c in comment if c)
             comment = []
         else:
             comment = []

@@ -24,6 +24,16 @@ def _metavar(key: str) -> str:
     return "TEXT"
 
 
+def _prose(doc: str) -> str:
+    """A key's documentation up to its first TOML example (a `[table]` line): help text is reflowed."""
+    lines = []
+    for line in doc.splitlines():
+        if line.startswith("["):
+            break
+        lines.append(line)
+    return " ".join(lines)
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """A flag for every key, one group per section; each takes the text its FLEETMATE_* variable takes."""
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -43,7 +53,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             )
             group = groups[section] = parser.add_argument_group(title, description)
         default = config.default_text(key) or "none"
-        doc = docs.get(key, "")
+        doc = _prose(docs.get(key, ""))
         help_text = (
             f"{doc + ' ' if doc else ''}[{config.describe_key(key)}; default: {default}; ${config.env_name(key)}]"
         )
