@@ -44,6 +44,10 @@ test-deps: ## install mariadb-server, postgresql, zookeeper and iproute2 (Debian
 		echo "mariadb-server, postgresql, zookeeper or iproute2 is missing; installing them (Debian/Ubuntu)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			mariadb-server postgresql zookeeper iproute2 >/dev/null; fi
+	@export PATH="$$PATH:/usr/sbin:/sbin"; \
+	if ! command -v systemd-analyze >/dev/null; then \
+		echo "systemd-analyze (checks deploy/*.service) is missing; installing systemd (Debian/Ubuntu)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; fi
 
 pytest: $(STAMP) test-deps ## the test suite alone
 	$(PY) -m pytest -ra -q --durations=15
