@@ -36,14 +36,16 @@ typecheck: $(STAMP) ## mypy --strict on app/
 
 # The tests start their own MariaDB and PostgreSQL 15 on free ports (never the system services)
 # and drive Debian's zkCli.sh: install the Debian packages once if their binaries are missing.
-test-deps: ## install mariadb-server, postgresql, zookeeper and iproute2 (Debian/Ubuntu) if the tests' binaries are missing
+test-deps: ## install mariadb-server, postgresql, zookeeper, iproute2, a JDK and Curator (Debian/Ubuntu) if the tests' binaries are missing
 	@export PATH="$$PATH:/usr/sbin:/sbin"; \
 	if ! command -v mariadbd >/dev/null || ! command -v mariadb-install-db >/dev/null \
 		|| [ ! -x /usr/lib/postgresql/15/bin/postgres ] || [ ! -f /usr/share/zookeeper/bin/zkCli.sh ] \
-		|| ! command -v ip >/dev/null; then \
-		echo "mariadb-server, postgresql, zookeeper or iproute2 is missing; installing them (Debian/Ubuntu)"; \
+		|| ! command -v ip >/dev/null || ! command -v javac >/dev/null \
+		|| [ ! -f /usr/share/java/curator-framework.jar ] || [ ! -f /usr/share/java/curator-recipes.jar ]; then \
+		echo "mariadb-server, postgresql, zookeeper, iproute2, a JDK or Curator is missing; installing them (Debian/Ubuntu)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			mariadb-server postgresql zookeeper iproute2 >/dev/null; fi
+			mariadb-server postgresql zookeeper iproute2 default-jdk-headless \
+			libcurator-framework-java libcurator-recipes-java >/dev/null; fi
 	@export PATH="$$PATH:/usr/sbin:/sbin"; \
 	if ! command -v systemd-analyze >/dev/null; then \
 		echo "systemd-analyze (checks deploy/*.service) is missing; installing systemd (Debian/Ubuntu)"; \
