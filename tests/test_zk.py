@@ -23,7 +23,7 @@ from kazoo.exceptions import (
     RolledBackError,
     RuntimeInconsistency,
 )
-from kazoo.security import make_digest_acl
+from kazoo.security import make_acl, make_digest_acl
 
 from tests.harness import Fleetmate, NatsServer, running, wait_for
 from tests.zkwire import WireClient, four_letter, pack_string, split_addr
@@ -259,8 +259,15 @@ def test_digest_acl_is_enforced(fm: Fleetmate) -> None:
                 stranger.set("/secured", b"mine")
             with pytest.raises(NoAuthError):
                 stranger.create("/secured/kid")
+            with pytest.raises(NoAuthError):  # getACL needs READ or ADMIN, as on ZooKeeper
+                stranger.get_acls("/secured")
+            # Readable but not administrable: the digest's hash is hidden (user:x).
+            owner.create("/readable", b"", acl=[acl, make_acl("world", "anyone", read=True)])
+            seen = stranger.get_acls("/readable")[0]
+            assert [(a.id.scheme, a.id.id, a.perms) for a in seen] == [("digest", "ops:x", 31), ("world", "anyone", 1)]
             stranger.add_auth("digest", "ops:s3cret")
             assert stranger.get("/secured")[0] == b"secret"
+            assert stranger.get_acls("/readable")[0][0] == acl
         assert owner.get("/secured")[0] == b"secret"
 
 

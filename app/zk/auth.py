@@ -43,6 +43,13 @@ def allowed(acl: tuple[Acl, ...], perm: int, ids: list[tuple[str, str]]) -> bool
     return False
 
 
+def hide_digests(acl: tuple[Acl, ...]) -> tuple[Acl, ...]:
+    """The ACL as a reader without ADMIN sees it: each digest id's hash replaced by x (user:x)."""
+    return tuple(
+        Acl(e.perms, e.scheme, e.id.split(":", 1)[0] + ":x") if e.scheme == "digest" else e for e in acl
+    )
+
+
 def resolve(acl: tuple[Acl, ...], ids: list[tuple[str, str]], path: str) -> tuple[Acl, ...]:
     """The ACL as stored: `auth` entries become the connection's authenticated ids; others are checked."""
     out: list[Acl] = []

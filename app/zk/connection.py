@@ -519,8 +519,12 @@ class ZkConnection:
             await registry.sync()
             return Writer().ustring(req.path)
         if op == p.GET_ACL:
+            # As ZooKeeper: READ or ADMIN to see the ACL; without ADMIN, digest hashes are hidden.
             self._path(req.path)
+            self._require(req.path, PERM_READ | PERM_ADMIN)
             acl, stat = await registry.get_acl(req.path, linearizable=False)
+            if not auth.allowed(acl, PERM_ADMIN, self.ids):
+                acl = auth.hide_digests(acl)
             return p.write_stat(p.write_acl(Writer(), acl), stat)
         if op == p.CHECK:
             self._path(req.path)
