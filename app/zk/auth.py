@@ -45,9 +45,7 @@ def allowed(acl: tuple[Acl, ...], perm: int, ids: list[tuple[str, str]]) -> bool
 
 def hide_digests(acl: tuple[Acl, ...]) -> tuple[Acl, ...]:
     """The ACL as a reader without ADMIN sees it: each digest id's hash replaced by x (user:x)."""
-    return tuple(
-        Acl(e.perms, e.scheme, e.id.split(":", 1)[0] + ":x") if e.scheme == "digest" else e for e in acl
-    )
+    return tuple(Acl(e.perms, e.scheme, e.id.split(":", 1)[0] + ":x") if e.scheme == "digest" else e for e in acl)
 
 
 def resolve(acl: tuple[Acl, ...], ids: list[tuple[str, str]], path: str) -> tuple[Acl, ...]:
