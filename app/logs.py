@@ -76,6 +76,13 @@ class TextFormatter(_Formatter):
         return self.redact(line)
 
 
+def announce(logger: logging.Logger, msg: str, extra: dict[str, Any]) -> None:
+    """Log msg at info level whatever the configured level: a line every deployment needs (the
+    "fleetmate ready" line with the listening addresses), even one that logs errors only."""
+    fn, lno, func, _ = logger.findCaller(stacklevel=2)
+    logger.handle(logger.makeRecord(logger.name, logging.INFO, fn, lno, msg, (), None, func, extra))
+
+
 def setup(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     """Route every logger (fleetmate's, granian's, nats') to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)

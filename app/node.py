@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import psutil
 
-from app import __version__
+from app import __version__, logs
 from app.bus import subjects
 from app.bus.connection import Bus, client_token, tls_context
 from app.bus.embedded import EmbeddedNats, server_token
@@ -141,9 +141,10 @@ class Node:
         )
         self.leadership.start()
         self.phase = "running"
-        log.info(
+        logs.announce(  # at every log level: the addresses to reach this replica
+            log,
             "fleetmate ready",
-            extra={
+            {
                 "node_id": self.node_id,
                 "http": self.http_url,
                 "zk": self.zk_address,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -208,6 +210,7 @@ def test_flags_win_over_variables(tmp_path: Path) -> None:
 def test_workers_get_the_supervisors_flags(tmp_path: Path) -> None:
     port = free_port()
     args = ["--workers", "2", "--node-id", "wf", "--http-port", str(port), "--registry-max-data-bytes", "16"]
+    args += ["--log-level", "error"]  # the supervisor's ready line is there all the same
     fm = Fleetmate(tmp_path, env={"FLEETMATE_WORKERS": "1"}, args=args)
     with running(fm):
         ready = wait_for(
@@ -222,3 +225,85 @@ def test_workers_get_the_supervisors_flags(tmp_path: Path) -> None:
                 assert client.post(f"/api/v1/registry/nodes/big{i}", json={"data": "x" * 17}).status_code == 400
         assert seen == {"wf-w1", "wf-w2"}
         assert fm.stop() == 0
+
+
+# ---- what monitoring and operators trip on ------------------------------------------------------
+
+
+def test_head_answers_like_get_without_a_body(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        assert fm.post("/api/v1/registry/nodes/h", json={"data": "x"}).status_code == 201
+        host, port = fm.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)  # one connection: a stray body would show
+        try:
+            for path in ("/api/v1/health", "/api/v1/ready", "/metrics", "/api/v1/registry/nodes/h", "/no/such"):
+                conn.request("GET", path)
+                got = conn.getresponse()
+                body = got.read()
+                conn.request("HEAD", path)
+                head = conn.getresponse()
+                assert head.read() == b"", path
+                assert head.status == got.status, path
+                same = {k.lower(): v for k, v in head.getheaders() if k.lower() not in ("date", "content-length")}
+                assert same == {
+                    k.lower(): v for k, v in got.getheaders() if k.lower() not in ("date", "content-length")
+                }
+                if path != "/metrics":  # the figures move between two scrapes
+                    assert head.getheader("content-length") == str(len(body)), path
+            conn.request("GET", "/api/v1/health")  # the connection is still in step after the HEADs
+            assert conn.getresponse().read() == b'{"status":"ok","node_id":"t1"}'
+        finally:
+            conn.close()
+        assert 'fleetmate_http_requests_total{method="HEAD",route="/api/v1/health",status="200"} 1.0' in (
+            fm.get("/metrics").text
+        )
+
+
+PROMETHEUS_3_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+def test_metrics_content_type_has_one_charset(tmp_path: Path) -> None:
+    fm = Fleetmate(tmp_path)
+    with running(fm):
+        plain = fm.get("/metrics")
+        assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert "fleetmate_uptime_seconds" in plain.text
+        scraped = httpx.get(fm.url + "/metrics", headers={"Accept": PROMETHEUS_3_ACCEPT}, timeout=5)
+        assert scraped.status_code == 200
+        content_type = scraped.headers["content-type"]
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0;")
+        assert scraped.text.endswith("# EOF\n")
+        for response in (plain, scraped):
+            params = [p.split("=")[0].strip() for p in response.headers["content-type"].split(";")[1:]]
+            assert len(params) == len(set(params)), response.headers["content-type"]  # Go's mime rejects repeats
+            assert params.count("charset") == 1
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("error", "json"), ("warning", "text"), ("info", "json")])
+def test_listening_addresses_are_logged_at_every_level(tmp_path: Path, level: str, fmt: str) -> None:
+    fm = Fleetmate(tmp_path, env={"FLEETMATE_LOG_LEVEL": level, "FLEETMATE_LOG_FORMAT": fmt})
+    with running(fm, wait_ready=False):
+        ready = wait_for(lambda: [t for t in fm.raw if "fleetmate ready" in t], 20, "the ready line")[0]
+        url = httpx.get(_http_of(ready) + "/api/v1/cluster", timeout=5).json()
+        for address in (url["http_url"], url["zk_address"], *url["nats_servers"]):
+            assert address.removeprefix("http://") in ready, address
+        assert fm.stop() == 0
+    granian = [t for t in fm.raw if "_granian" in t]
+    if level == "info":
+        assert any("Listening at" in t for t in granian)
+    else:
+        # Granian follows log_level: its info lines ("Starting granian", "Listening at") are gone.
+        assert not [t for t in granian if '"level":"info"' in t or " INFO " in t], granian
+        assert not [t for t in fm.raw if '"level":"info"' in t and "fleetmate ready" not in t]
+
+
+def _http_of(line: str) -> str:
+    """The http address of a ready line, JSON or text."""
+    found = re.search(r'"http":"([^"]+)"|\bhttp=(\S+)', line)
+    assert found, line
+    return found.group(1) or found.group(2)

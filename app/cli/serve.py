@@ -46,7 +46,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
     except (PortInUse, OSError) as exc:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return EXIT_FAILED
-    http = HttpServer(create_app(node), cfg.http.host, port)
+    http = HttpServer(create_app(node), cfg.http.host, port, cfg.log_level)
     node.http_url = cfg.http.advertise_url or http.url
     zk: ZkServer | None = None
     if cfg.zk.enabled:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app import logs
 from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, server_token
 from app.config import Config
 from app.procs import die_with_parent, terminate
@@ -172,9 +173,10 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
         stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready, stop_wait}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if ready in done:
-            log.info(
+            logs.announce(  # at every log level: the addresses to reach this replica
+                log,
                 "fleetmate ready",
-                extra={
+                {
                     "node_id": cfg.node_id,
                     "http": http_url,
                     "zk": f"{cfg.zk.host}:{zk_port}" if cfg.zk.enabled else "",

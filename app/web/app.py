@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import __version__
 from app.config import parse_tokens
@@ -32,8 +31,10 @@ def create_app(node: Node) -> Observe:
     metrics = HttpMetrics(node)
 
     @get("/metrics", opt={"public": True}, include_in_schema=False, sync_to_thread=False)
-    def prometheus() -> Response[bytes]:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def prometheus(request: Request[Any, Any, Any]) -> Response[bytes]:
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        # As a header, not media_type: Litestar would append a second charset to a text/ type.
+        return Response(body, headers={"content-type": content_type})
 
     tokens = parse_tokens(node.cfg)
     guard = TokenGuard(tokens) if tokens else None

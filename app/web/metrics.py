@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -215,3 +216,10 @@ class HttpMetrics:
         self.throttled = Counter(
             "fleetmate_rate_limited", "Requests refused with 429 by the rate limit", registry=self.registry
         )
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape body and its Content-Type, in the format the Accept header asks for, as
+        prometheus_client's own exposition negotiates it (Prometheus text 0.0.4 when nothing is asked).
+        The Content-Type is sent as it is: one charset (a second one fails Go's mime parser)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

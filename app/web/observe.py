@@ -60,6 +60,9 @@ class Observe:
 
     async def _http(self, scope: RsgiScope, proto: HTTPProtocol) -> None:
         method = scope.method
+        # HEAD is GET without the body (RFC 9110 9.3.2): routed as GET, same status and headers;
+        # the server (hyper, under Granian) sends no body on a HEAD request's response.
+        route_method = "GET" if method == "HEAD" else method
         path = scope.path
         headers = scope.headers
         authorization: str | None = headers.get("authorization")
@@ -86,7 +89,7 @@ class Observe:
         route = "unmatched"
         try:
             body = Body(proto)
-            answer = await self.fast.lean(method, path, scope.query_string, authorization, body)
+            answer = await self.fast.lean(route_method, path, scope.query_string, authorization, body)
             if answer is not None:
                 status, route = answer.status, ROUTE
                 out = [_JSON]
@@ -95,6 +98,7 @@ class Observe:
                 proto.response_bytes(status, out, answer.body)
             else:
                 inner = asgi_scope(scope, "http")
+                inner["method"] = route_method
                 send = HttpSend(proto)
                 try:
                     await self.app(inner, HttpReceive(proto, body.data), send)  # type: ignore[arg-type]

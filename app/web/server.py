@@ -8,6 +8,7 @@ import errno
 import socket
 
 from granian.constants import Interfaces
+from granian.log import LogLevels
 from granian.server.embed import Server
 
 from app.web.observe import Observe
@@ -35,7 +36,7 @@ def resolve_port(host: str, port: int) -> int:
 class HttpServer:
     """Runs Granian (RSGI, see app.web.rsgi) as a task on the current loop."""
 
-    def __init__(self, app: Observe, host: str, port: int) -> None:
+    def __init__(self, app: Observe, host: str, port: int, log_level: str = "info") -> None:
         self.host = host
         self.port = port
         self._server = Server(
@@ -44,10 +45,12 @@ class HttpServer:
             port=port,
             interface=Interfaces.RSGI,
             log_enabled=True,
+            # Granian's own lines at fleetmate's log_level (it sets its logger's level from this).
+            log_level=LogLevels(log_level),
             # Granian applies a dictConfig; this one hands its records to fleetmate's root handler.
             log_dictconfig={
                 "loggers": {
-                    "_granian": {"handlers": [], "level": "INFO", "propagate": True},
+                    "_granian": {"handlers": [], "propagate": True},
                     "granian.access": {"handlers": [], "level": "WARNING", "propagate": True},
                 }
             },
