@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -384,3 +388,41 @@ def test_auto_workers_leave_a_core_to_the_embedded_nats_server(tmp_path: Path) -
     assert embedded.workers == 0
     assert [config.auto_workers(embedded, n) for n in (1, 2, 8)] == [1, 1, 7]
     assert [config.auto_workers(external, n) for n in (1, 2, 8)] == [1, 2, 8]
+
+
+# ---- output into a pipe that closes -------------------------------------------------------------
+
+
+def _into_closed_pipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run fleetmate with stdout on a pipe whose reader is already gone (what `| head -1` leads to)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "app", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    for args in (["config", "keys"], ["config", "show", "--data-dir", str(tmp_path)]):
+        result = _into_closed_pipe(args, tmp_path)
+        assert (result.returncode, result.stderr) == (141, ""), args  # 128 + SIGPIPE, as `yes | head` gives
+    piped = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {shlex.quote(sys.executable)} -m app config keys | head -1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert piped.stdout.startswith("FLEETMATE_NODE_ID ")
+    assert piped.stderr == ""
+    assert piped.returncode in (0, 141)  # 0 when everything fit in the pipe before head left

@@ -870,3 +870,24 @@ def test_sync_prints_the_revision(fm: Fleetmate, api: httpx.Client) -> None:
     assert result.returncode == 0, result.stderr
     revision = int(result.stdout.split()[-1])
     assert revision >= api.get("/registry/stat/synced").json()["stat"]["mzxid"]
+
+
+def test_output_into_a_closed_pipe_ends_the_shell_quietly(fm: Fleetmate, api: httpx.Client) -> None:
+    read, write = os.pipe()
+    os.close(read)  # as `fleetmate shell -c '...' | head -1` once head has gone
+    try:
+        result = subprocess.run(
+            _cmd(fm.url, "-c", "create -e /piped x; ls /; put /after-pipe 1"),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+    assert not exists(api, "/piped")  # the session was closed on the way out
+    assert not exists(api, "/after-pipe")  # and nothing after the failed output ran

@@ -10,6 +10,7 @@ import msgspec
 
 from app import __version__, config, logs
 from app.cli import config_flags
+from app.cli.pipes import quiet_pipe
 
 EXIT_CONFIG = 2
 CONFIG_HELP = "a TOML file over config/default.toml (default: $FLEETMATE_CONFIG)"
@@ -85,6 +86,10 @@ def _load(path: str | None, flags: dict[str, str]) -> config.Config:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = _parser().parse_args(argv)
+    return quiet_pipe(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "config":
         if args.config_command == "keys":
             for env, key in config.env_keys().items():

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from app.cli import shell_args
+from app.cli.pipes import quiet_pipe
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from app.cli import shell
 
-    return shell.run(args, prog="mate-cli")
+    return quiet_pipe(lambda: shell.run(args, prog="mate-cli"))
 
 
 if __name__ == "__main__":

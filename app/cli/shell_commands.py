@@ -346,6 +346,8 @@ class Commands:
         except ShellError as exc:
             self.note(f"Error: {exc.code}: {exc.message}")
             return Status.FAILED
+        except BrokenPipeError:
+            raise  # the output's reader has gone: the shell ends (its session closed), quietly
         except Exception as exc:  # a bug must not end an interactive shell and its session
             self.note(f"Error: SystemError: {type(exc).__name__}: {exc}")
             return Status.FAILED
