@@ -85,6 +85,7 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     write_timeout: Seconds = 10.0
     rate_limit_total: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_per_client: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    container_check_interval: Seconds = 60.0
 
 
 class LeaseConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

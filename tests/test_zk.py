@@ -35,6 +35,7 @@ def fm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleetmate]:
     env = {
         "FLEETMATE_REGISTRY_SESSION_TIMEOUT_MIN_MS": "1000",
         "FLEETMATE_ZK_FOUR_LETTER_WORDS": "ruok,srvr,mntr,stat,envi",
+        "FLEETMATE_REGISTRY_CONTAINER_CHECK_INTERVAL": "0.5",
     }
     with running(Fleetmate(tmp, env=env)) as server:
         yield server

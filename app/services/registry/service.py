@@ -128,7 +128,7 @@ class RegistryService:
             on_applied=self.watches.publish,
             applied_seq=0,
         )
-        self.keeper = SessionKeeper(self.state, self._append_raw, node_id)
+        self.keeper = SessionKeeper(self.state, self._append_raw, node_id, reap_every_s=cfg.container_check_interval)
         self._keepalives: Subscription | None = None
         self.snapshots = Snapshotter(
             snapshot_store or MemorySnapshotStore(),

@@ -16,7 +16,6 @@ from app.services.registry.state import RegistryState
 log = logging.getLogger("fleetmate.registry")
 
 TICK_S = 0.2
-REAP_EVERY_S = 1.0
 
 
 class SessionKeeper:
@@ -33,12 +32,14 @@ class SessionKeeper:
         node_id: str,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        reap_every_s: float = 60.0,
     ) -> None:
         self.state = state
         self.append = append
         self.node_id = node_id
         self.clock = clock
         self.wall_clock = wall_clock  # TTL nodes compare with mtime, which is wall-clock ms
+        self.reap_every_s = reap_every_s  # as ZooKeeper's container manager: a round, then a pause
         self.term = 0
         self.last_seen: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -100,7 +101,7 @@ class SessionKeeper:
                         self.fenced += 1
                         log.warning("expiry refused: a newer leader exists", extra={"term": self.term})
                     self.last_seen.pop(sid, None)
-                if self.clock() - last_reap >= REAP_EVERY_S:
+                if self.clock() - last_reap >= self.reap_every_s:
                     last_reap = self.clock()
                     now_ms = int(self.wall_clock() * 1000)
                     for path in self.state.containers_to_reap(now_ms):
