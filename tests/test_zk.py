@@ -253,6 +253,13 @@ def test_digest_acl_is_enforced(fm: Fleetmate) -> None:
         owner.create("/secured", b"secret", acl=[acl])
         assert owner.get("/secured")[0] == b"secret"
         assert owner.get_acls("/secured")[0] == [acl]
+        # Exact duplicates are dropped at create and setACL, as ZooKeeper does; other entries stay.
+        read = make_acl("world", "anyone", read=True)
+        owner.create("/twice", b"", acl=[acl, acl, read])
+        assert owner.get_acls("/twice")[0] == [acl, read]
+        owner.set_acls("/twice", [read, read])
+        assert owner.get_acls("/twice")[0] == [read]
+        owner.delete("/twice")
         with kazoo(fm.zk) as stranger:
             with pytest.raises(NoAuthError):
                 stranger.get("/secured")

@@ -49,9 +49,10 @@ def hide_digests(acl: tuple[Acl, ...]) -> tuple[Acl, ...]:
 
 
 def resolve(acl: tuple[Acl, ...], ids: list[tuple[str, str]], path: str) -> tuple[Acl, ...]:
-    """The ACL as stored: `auth` entries become the connection's authenticated ids; others are checked."""
+    """The ACL as stored: exact duplicates dropped (the first kept, as ZooKeeper's fixupACL does),
+    `auth` entries become the connection's authenticated ids; others are checked."""
     out: list[Acl] = []
-    for entry in acl:
+    for entry in dict.fromkeys(acl):
         if entry.perms & ~31 or entry.perms == 0:
             raise InvalidACL(f"permission bits {entry.perms} are not valid", path)
         if entry.scheme == "auth":
