@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -267,6 +268,7 @@ SECRET_KEYS = frozenset(
 SQL_DSN_RE = re.compile(r"^(mysql|mariadb|postgresql|postgres)://[^\s/]+(/[A-Za-z0-9_$-]*)?(\?\S*)?$")
 
 
+@functools.cache  # type hints are evaluated once per struct: --help asks for every key several times
 def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
     hints = typing.get_type_hints(struct, include_extras=True)
     return {name: hints[name] for name in struct.__struct_fields__}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import NamedTuple
 
 from app import config
 
 _DEST = "config_key:"  # argparse dest of a key's flag: the prefix keeps it apart from other options
 
 
-def _metavar(key: str) -> str:
-    kind = config.describe_key(key)
+def _metavar(kind: str) -> str:
     if kind.startswith("an integer"):
         return "N"
     if kind.startswith("a number"):
@@ -34,39 +35,54 @@ def _prose(doc: str) -> str:
     return " ".join(lines)
 
 
+class _Flag(NamedTuple):
+    """One key's flag as argparse is given it."""
+
+    key: str
+    section: str
+    help: str
+    options: dict[str, str]
+
+
+@functools.cache  # serve, agent and config show take the same flags: work them out once
+def _flags() -> tuple[_Flag, ...]:
+    docs = config.key_docs()
+    out = []
+    for key in config.key_names():
+        kind = config.describe_key(key)
+        doc = _prose(docs.get(key, ""))
+        default = config.default_text(key) or "none"
+        help_text = f"{doc + ' ' if doc else ''}[{kind}; default: {default}; ${config.env_name(key)}]"
+        if kind == "true or false":
+            options = {"nargs": "?", "const": "true", "metavar": "BOOL"}  # `--zk-enabled` alone means true
+        else:
+            options = {"metavar": _metavar(kind)}
+        section = key.split(".", 1)[0] if "." in key else ""
+        out.append(_Flag(key, section, help_text.replace("%", "%%"), options))
+    return tuple(out)
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """A flag for every key, one group per section; each takes the text its FLEETMATE_* variable takes."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    docs = config.key_docs()
-    for key in config.key_names():
-        section = key.split(".", 1)[0] if "." in key else ""
-        group = groups.get(section)
+    for flag in _flags():
+        group = groups.get(flag.section)
         if group is None:
-            title = f"configuration [{section}]" if section else "configuration"
+            title = f"configuration [{flag.section}]" if flag.section else "configuration"
             description = (
                 None
-                if section
+                if flag.section
                 else "Every configuration key is also a flag, over its FLEETMATE_* variable, over the files "
                 "(`fleetmate config keys` lists them). A flag takes the text its variable takes; a bad value "
                 "exits 2 naming the key. Secrets given here are visible to other local users (ps): prefer "
                 "the variables or files for them."
             )
-            group = groups[section] = parser.add_argument_group(title, description)
-        default = config.default_text(key) or "none"
-        doc = _prose(docs.get(key, ""))
-        help_text = (
-            f"{doc + ' ' if doc else ''}[{config.describe_key(key)}; default: {default}; ${config.env_name(key)}]"
-        )
-        options: dict[str, object] = {}
-        if config.describe_key(key) == "true or false":
-            options.update(nargs="?", const="true", metavar="BOOL")  # `--zk-enabled` alone means true
-        else:
-            options["metavar"] = _metavar(key)
+            group = groups[flag.section] = parser.add_argument_group(title, description)
         group.add_argument(
-            config.flag_name(key),
-            dest=_DEST + key,
-            help=help_text.replace("%", "%%"),
-            **options,  # type: ignore[arg-type]
+            config.flag_name(flag.key),
+            dest=_DEST + flag.key,
+            help=flag.help,
+            **flag.options,  # type: ignore[arg-type]
         )
 
 

@@ -16,7 +16,13 @@ EXIT_CONFIG = 2
 CONFIG_HELP = "a TOML file over config/default.toml (default: $FLEETMATE_CONFIG)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; the ~100 configuration flags go only on `command`'s subparser (all when None):
+    building them for every subcommand cost `fleetmate shell` and the rest tens of milliseconds."""
+
+    def wants(name: str) -> bool:
+        return command is None or command == name
+
     parser = argparse.ArgumentParser(prog="fleetmate", description="A control plane for fleets of databases.")
     parser.add_argument("--version", action="version", version=f"fleetmate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    config_flags.add_flags(serve)  # --workers N among them
+    if wants("serve"):
+        config_flags.add_flags(serve)  # --workers N among them
 
     agent = sub.add_parser(
         "agent",
@@ -40,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     agent.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
-    config_flags.add_flags(agent)
+    if wants("agent"):
+        config_flags.add_flags(agent)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -52,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
-    config_flags.add_flags(show)
+    if wants("config"):
+        config_flags.add_flags(show)
     cfg_sub.add_parser("keys", help="list every FLEETMATE_* variable, the key it sets and its flag")
 
     clu = sub.add_parser("cluster", help="look at the replicas")
@@ -85,7 +94,9 @@ def _load(path: str | None, flags: dict[str, str]) -> config.Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)  # the subcommand, as argparse finds it
+    args = _parser(command).parse_args(argv)
     return quiet_pipe(lambda: _run(args))
 
 
