@@ -321,6 +321,16 @@ def test_lock_and_election(api: Api) -> None:
 
 
 BAD_REQUESTS: list[tuple[str, str, str, Any, int, str]] = [
+    # Paths the router would fold into another node ('//', a trailing '/'): refused as sent.
+    ("put", "/api/v1/registry/nodes/t/", "set with a trailing slash", {"data": "x"}, 400, "BadArguments"),
+    ("put", "/api/v1/registry/nodes/t//", "set with an empty last segment", {"data": "x"}, 400, "BadArguments"),
+    ("post", "/api/v1/registry/nodes//t/kid", "create with an empty segment", {"data": ""}, 400, "BadArguments"),
+    ("get", "/api/v1/registry/nodes/t//", "get with an empty segment", None, 400, "BadArguments"),
+    ("delete", "/api/v1/registry/nodes/t/", "delete with a trailing slash", None, 400, "BadArguments"),
+    ("get", "/api/v1/registry/stat//t", "stat with an empty segment", None, 400, "BadArguments"),
+    ("get", "/api/v1/registry/children/t/", "children with a trailing slash", None, 400, "BadArguments"),
+    ("put", "/api/v1/registry/acl/t//", "set an ACL with an empty segment",
+     {"acl": [{"perms": 31, "scheme": "world", "id": "anyone"}]}, 400, "BadArguments"),
     ("post", "/api/v1/registry/nodes/a%01b", "create with a control character", {"data": ""}, 400, "BadArguments"),
     ("post", "/api/v1/registry/nodes/a/%2E%2E", "create a '..' segment", {"data": ""}, 400, "BadArguments"),
     ("post", "/api/v1/registry/nodes/" + "p" * 300, "create a path over the limit", {"data": ""}, 400, "BadArguments"),
@@ -367,6 +377,16 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert r.json()["message"]
     assert api.status()["revision"] == revision
     assert api.tree() == before
+
+
+def test_sequential_create_under_a_trailing_slash_names_a_child(api: Api) -> None:
+    # ZooKeeper's create -s /parent/ makes /parent/0000000000: the slash is not folded away.
+    api.create("/fold")
+    made = api.http.post("/api/v1/registry/nodes/fold/", json={"sequential": True})
+    assert made.status_code == 201, made.text
+    assert made.json()["path"] == "/fold/0000000000"
+    assert api.get("/fold/0000000000").status_code == 200
+    api.http.delete("/api/v1/registry/nodes/fold", params={"recursive": "true"})
 
 
 def test_reads_are_linearizable_and_serializable(api: Api) -> None:

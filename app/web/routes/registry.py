@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from litestar import delete, get, post, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.spec import Example
 from litestar.params import Body, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from litestar.types import Scope
 
 from app.errors import Unavailable
 from app.node import Node
@@ -71,10 +73,22 @@ MULTI_EXAMPLES = _examples(
 SESSION_EXAMPLES = _examples(ten_seconds={"timeout_ms": 10000})
 LOCK_EXAMPLES = _examples(wait_five_seconds={"path": "/locks/schema", "session_id": 4242, "wait_ms": 5000})
 
-NODE_PATHS = ["/api/v1/registry/nodes", "/api/v1/registry/nodes/{path:path}"]
+NODES, CHILDREN, STAT, ACL = (f"/api/v1/registry/{name}" for name in ("nodes", "children", "stat", "acl"))
+NODE_PATHS = [NODES, NODES + "/{path:path}"]
 Serializable = Annotated[
     bool, QueryParameter(name="serializable", description="answer from local state without the read barrier")
 ]
+
+
+def _node_path(scope: Scope, route: str) -> str:
+    """The node path exactly as the client sent it after `route`. Litestar's routing folds '//' and
+    a trailing '/' away, which would name another node (PUT .../nodes/a//b set /a/b): the raw path
+    keeps what the registry must refuse, or, for a sequential create under 'parent/', take."""
+    try:
+        raw = unquote(scope["raw_path"].decode("ascii"), errors="strict")
+    except (UnicodeDecodeError, KeyError):
+        raise BadArguments("the request path is not valid percent-encoded UTF-8") from None
+    return raw[len(route) :] or "/" if raw.startswith(route) else "/"
 
 
 def _owner(ephemeral: bool, session_id: int) -> int:
@@ -99,18 +113,20 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
 
     @get(NODE_PATHS, tags=["registry"], summary="Get a node's data and stat")
     async def get_node(
-        path: str = "/",
+        scope: Scope,
         encoding: Encoding | None = None,
         serializable: Serializable = False,
     ) -> NodeView:
         """Data in UTF-8 when it is valid UTF-8 (or asked), else base64; `encoding` says which."""
+        path = _node_path(scope, NODES)
         data, stat = await reg().get(path, linearizable=not serializable)
         text, used = encode_data(data, encoding)
         return NodeView(path, text, used, stat)
 
     @post(NODE_PATHS, tags=["registry"], summary="Create a node", status_code=HTTP_201_CREATED)
-    async def create_node(data: Annotated[CreateBody, CREATE_EXAMPLES], path: str = "/") -> StatView:
+    async def create_node(data: Annotated[CreateBody, CREATE_EXAMPLES], scope: Scope) -> StatView:
         """Create; the answer's path differs from the request's for sequential nodes."""
+        path = _node_path(scope, NODES)
         created = await reg().create(
             path,
             decode_data(data.data, data.encoding),
@@ -124,24 +140,25 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return StatView(created.path, created.stat)
 
     @put(NODE_PATHS, tags=["registry"], summary="Set a node's data (compare-and-set with version)")
-    async def set_node(data: Annotated[SetBody, SET_EXAMPLES], path: str = "/") -> StatView:
+    async def set_node(data: Annotated[SetBody, SET_EXAMPLES], scope: Scope) -> StatView:
         """Replace data when the version matches (-1: any); 412 BadVersion otherwise."""
-        updated = await reg().set(path, decode_data(data.data, data.encoding), data.version)
+        updated = await reg().set(_node_path(scope, NODES), decode_data(data.data, data.encoding), data.version)
         return StatView(updated.path, updated.stat)
 
     @delete(NODE_PATHS, tags=["registry"], summary="Delete a node", status_code=HTTP_200_OK)
-    async def delete_node(path: str = "/", version: int = -1, recursive: bool = False) -> DeletedView:
+    async def delete_node(scope: Scope, version: int = -1, recursive: bool = False) -> DeletedView:
         """Refuses a node with children (409 NotEmpty) unless recursive=true."""
-        deleted = await reg().delete(path, version, recursive)
+        deleted = await reg().delete(_node_path(scope, NODES), version, recursive)
         return DeletedView(deleted.path, list(deleted.deleted))
 
     @get(
-        ["/api/v1/registry/children", "/api/v1/registry/children/{path:path}"],
+        [CHILDREN, CHILDREN + "/{path:path}"],
         tags=["registry"],
         summary="List a node's children",
     )
-    async def children(path: str = "/", stat: bool = False, serializable: Serializable = False) -> ChildrenView:
+    async def children(scope: Scope, stat: bool = False, serializable: Serializable = False) -> ChildrenView:
         """Sorted names; with stat=true each child's stat too."""
+        path = _node_path(scope, CHILDREN)
         registry = reg()
         names, own = await registry.children(path, linearizable=not serializable)
         if not stat:
@@ -151,32 +168,34 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return ChildrenView(path, views, own)
 
     @get(
-        ["/api/v1/registry/stat", "/api/v1/registry/stat/{path:path}"],
+        [STAT, STAT + "/{path:path}"],
         tags=["registry"],
         summary="A node's stat (exists)",
     )
-    async def stat_node(path: str = "/", serializable: Serializable = False) -> StatView:
+    async def stat_node(scope: Scope, serializable: Serializable = False) -> StatView:
         """404 NoNode when the node does not exist."""
+        path = _node_path(scope, STAT)
         return StatView(path, await reg().stat(path, linearizable=not serializable))
 
     @get(
-        ["/api/v1/registry/acl", "/api/v1/registry/acl/{path:path}"],
+        [ACL, ACL + "/{path:path}"],
         tags=["registry"],
         summary="A node's ACL",
     )
-    async def get_acl(path: str = "/", serializable: Serializable = False) -> AclView:
+    async def get_acl(scope: Scope, serializable: Serializable = False) -> AclView:
         """ACL entries and the node's stat (aversion counts ACL changes)."""
+        path = _node_path(scope, ACL)
         acl, stat = await reg().get_acl(path, linearizable=not serializable)
         return AclView(path, [AclEntry(a.perms, a.scheme, a.id) for a in acl], stat)
 
     @put(
-        ["/api/v1/registry/acl", "/api/v1/registry/acl/{path:path}"],
+        [ACL, ACL + "/{path:path}"],
         tags=["registry"],
         summary="Replace a node's ACL",
     )
-    async def set_acl(data: AclBody, path: str = "/") -> StatView:
+    async def set_acl(data: AclBody, scope: Scope) -> StatView:
         """Compare-and-set on aversion."""
-        updated = await reg().set_acl(path, tuple(a.to_acl() for a in data.acl), data.version)
+        updated = await reg().set_acl(_node_path(scope, ACL), tuple(a.to_acl() for a in data.acl), data.version)
         return StatView(updated.path, updated.stat)
 
     @post("/api/v1/registry/check", tags=["registry"], summary="Check a node's version", status_code=HTTP_200_OK)
