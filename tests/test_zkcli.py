@@ -1,26 +1,47 @@
-"""ZooKeeper's own zkCli.sh (Debian's zookeeper package) against fleetmate, driven through its standard input."""
+"""ZooKeeper's own zkCli.sh (Debian's zookeeper package) driven through its standard input, against a real
+ZooKeeper 3.8 and fleetmate: the same sessions must print the same lines on both."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bench.zkserver import ZooKeeper, zookeeper_classpath
 from tests.harness import Fleetmate, running
 
 ZKCLI = Path("/usr/share/zookeeper/bin/zkCli.sh")
 
 
-@pytest.fixture(scope="module")
-def fm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleetmate]:
+@pytest.fixture(scope="module", params=["zookeeper", "fleetmate"])
+def fm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The server zkCli talks to (named fm for the tests' sake): a real ZooKeeper, then fleetmate."""
     assert ZKCLI.exists(), f"{ZKCLI} is missing: `make test` installs Debian's zookeeper package"
-    with running(Fleetmate(tmp_path_factory.mktemp("zkcli"))) as server:
-        yield server
+    if request.param == "fleetmate":
+        with running(Fleetmate(tmp_path_factory.mktemp("zkcli"))) as server:
+            yield Server(server.zk)
+        return
+    classpath = zookeeper_classpath()
+    assert classpath is not None, "Debian's zookeeper package and a JRE are needed (make test-deps)"
+    zk = ZooKeeper(classpath)
+    zk.start()
+    try:
+        yield Server(f"{zk.host}:{zk.port}")
+    finally:
+        zk.stop()
 
 
-def zkcli(fm: Fleetmate, *commands: str) -> list[str]:
+@dataclass(frozen=True)
+class Server:
+    """The ZooKeeper address of the server under test."""
+
+    zk: str
+
+
+def zkcli(fm: Server, *commands: str) -> list[str]:
     """Run commands in one zkCli session (one ZooKeeper session); its output lines, noise dropped."""
     script = "".join(f"{c}\n" for c in (*commands, "quit"))
     out = subprocess.run(
@@ -36,7 +57,7 @@ def zkcli(fm: Fleetmate, *commands: str) -> list[str]:
     return [line for line in out.splitlines() if line.strip() and not line.startswith(noise)]
 
 
-def test_zkcli_create_ls_get_set_stat_delete(fm: Fleetmate) -> None:
+def test_zkcli_create_ls_get_set_stat_delete(fm: Server) -> None:
     out = zkcli(
         fm,
         "create /cli hello",
@@ -61,13 +82,13 @@ def test_zkcli_create_ls_get_set_stat_delete(fm: Fleetmate) -> None:
     assert out[18] == "[seq-0000000000, seq-0000000001]"
 
 
-def test_zkcli_ephemeral_lives_as_long_as_its_session(fm: Fleetmate) -> None:
+def test_zkcli_ephemeral_lives_as_long_as_its_session(fm: Server) -> None:
     assert zkcli(fm, "create -e /eph2 x", "ls /eph2") == ["Created /eph2", "[]"]
     # zkCli closed its session on quit: the node is gone for the next session.
     assert zkcli(fm, "ls /eph2") == ["Node does not exist: /eph2"]
 
 
-def test_zkcli_deleteall_and_errors(fm: Fleetmate) -> None:
+def test_zkcli_deleteall_and_errors(fm: Server) -> None:
     out = zkcli(fm, "create /tree", "create /tree/a", "create /tree/a/b", "delete /tree", "deleteall /tree", "ls /tree")
     assert out[:3] == ["Created /tree", "Created /tree/a", "Created /tree/a/b"]
     assert out[3] == "Node not empty: /tree"
