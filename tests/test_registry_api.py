@@ -320,7 +320,29 @@ def test_lock_and_election(api: Api) -> None:
     api.http.delete(f"/api/v1/sessions/{s2}")  # no session may expire later, under another test
 
 
+HUGE = 2**64  # past what a log entry can carry: on 3e4b762 one such request stopped every later write
 BAD_REQUESTS: list[tuple[str, str, str, Any, int, str]] = [
+    # Fields bounded where they enter, as ZooKeeper's wire types: versions int32, session ids int64.
+    ("put", "/api/v1/registry/nodes/t", "a version past 2^64", {"data": "", "version": HUGE}, 400, "bad_request"),
+    ("put", "/api/v1/registry/nodes/t", "a version past int32", {"data": "", "version": 2**31}, 400, "bad_request"),
+    ("delete", f"/api/v1/registry/nodes/t?version={HUGE}", "delete with a version past 2^64", None, 400, "bad_request"),
+    (
+        "post", "/api/v1/registry/nodes/t/e", "an ephemeral with a session id past 2^64",
+        {"ephemeral": True, "session_id": HUGE}, 400, "bad_request",
+    ),
+    (
+        "post", "/api/v1/registry/multi", "a multi set with a version past 2^64",
+        {"ops": [{"op": "set", "path": "/t", "data": "", "version": HUGE}]}, 400, "bad_request",
+    ),
+    (
+        "post", "/api/v1/registry/multi", "a multi create with a session id past int64",
+        {"ops": [{"op": "create", "path": "/t/e", "ephemeral": True, "session_id": 2**63}]}, 400, "bad_request",
+    ),
+    ("post", "/api/v1/registry/nodes/t/x", "a TTL past int64", {"ttl_ms": HUGE}, 400, "bad_request"),
+    ("put", f"/api/v1/sessions/{HUGE}/keepalive", "a keepalive of a session id past 2^64", None, 400, "bad_request"),
+    ("post", "/api/v1/sessions", "a session timeout past int32", {"timeout_ms": 2**31}, 400, "bad_request"),
+    ("post", "/api/v1/registry/check", "a check with a version past 2^64", {"path": "/t", "version": HUGE}, 400,
+     "bad_request"),
     # Paths the router would fold into another node ('//', a trailing '/'): refused as sent.
     ("put", "/api/v1/registry/nodes/t/", "set with a trailing slash", {"data": "x"}, 400, "BadArguments"),
     ("put", "/api/v1/registry/nodes/t//", "set with an empty last segment", {"data": "x"}, 400, "BadArguments"),
@@ -377,6 +399,8 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert r.json()["message"]
     assert api.status()["revision"] == revision
     assert api.tree() == before
+    # Nothing the request did stops the log: the next write answers at once.
+    assert api.http.put("/api/v1/registry/nodes/t", json={"data": ""}, timeout=2).status_code == 200
 
 
 def test_sequential_create_under_a_trailing_slash_names_a_child(api: Api) -> None:
@@ -472,6 +496,8 @@ def test_keepalive_over_the_watch_socket(fm: Fleetmate, api: Api) -> None:
             time.sleep(0.15)
         assert api.get("/wska/e").status_code == 200  # alive well past its 300 ms timeout
         ws.send("not json")
+        assert _recv(ws)["error"] == "bad_request"
+        ws.send(json.dumps({"op": "keepalive", "session_id": 2**64}))  # past int64: refused, nothing sent on
         assert _recv(ws)["error"] == "bad_request"
         ws.send(json.dumps({"op": "keepalive", "session_id": 4242}))
         assert _recv(ws)["error"] == "SessionExpired"

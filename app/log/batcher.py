@@ -18,7 +18,9 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
+from app import failpoints
 from app.aio import Signal
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.log")
 
@@ -46,6 +48,11 @@ def _expire(fut: asyncio.Future[Msg]) -> None:
 
 class AppendError(RuntimeError):
     """The entry could not be appended; whether it reached the log is unknown after a timeout."""
+
+
+class UnencodableCommand(ValueError):
+    """This command cannot be written to the log (a value the codec cannot carry): it fails
+    alone, before anything is published, and the commands batched with it go on."""
 
 
 class Pending:
@@ -127,7 +134,9 @@ class Batcher(Generic[C]):
     def start(self) -> None:
         """Start the flusher task."""
         self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._run(), name=f"batcher-{self.subject}")
+        self._task = supervisor.watch(
+            self._loop.create_task(self._run(), name=f"batcher-{self.subject}"), f"the log writer of {self.subject}"
+        )
 
     async def stop(self) -> None:
         """Stop the flusher; queued commands fail."""
@@ -175,8 +184,15 @@ class Batcher(Generic[C]):
             while self._queue:
                 batch = self._take()
                 live = [(c, f, d) for c, _, f, d in batch if not f.done()]  # cancelled or timed out
-                if live:
+                if not live:
+                    continue
+                try:
                     await self._publish(live)
+                except Exception as exc:  # one entry's failure never stops the writer
+                    log.exception("log append failed unexpectedly; its writers get an error")
+                    for _, fut, _ in live:
+                        if not fut.done():
+                            fut.set_exception(AppendError(f"log append failed: {exc!r}"))
 
     async def _append_once(self, payload: bytes, headers: dict[str, str], token: str) -> None:
         """One publish of an entry and its acknowledgement (raises on a timeout or a refusal).
@@ -209,9 +225,31 @@ class Batcher(Generic[C]):
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def _encode(self, batch: list[tuple[C, asyncio.Future[Any], float]]) -> bytes | None:
+        """The entry's bytes; a command the codec refuses is failed alone (UnencodableCommand) and
+        removed from batch, so the others are published. None when nothing is left."""
+        try:
+            return self.encode([c for c, _, _ in batch])
+        except Exception:
+            pass
+        kept = []
+        for item in batch:
+            try:
+                self.encode([item[0]])
+            except Exception as exc:
+                log.warning("a command cannot be written to the log", extra={"error": repr(exc)})
+                if not item[1].done():
+                    item[1].set_exception(UnencodableCommand(f"the command cannot be written to the log: {exc}"))
+            else:
+                kept.append(item)
+        batch[:] = kept
+        return self.encode([c for c, _, _ in kept]) if kept else None
+
     async def _publish(self, batch: list[tuple[C, asyncio.Future[Any], float]]) -> None:
+        payload = self._encode(batch)
+        if payload is None:
+            return
         msg_id = self._prefix + str(next(self._ids))
-        payload = self.encode([c for c, _, _ in batch])
         self.pending[msg_id] = Pending([f for _, f, _ in batch], [d for _, _, d in batch])
         headers = {MSG_ID_HEADER: msg_id}
         last: Exception | None = None
@@ -221,7 +259,9 @@ class Batcher(Generic[C]):
         while True:
             attempt += 1
             try:
+                failpoints.hit("log.before_append")
                 await self._append_once(payload, headers, str(next(self._tokens)))
+                failpoints.hit("log.after_append")  # stored in the log, not applied nor answered yet
                 self.entries += 1
                 self.commands += len(batch)
                 return

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.log.lease.base import LeaseBackend, LeaseRecord
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.lease")
 
@@ -43,7 +44,9 @@ class Leadership:
 
     def start(self) -> None:
         """Start the loop."""
-        self._task = asyncio.create_task(self._run(), name="leadership")
+        self._task = supervisor.watch(
+            asyncio.create_task(self._run(), name="leadership"), "the lease loop", may_return=True
+        )
 
     async def _run(self) -> None:
         while not self._stopping:

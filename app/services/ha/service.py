@@ -43,6 +43,7 @@ from app.services.ha.topology import TopologyTree
 from app.services.registry.errors import NodeExists, NoNode, RegistryError
 from app.services.registry.messages import Create, Delete, SetData
 from app.services.registry.service import MultiOp, RegistryService
+from app.supervise import supervisor
 from app.telemetry import tracer
 
 log = logging.getLogger("fleetmate.ha")
@@ -472,7 +473,9 @@ class HaService:
     async def lead(self) -> None:
         """Start probing every cluster (this replica holds the lease)."""
         self.leading = True
-        self._task = asyncio.create_task(self._loop(), name="ha-leader")
+        self._task = supervisor.watch(
+            asyncio.create_task(self._loop(), name="ha-leader"), "the HA leader loop", may_return=True
+        )
 
     async def stop_leading(self) -> None:
         """Stop probing at once (a fence in flight is cancelled; its agent may still finish a rejoin)."""

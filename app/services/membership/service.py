@@ -55,6 +55,7 @@ from app.services.membership.state import (
 )
 from app.services.registry.errors import OperationTimeout, RegistryError
 from app.services.registry.service import RegistryService
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.membership")
 
@@ -155,7 +156,9 @@ class MembershipService:
             await nc.subscribe(subjects.AGENT_HEARTBEATS, cb=self._on_heartbeat),
             await nc.subscribe(subjects.AGENT_FACTS, cb=self._on_facts),
         ]
-        self._beat = asyncio.create_task(self._heartbeat_loop(), name="membership-heartbeat")
+        self._beat = supervisor.watch(
+            asyncio.create_task(self._heartbeat_loop(), name="membership-heartbeat"), "the membership heartbeat"
+        )
 
     async def stop(self) -> None:
         """Stop leading, heartbeating and listening."""
@@ -297,7 +300,9 @@ class MembershipService:
             if node_id not in stored and now - heard.at < self.timings.suspect_s:
                 self._pending.extend(self.machine.apply(Heartbeat(node_id, heard.at, heard.kind)))
         self._dirty = set(self.heard)
-        self._leader = asyncio.create_task(self._leader_loop(), name="membership-leader")
+        self._leader = supervisor.watch(
+            asyncio.create_task(self._leader_loop(), name="membership-leader"), "the membership leader loop"
+        )
         log.info("judging node states", extra={"nodes": len(stored), "grace_s": self.timings.suspect_s})
 
     async def stop_leading(self) -> None:

@@ -58,6 +58,7 @@ from app.services.metrics.messages import (
 )
 from app.services.metrics.query import Query, make_query, parse_labels
 from app.services.metrics.store import MetricsStore
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.metrics")
 
@@ -152,9 +153,9 @@ class MetricsService:
         )
         self.running = True
         self._tasks = [
-            asyncio.create_task(self._fetch_loop(), name="metrics-fetch"),
-            asyncio.create_task(self._write_loop(), name="metrics-write"),
-            asyncio.create_task(self._maintain_loop(), name="metrics-maintain"),
+            supervisor.watch(asyncio.create_task(self._fetch_loop(), name="metrics-fetch"), "metrics fetch"),
+            supervisor.watch(asyncio.create_task(self._write_loop(), name="metrics-write"), "metrics write"),
+            supervisor.watch(asyncio.create_task(self._maintain_loop(), name="metrics-maintain"), "metrics upkeep"),
         ]
         log.info(
             "metrics started",

@@ -10,6 +10,16 @@ import msgspec
 PERM_READ, PERM_WRITE, PERM_CREATE, PERM_DELETE, PERM_ADMIN = 1, 2, 4, 8, 16
 PERM_ALL = 31
 
+# What ZooKeeper's wire types can carry, and so what the edges (REST, WebSocket, ZooKeeper, CLI)
+# accept: versions are jute ints, session ids and TTLs longs, timeouts ints. A value past these
+# is refused where it enters (400 naming the field), never put in a log entry.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+Version = Annotated[int, msgspec.Meta(ge=-1, le=INT32_MAX)]  # -1: any version
+SessionId = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]  # 0: none
+TtlMs = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+TimeoutMs = Annotated[int, msgspec.Meta(gt=0, le=INT32_MAX)]
+
 KIND_PERSISTENT = 0
 KIND_CONTAINER = 1
 KIND_TTL = 2
@@ -233,8 +243,8 @@ class KeepaliveRequest(msgspec.Struct, frozen=True):
     client's last activity (its own clock minus idle_ms), never from when the forward arrived.
     """
 
-    session_id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-    idle_ms: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
+    session_id: SessionId
+    idle_ms: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] = 0
 
 
 class KeepaliveReply(msgspec.Struct, frozen=True):

@@ -12,6 +12,7 @@ from typing import Any
 from app.services.registry.errors import RegistryError, StaleTerm
 from app.services.registry.messages import Command, ExpireSession, LeaderElected, ReapContainer
 from app.services.registry.state import RegistryState
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.registry")
 
@@ -56,7 +57,7 @@ class SessionKeeper:
         self.term = term
         now = self.clock()
         self.last_seen = dict.fromkeys(self.state.sessions, now)
-        self._task = asyncio.create_task(self._run(), name="session-keeper")
+        self._task = supervisor.watch(asyncio.create_task(self._run(), name="session-keeper"), "the session keeper")
         log.info("leading the registry", extra={"term": term, "sessions": len(self.last_seen)})
 
     @property

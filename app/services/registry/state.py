@@ -212,6 +212,8 @@ class RegistryState:
             result = self._dispatch(cmd, rev, events)
         except RegistryError as err:
             return err, []
+        except Exception as exc:  # a command apply cannot take: the same error on every replica, log goes on
+            return RegistryError(f"{type(cmd).__name__} could not be applied: {exc!r}"), []
         self.revision = rev
         self.meta_dirty = True
         return result, events
@@ -420,7 +422,7 @@ class RegistryState:
                 except RegistryError as err:
                     err.failed_index = index
                     raise
-        except RegistryError:
+        except Exception:  # a RegistryError, or anything else: nothing of the multi stays
             undo, self._undo = self._undo, None
             for step in reversed(undo):
                 step()

@@ -23,6 +23,7 @@ from app.bus.connection import Bus
 from app.bus.micro import Endpoint, HandlerError, call, start_service
 from app.bus.streams import ensure_kv
 from app.services.system.messages import InfoRequest, NodeInfo, ReplicaRecord
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.system")
 
@@ -64,7 +65,9 @@ class SystemService:
             await self._announce_once()
         except Exception as exc:  # a bucket another replica has only just created may not answer yet
             log.warning("first announcement failed; the announce loop retries", extra={"error": repr(exc)})
-        self._announcer = asyncio.create_task(self._announce_loop(), name="system-announce")
+        self._announcer = supervisor.watch(
+            asyncio.create_task(self._announce_loop(), name="system-announce"), "the replica announcer"
+        )
 
     async def _seed(self) -> None:
         assert self._kv is not None

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 from litestar import delete, get, post, put
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.spec import Example
-from litestar.params import Body, QueryParameter
+from litestar.params import Body, Parameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from litestar.types import Scope
 
@@ -16,7 +16,17 @@ from app.errors import Unavailable
 from app.node import Node
 from app.services.registry import recipes
 from app.services.registry.errors import BadArguments
-from app.services.registry.messages import Check, Create, Created, Delete, Deleted, SetData, Updated
+from app.services.registry.messages import (
+    INT32_MAX,
+    INT64_MAX,
+    Check,
+    Create,
+    Created,
+    Delete,
+    Deleted,
+    SetData,
+    Updated,
+)
 from app.services.registry.service import RegistryService
 from app.web.routes.registry_models import (
     AclBody,
@@ -75,6 +85,10 @@ LOCK_EXAMPLES = _examples(wait_five_seconds={"path": "/locks/schema", "session_i
 
 NODES, CHILDREN, STAT, ACL = (f"/api/v1/registry/{name}" for name in ("nodes", "children", "stat", "acl"))
 NODE_PATHS = [NODES, NODES + "/{path:path}"]
+QueryVersion = Annotated[
+    int, QueryParameter(ge=-1, le=INT32_MAX, description="expected version (ZooKeeper's int32); -1: any")
+]
+PathSession = Annotated[int, Parameter(ge=1, le=INT64_MAX, description="a session id (ZooKeeper's int64)")]
 Serializable = Annotated[
     bool, QueryParameter(name="serializable", description="answer from local state without the read barrier")
 ]
@@ -146,7 +160,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return StatView(updated.path, updated.stat)
 
     @delete(NODE_PATHS, tags=["registry"], summary="Delete a node", status_code=HTTP_200_OK)
-    async def delete_node(scope: Scope, version: int = -1, recursive: bool = False) -> DeletedView:
+    async def delete_node(scope: Scope, version: QueryVersion = -1, recursive: bool = False) -> DeletedView:
         """Refuses a node with children (409 NotEmpty) unless recursive=true."""
         deleted = await reg().delete(_node_path(scope, NODES), version, recursive)
         return DeletedView(deleted.path, list(deleted.deleted))
@@ -265,13 +279,13 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return SessionView(opened.session_id, opened.timeout_ms)
 
     @put("/api/v1/sessions/{session_id:int}/keepalive", tags=["sessions"], summary="Keep a session alive")
-    async def keepalive(session_id: int) -> SessionView:
+    async def keepalive(session_id: PathSession) -> SessionView:
         """404 SessionExpired when it is gone."""
         timeout = await reg().keepalive(session_id)
         return SessionView(session_id, timeout)
 
     @delete("/api/v1/sessions/{session_id:int}", tags=["sessions"], summary="Close a session", status_code=200)
-    async def close_session(session_id: int) -> DeletedView:
+    async def close_session(session_id: PathSession) -> DeletedView:
         """Its ephemeral nodes are deleted at once."""
         closed = await reg().close_session(session_id)
         return DeletedView(f"0x{session_id:x}", list(closed.deleted))
@@ -282,7 +296,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         return [SessionView(r.session_id, r.timeout_ms, r.created_ms) for r in reg().sessions()]
 
     @get("/api/v1/sessions/{session_id:int}", tags=["sessions"], summary="One session and its ephemeral nodes")
-    async def one_session(session_id: int) -> SessionView:
+    async def one_session(session_id: PathSession) -> SessionView:
         """404 SessionExpired when it is gone."""
         record, owned = reg().session(session_id)
         return SessionView(record.session_id, record.timeout_ms, record.created_ms, owned)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from app.services.registry.errors import BadArguments
-from app.services.registry.messages import Acl, Stat
+from app.services.registry.messages import INT64_MAX, Acl, SessionId, Stat, TimeoutMs, TtlMs, Version
 
 Encoding = Literal["utf-8", "base64"]
 
@@ -74,12 +74,12 @@ class CreateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data: str | None = ""  # null: ZooKeeper's null data, kept apart from ""
     encoding: Encoding = "utf-8"
     ephemeral: bool = False
-    session_id: Annotated[int, msgspec.Meta(ge=0)] = 0
+    session_id: SessionId = 0
     sequential: bool = False
     container: bool = False
     parents: bool = False
     acl: list[AclEntry] | None = None
-    ttl_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    ttl_ms: TtlMs = 0
 
 
 class SetBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -87,14 +87,14 @@ class SetBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     data: str | None
     encoding: Encoding = "utf-8"
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
 
 
 class AclBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Replace a node's ACL; version is the expected aversion (-1: any)."""
 
     acl: list[AclEntry]
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
 
 
 class AclView(msgspec.Struct, frozen=True):
@@ -131,7 +131,7 @@ class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Succeed only if the node exists at this version (-1: any)."""
 
     path: str
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
 
 
 class OpCreate(msgspec.Struct, frozen=True, tag="create", tag_field="op", forbid_unknown_fields=True):
@@ -141,7 +141,7 @@ class OpCreate(msgspec.Struct, frozen=True, tag="create", tag_field="op", forbid
     data: str | None = ""
     encoding: Encoding = "utf-8"
     ephemeral: bool = False
-    session_id: Annotated[int, msgspec.Meta(ge=0)] = 0
+    session_id: SessionId = 0
     sequential: bool = False
     container: bool = False
     parents: bool = False
@@ -153,14 +153,14 @@ class OpSet(msgspec.Struct, frozen=True, tag="set", tag_field="op", forbid_unkno
     path: str
     data: str | None
     encoding: Encoding = "utf-8"
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
 
 
 class OpDelete(msgspec.Struct, frozen=True, tag="delete", tag_field="op", forbid_unknown_fields=True):
     """Multi: delete (recursive is allowed)."""
 
     path: str
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
     recursive: bool = False
 
 
@@ -168,7 +168,7 @@ class OpCheck(msgspec.Struct, frozen=True, tag="check", tag_field="op", forbid_u
     """Multi: check a version."""
 
     path: str
-    version: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    version: Version = -1
 
 
 class MultiBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -196,7 +196,7 @@ class MultiView(msgspec.Struct, frozen=True):
 class SessionBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Open a session; the timeout is clamped to the configured bounds."""
 
-    timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 10000
+    timeout_ms: TimeoutMs = 10000
 
 
 class SessionView(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -212,7 +212,7 @@ class LockBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Take the lock at path for a session; wait up to wait_ms (0: try once)."""
 
     path: str
-    session_id: Annotated[int, msgspec.Meta(gt=0)]
+    session_id: Annotated[int, msgspec.Meta(gt=0, le=INT64_MAX)]
     wait_ms: Annotated[int, msgspec.Meta(ge=0, le=300_000)] = 0
     owner: str = ""
 
@@ -229,7 +229,7 @@ class ElectionBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Join the election at path as candidate; wait up to wait_ms to become leader (0: do not wait)."""
 
     path: str
-    session_id: Annotated[int, msgspec.Meta(gt=0)]
+    session_id: Annotated[int, msgspec.Meta(gt=0, le=INT64_MAX)]
     candidate: str
     wait_ms: Annotated[int, msgspec.Meta(ge=0, le=300_000)] = 0
 

@@ -31,8 +31,9 @@ from app.errors import FleetmateError
 from app.node import Node
 from app.services.registry import paths
 from app.services.registry.errors import BadArguments
-from app.services.registry.messages import Event
+from app.services.registry.messages import Event, SessionId
 from app.services.registry.watches import OneShotKind
+from app.supervise import supervisor
 from app.web.auth import TokenGuard
 
 WATCH_PATH = "/api/v1/watch"
@@ -46,7 +47,7 @@ class ClientMessage(msgspec.Struct, frozen=True):
     """What a watcher may send: {"op": "keepalive", "session_id": N}."""
 
     op: Literal["keepalive"]
-    session_id: int
+    session_id: SessionId
 
 
 class WatchQuery(msgspec.Struct, frozen=True):
@@ -206,7 +207,9 @@ class _FanOut:
                 wake.set_result(None)
 
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="watch-fanout")
+            self._task = supervisor.watch(
+                asyncio.get_running_loop().create_task(self._run(), name="watch-fanout"), "the watch fan-out"
+            )
         return on_event
 
     async def _run(self) -> None:
