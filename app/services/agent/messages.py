@@ -124,7 +124,7 @@ class EngineScan(msgspec.Struct, frozen=True):
 
 # ---- log cleanup ----------------------------------------------------------------------------------
 
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # what a signed 64-bit field holds
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 

@@ -93,7 +93,7 @@ class PointFrame(msgspec.Struct, frozen=True, array_like=True):
     """
 
     keys: list[str]
-    counts: list[Annotated[int, msgspec.Meta(ge=0)]]
+    counts: list[Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]]
     ts: bytes
     values: bytes
 
