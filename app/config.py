@@ -137,6 +137,7 @@ class SnapshotConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     every_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
     keep: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     trim: bool = True
+    on_stop_timeout: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
 
 
 class MembershipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

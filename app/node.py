@@ -255,7 +255,9 @@ class Node:
             if step is None:
                 continue
             try:
-                await asyncio.wait_for(step(), STOP_STEP_TIMEOUT_S)
+                # The registry's step may end with a snapshot, bounded by snapshot.on_stop_timeout.
+                extra = self.cfg.snapshot.on_stop_timeout if name == "registry" else 0.0
+                await asyncio.wait_for(step(), STOP_STEP_TIMEOUT_S + extra)
             except TimeoutError:
                 log.error("a shutdown step did not finish in time; going on", extra={"step": name})
             except Exception as exc:

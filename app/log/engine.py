@@ -14,7 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
 from app.aio import Mailbox
@@ -52,6 +52,23 @@ def stream_seq(msg: Msg) -> int:
     if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
         return msg.metadata.sequence.stream  # not a consumer delivery: nats-py raises its error
     return int(tokens[5] if len(tokens) == 9 else tokens[7])
+
+
+def stream_config(stream: str, subject: str, replicas: int) -> StreamConfig:
+    """The configuration of a log's stream (also declared by `fleetmate restore`)."""
+    return StreamConfig(
+        name=stream,
+        subjects=[subject],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=120.0,
+        max_msg_size=8 << 20,
+    )
+
+
+def log_id(info: StreamInfo) -> str:
+    """A stream's identity: its creation time (a stream deleted or lost and created again gets another)."""
+    return info.created.isoformat() if info.created else ""
 
 
 class Machine(Protocol[C_contra]):
@@ -120,17 +137,7 @@ class SharedLog(Generic[C]):
 
     async def prepare(self) -> LogBounds:
         """Declare the stream (idempotent) and return its bounds, so a caller can restore first."""
-        await ensure_stream(
-            self.bus.js,
-            StreamConfig(
-                name=self.stream,
-                subjects=[self.subject],
-                storage=StorageType.FILE,
-                num_replicas=self.replicas,
-                duplicate_window=120.0,
-                max_msg_size=8 << 20,
-            ),
-        )
+        await ensure_stream(self.bus.js, stream_config(self.stream, self.subject, self.replicas))
         return await self.bounds(patience=15.0)
 
     async def start(self) -> None:
@@ -354,7 +361,7 @@ class SharedLog(Generic[C]):
         while True:
             try:
                 info = await self.bus.js.stream_info(self.stream)
-                return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages)
+                return LogBounds(info.state.first_seq, info.state.last_seq, info.state.messages, log_id(info))
             except (NotFoundError, TimeoutError, NatsTimeout) as exc:
                 if loop.time() >= deadline:
                     raise

@@ -21,7 +21,7 @@ from app.bus.micro import HandlerError, call, serve_every_subscriber
 from app.config import RegistryConfig, SnapshotConfig
 from app.log.batcher import AppendError
 from app.log.engine import LogFailed, SharedLog
-from app.log.snapshots import Image, Snapshotter, needs_restore
+from app.log.snapshots import Image, Snapshotter
 from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
@@ -153,15 +153,15 @@ class RegistryService:
         Leading comes later, from the lease (become_leader).
         """
         bounds = await self.log.prepare()
-        local_seq = self.store.applied_seq()
-        if needs_restore(local_seq, bounds):
-            await self.snapshots.restore(local_seq, bounds, self.store.install)
+        # A snapshot when the log was trimmed past us or we have nothing; when the log lost what
+        # the newest snapshot (or this file) covers, that state and the stream moved past it.
+        recovery = await self.snapshots.recover(self.store, bounds, self.log.trim)
         applied_seq, events = self.store.load(self.state)
         self.watches.load(events, self.state.revision)
         self.log.applied_seq = self.log.committed_seq = applied_seq
         await self.log.start()
         await self.log.barrier(timeout=60)
-        self.snapshots.start()
+        self.snapshots.start(take_now=bool(recovery.continued_at))
         log.info(
             "registry ready",
             extra={
@@ -189,10 +189,12 @@ class RegistryService:
                 log.debug("keepalive unsubscribe failed", extra={"error": str(exc)})
 
     async def stop(self) -> None:
-        """Stop leading, snapshotting, appending and applying; close the store."""
+        """Stop leading, snapshotting, appending and applying; a snapshot if ahead of the store; close the store."""
         await self.stop_leading()
         await self.snapshots.stop()
         await self.log.stop()
+        if not self.log.failed:
+            await self.snapshots.take_at_stop(self.snapshots.cfg.on_stop_timeout)
         self.store.close()
 
     @property

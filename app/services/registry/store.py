@@ -27,12 +27,63 @@ CREATE TABLE IF NOT EXISTS event_batches (
     last_rev INTEGER NOT NULL,
     rows BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    log_id TEXT NOT NULL
+);
 """
 
 _enc = msgspec.msgpack.Encoder()
 _node_dec = msgspec.msgpack.Decoder(Znode)
 _session_dec = msgspec.msgpack.Decoder(SessionRecord)
 _events_dec = msgspec.msgpack.Decoder(list[Event])
+
+
+def _without_wal(data: bytes) -> bytes:
+    if len(data) >= 100 and data[18:20] == b"\x02\x02":
+        # The image of a WAL database says so in its header; an in-memory copy cannot be
+        # in WAL mode, so mark it as a rollback-journal file (the new file turns WAL on open).
+        return data[:18] + b"\x01\x01" + data[20:]
+    return data
+
+
+def image_position(data: bytes) -> tuple[int, int]:
+    """(applied sequence, revision) that an image says it holds; ValueError when it is no registry image."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.deserialize(_without_wal(data))
+        row = probe.execute("SELECT seq, revision FROM applied WHERE id = 1").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"not a registry image: {exc}") from exc
+    finally:
+        probe.close()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def rebase_image(data: bytes, seq: int, revision: int) -> bytes:
+    """The same state, placed at log sequence `seq` with its revision counter at `revision` (`fleetmate restore`).
+
+    The nodes keep their stats; only the counter moves, so the next write gets revision + 1 and
+    revisions never go back below what clients of the abandoned history have seen.
+    """
+    probe = sqlite3.connect(":memory:")
+    try:
+        try:
+            probe.deserialize(_without_wal(data))
+            row = probe.execute("SELECT term, leader FROM applied WHERE id = 1").fetchone()
+            term, leader = row or (0, "")
+            probe.executescript(_SCHEMA)  # an image from an older version may lack a table
+            with probe:
+                probe.execute("DELETE FROM log")
+                probe.execute(
+                    "INSERT OR REPLACE INTO applied (id, seq, revision, term, leader) VALUES (1, ?, ?, ?, ?)",
+                    (seq, revision, term, leader),
+                )
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"not a registry image: {exc}") from exc
+        return probe.serialize()
+    finally:
+        probe.close()
 
 
 class RegistryStore:
@@ -62,10 +113,7 @@ class RegistryStore:
         The image is checked (it must open as a registry database) before anything local is
         touched; then it is written beside the file and renamed over it.
         """
-        if len(data) >= 100 and data[18:20] == b"\x02\x02":
-            # The image of a WAL database says so in its header; an in-memory copy cannot be
-            # in WAL mode, so mark it as a rollback-journal file (the new file turns WAL on open).
-            data = data[:18] + b"\x01\x01" + data[20:]
+        data = _without_wal(data)
         probe = sqlite3.connect(":memory:")
         try:
             try:
@@ -91,6 +139,27 @@ class RegistryStore:
         self.conn = open_db(self.path)
         self.conn.executescript(_SCHEMA)
         return seq
+
+    def position(self) -> tuple[int, int]:
+        """(applied sequence, revision) of the file's state ((0, 0) for a new file)."""
+        row = self.conn.execute("SELECT seq, revision FROM applied WHERE id = 1").fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    def log_id(self) -> str:
+        """The identity of the log this file's state follows ("" when not recorded)."""
+        row = self.conn.execute("SELECT log_id FROM log WHERE id = 1").fetchone()
+        return str(row[0]) if row else ""
+
+    def set_log_id(self, log_id: str) -> None:
+        """Record which log the state follows (local to this replica: never replicated)."""
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO log (id, log_id) VALUES (1, ?)", (log_id,))
+
+    def reset(self) -> None:
+        """Forget the local state (it follows a log that is gone): an empty registry at sequence 0."""
+        with self.conn:
+            for table in ("applied", "nodes", "sessions", "event_batches", "log"):
+                self.conn.execute(f"DELETE FROM {table}")
 
     def load(self, state: RegistryState) -> tuple[int, list[Event]]:
         """Fill state from the file; return (applied stream sequence, retained events oldest first)."""

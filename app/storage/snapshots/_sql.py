@@ -58,6 +58,9 @@ class SqlSnapshotStore(SnapshotStore):
             await self._db.close()
             self._db = None
 
+    def describe(self) -> str:
+        return f"table {self.snapshots} in {sqldb.redact(self.dsn)}"
+
     async def _save(self, meta: SnapshotMeta, data: bytes) -> None:
         try:
             await self._save_once(meta, data)

@@ -26,6 +26,8 @@ class SnapshotMeta(msgspec.Struct, frozen=True):
     size: int
     sha256: str
     format: int = SNAPSHOT_FORMAT
+    #: The identity of the log the snapshot continues (see LogBounds.log_id); "" when not known.
+    log_id: str = ""
 
     @property
     def name(self) -> str:
@@ -37,7 +39,9 @@ class SnapshotCorrupt(Exception):
     """A snapshot that cannot be read back intact (missing blob, checksum or size mismatch)."""
 
 
-def make_meta(service: str, seq: int, revision: int, created_at: float, node_id: str, data: bytes) -> SnapshotMeta:
+def make_meta(
+    service: str, seq: int, revision: int, created_at: float, node_id: str, data: bytes, log_id: str = ""
+) -> SnapshotMeta:
     """Meta for a blob, with its size and SHA-256."""
     return SnapshotMeta(
         service=service,
@@ -47,6 +51,7 @@ def make_meta(service: str, seq: int, revision: int, created_at: float, node_id:
         node_id=node_id,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        log_id=log_id,
     )
 
 
@@ -64,6 +69,10 @@ class SnapshotStore(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    def describe(self) -> str:
+        """Where the snapshots are, for logs and `fleetmate restore` (no secrets)."""
+        return self.name
 
     async def save(self, meta: SnapshotMeta, data: bytes) -> None:
         """Store a snapshot; a save of an existing (service, seq) replaces it."""

@@ -48,6 +48,9 @@ class FileSnapshotStore(SnapshotStore):
     async def open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def describe(self) -> str:
+        return f"directory {self.dir}"
+
     def _paths(self, meta: SnapshotMeta) -> tuple[Path, Path]:
         base = self.dir / meta.service
         return base / f"{meta.name}.snap", base / f"{meta.name}.json"

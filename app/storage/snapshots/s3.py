@@ -36,6 +36,9 @@ class S3SnapshotStore(SnapshotStore):
     async def close(self) -> None:
         await self.client.close()
 
+    def describe(self) -> str:
+        return f"{self.client.endpoint} bucket {self.client.bucket!r} under {self.client.key('snapshots')!r}"
+
     async def _save(self, meta: SnapshotMeta, data: bytes) -> None:
         blob, side = self._keys(meta)
         await self.client.put(blob, data)
