@@ -29,6 +29,7 @@ from app.services.metrics.service import MetricsService
 from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
+from app.storage.datadir import DataDirLock
 from app.storage.snapshots import registry as snapshot_stores
 from app.storage.snapshots.base import SnapshotStore
 
@@ -56,6 +57,7 @@ class Node:
         self.metrics: MetricsService | None = None
         self.ha: HaService | None = None
         self.snapshot_store: SnapshotStore | None = None
+        self.dir_lock = DataDirLock(cfg.data_path)
         self.stream_replicas = 1
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
@@ -71,6 +73,7 @@ class Node:
         """Start the embedded nats-server (if configured), connect, and start the services."""
         cfg = self.cfg
         nats_cfg = cfg.nats
+        self.dir_lock.acquire()  # before the embedded nats-server: two on one JetStream store would corrupt it
         if cfg.embedded_nats:
             self.phase = "starting the embedded nats-server"
             token = server_token(
@@ -262,4 +265,5 @@ class Node:
                 log.error("a shutdown step did not finish in time; going on", extra={"step": name})
             except Exception as exc:
                 log.error("a shutdown step failed; going on", extra={"step": name, "error": repr(exc)})
+        self.dir_lock.release()
         log.info("fleetmate stopped", extra={"node_id": self.node_id})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -109,3 +112,24 @@ async def call(nc: Client, subject: str, payload: bytes, timeout: float = 2.0) -
     if _ERROR_HEADER in headers:
         raise HandlerError(headers.get(_ERROR_CODE_HEADER, "500"), headers[_ERROR_HEADER])
     return bytes(msg.data)
+
+
+async def ping(nc: Client, name: str, wait: float = 1.0) -> list[dict[str, object]]:
+    """Every running instance of service `name` ($SRV.PING.<name>): the replies gathered within `wait` seconds."""
+    inbox = nc.new_inbox()
+    replies: list[dict[str, object]] = []
+
+    async def heard(msg: Msg) -> None:
+        with contextlib.suppress(ValueError):
+            body = json.loads(msg.data)
+            if isinstance(body, dict):
+                replies.append(body)
+
+    sub = await nc.subscribe(inbox, cb=heard)
+    try:
+        await nc.publish(f"$SRV.PING.{name}", b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(wait)
+    finally:
+        await sub.unsubscribe()
+    return replies

@@ -76,6 +76,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from app.cli import ha as ha_cli
 
     ha_cli.add_parser(sub)
+    from app.cli import restore as restore_cli
+
+    restore_cli.add_parser(sub, CONFIG_HELP, config_flags.add_flags if wants("restore") else None)
 
     shell = sub.add_parser("shell", help="a zkCli-style shell on the registry's REST API")
     from app.cli.shell_args import add_arguments as add_shell_arguments
@@ -143,6 +146,12 @@ def _run(args: argparse.Namespace) -> int:
         from app.cli.ha import run as run_ha
 
         return run_ha(args)
+    if args.command == "restore":
+        cfg = _load(args.config, config_flags.given(args))
+        logs.setup("warning", cfg.log_format, config.secrets(cfg))  # its own progress goes to stdout
+        from app.cli.restore import run as run_restore
+
+        return run_restore(args, cfg)
     if args.command == "shell":
         from app.cli.shell import run as run_shell
 

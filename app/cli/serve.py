@@ -17,6 +17,7 @@ from app.config import Config
 from app.log.engine import LogFailed
 from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
+from app.storage.datadir import DataDirInUse
 from app.web.app import create_app
 from app.web.server import HttpServer, PortInUse, resolve_port
 from app.zk.server import ZkServer
@@ -75,7 +76,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
             done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
         failure = start_task.exception() if start_task.done() else None
         if failure is not None:
-            if isinstance(failure, BusError | EmbeddedNatsError | NoUsableSnapshot | LogFailed):
+            if isinstance(failure, BusError | EmbeddedNatsError | NoUsableSnapshot | LogFailed | DataDirInUse):
                 log.error("start-up failed", extra={"error": str(failure)})
             else:
                 log.error("start-up failed", exc_info=failure)

@@ -22,6 +22,7 @@ from app import logs
 from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, server_token
 from app.config import Config
 from app.procs import die_with_parent, terminate
+from app.storage.datadir import DataDirInUse, DataDirLock
 from app.web.server import PortInUse, resolve_port
 
 log = logging.getLogger("fleetmate.supervisor")
@@ -138,6 +139,12 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
             return 1
     host = cfg.http.host
     http_url = f"http://{host}:{port}"
+    dir_lock = DataDirLock(cfg.data_path)  # each worker locks its own directory under workers/
+    try:
+        dir_lock.acquire(f"the supervisor of {count} workers")
+    except DataDirInUse as exc:
+        log.error("start-up failed", extra={"error": str(exc)})
+        return 1
     embedded: EmbeddedNats | None = None
     nats_url = ""
     if cfg.embedded_nats:
