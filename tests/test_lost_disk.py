@@ -200,13 +200,13 @@ def test_a_replica_that_lost_its_data_directory_comes_back_from_the_snapshot(tmp
         _wipe_data_dir(fm)
         fm.restart()
         api = httpx.Client(base_url=fm.url, timeout=10)
+        state = _applied(api)
+        assert state["revision"] > snapshot_revision  # revisions go on from the snapshot (leader_elected)
+        assert _present(api) == set(made)
         (lost,) = fm.logged(LOST_LINE)
         assert lost["revision"] == snapshot_revision
         assert lost["store"] == "file"
         assert str(snap_dir) in lost["source"]
-        state = _applied(api)
-        assert state["revision"] > snapshot_revision  # revisions go on from the snapshot (leader_elected)
-        assert _present(api) == set(made)
         assert api.get("/api/v1/registry/nodes/lost/k0007").json()["data"] == "/lost/k0007"
         # Writes apply on top: versions and revisions continue.
         updated = api.put("/api/v1/registry/nodes/lost/k0001", json={"data": "again"}).json()
