@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from app import tls
 from app.services.agent.messages import LogRule
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -26,8 +27,17 @@ Seconds = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 ENV_PREFIX = "FLEETMATE_"
 FLAG_PREFIX = "--"
-# Variables read by the CLI (config file; the shell's address and token), not mapped onto a key.
-RESERVED_ENV = frozenset({"FLEETMATE_CONFIG", "FLEETMATE_ADDR", "FLEETMATE_TOKEN"})
+# Variables read by the CLI (config file; the shell's address, token and TLS files), not mapped onto a key.
+RESERVED_ENV = frozenset(
+    {
+        "FLEETMATE_CONFIG",
+        "FLEETMATE_ADDR",
+        "FLEETMATE_TOKEN",
+        "FLEETMATE_CACERT",
+        "FLEETMATE_CLIENT_CERT",
+        "FLEETMATE_CLIENT_KEY",
+    }
+)
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 NATS_URL_RE = re.compile(r"^(nats|tls|ws|wss)://[^\s,/]+(:\d+)?/?$")
 DEFAULT_TOML = Path(__file__).resolve().parent.parent / "config" / "default.toml"
@@ -48,6 +58,9 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 21510
     advertise_url: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,6 +121,12 @@ class ZkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 2181
     four_letter_words: tuple[FourLetterWord, ...] = ("ruok", "srvr", "stat", "mntr", "conf", "envi")
+    plaintext_enabled: bool = True
+    secure_enabled: bool = False
+    secure_port: Port = 2281
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 class SqlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -572,6 +591,7 @@ def validate(cfg: Config) -> Config:
     ):
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(key, f"file not found: {path}")
+    _check_tls(cfg)
     if cfg.ha.secrets_file and not Path(cfg.ha.secrets_file).expanduser().is_file():
         raise ConfigError("ha.secrets_file", f"file not found: {cfg.ha.secrets_file}")
     if cfg.membership.down_after <= cfg.membership.heartbeat_interval:
@@ -623,6 +643,50 @@ def _check_stores(cfg: Config) -> None:
             raise ConfigError("snapshot.store", f"{cfg.snapshot.store!r} needs sql.dsn")
         if sql_flavor(cfg.sql.dsn) != cfg.snapshot.store:
             raise ConfigError("snapshot.store", f"{cfg.snapshot.store!r} does not match the scheme of sql.dsn")
+
+
+def _check_tls(cfg: Config) -> None:
+    """The listeners' TLS settings: pairs complete, files readable PEM, each key the certificate's own."""
+    http, zk = cfg.http, cfg.zk
+    for section, cert, key in (("http", http.tls_cert, http.tls_key), ("zk", zk.tls_cert, zk.tls_key)):
+        if bool(cert) != bool(key):
+            missing = f"{section}.tls_key" if cert else f"{section}.tls_cert"
+            raise ConfigError(missing, f"{section}.tls_cert and {section}.tls_key go together")
+    if http.tls_client_ca and not http.tls_cert:
+        raise ConfigError("http.tls_client_ca", "checks the certificates of HTTPS clients: set http.tls_cert too")
+    if zk.enabled and not zk.plaintext_enabled and not zk.secure_enabled:
+        raise ConfigError("zk.plaintext_enabled", "false leaves no ZooKeeper port: set zk.secure_enabled or zk.enabled")
+    if zk.enabled and not zk.secure_enabled:
+        for key, value in (("zk.tls_cert", zk.tls_cert), ("zk.tls_client_ca", zk.tls_client_ca)):
+            if value:
+                raise ConfigError(key, "is for the secure port: set zk.secure_enabled = true")
+    if zk.enabled and zk.secure_enabled and zk.plaintext_enabled and zk.secure_port and zk.secure_port == zk.port:
+        raise ConfigError("zk.secure_port", f"{zk.secure_port} is zk.port too; the plaintext and TLS ports differ")
+    try:
+        if http.tls_cert:
+            tls.server_context(http.tls_cert, http.tls_key, http.tls_client_ca, keys=_tls_keys("http"))
+        if zk.enabled and zk.secure_enabled:
+            if not zk.tls_cert and not http.tls_cert:
+                raise ConfigError(
+                    "zk.secure_enabled",
+                    "needs a certificate: set zk.tls_cert and zk.tls_key (or http.tls_cert/tls_key)",
+                )
+            cert, key, names = zk_tls_files(cfg)
+            tls.server_context(cert, key, zk.tls_client_ca, keys=names)
+    except tls.TlsFileError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
+
+
+def _tls_keys(section: str) -> tuple[str, str, str]:
+    return f"{section}.tls_cert", f"{section}.tls_key", f"{section}.tls_client_ca"
+
+
+def zk_tls_files(cfg: Config) -> tuple[str, str, tuple[str, str, str]]:
+    """The certificate and key of the ZooKeeper secure port (zk.tls_cert/tls_key, else the HTTP pair),
+    and the names of the keys that set them and zk.tls_client_ca, for errors."""
+    if cfg.zk.tls_cert:
+        return cfg.zk.tls_cert, cfg.zk.tls_key, _tls_keys("zk")
+    return cfg.http.tls_cert, cfg.http.tls_key, (*_tls_keys("http")[:2], "zk.tls_client_ca")
 
 
 def _check_data_dir(path: Path) -> None:

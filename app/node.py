@@ -48,6 +48,7 @@ class Node:
         self._started_mono = time.monotonic()
         self.http_url = ""
         self.zk_address = ""
+        self.zk_secure_address = ""  # host:port of the ZooKeeper TLS port ("" when off)
         self.embedded: EmbeddedNats | None = None
         self.bus: Bus | None = None
         self.system: SystemService | None = None
@@ -151,6 +152,7 @@ class Node:
                 "node_id": self.node_id,
                 "http": self.http_url,
                 "zk": self.zk_address,
+                "zk_secure": self.zk_secure_address,
                 "nats": ",".join(self.nats_servers),
                 "startup_s": round(time.monotonic() - self._started_mono, 3),
             },

@@ -10,10 +10,10 @@ import os
 import signal
 import sys
 
-from app import telemetry
+from app import telemetry, tls
 from app.bus.connection import BusError
 from app.bus.embedded import EmbeddedNatsError
-from app.config import Config
+from app.config import Config, zk_tls_files
 from app.log.engine import LogFailed
 from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
@@ -47,18 +47,15 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
     except (PortInUse, OSError) as exc:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return EXIT_FAILED
-    http = HttpServer(create_app(node), cfg.http.host, port, cfg.log_level)
+    http_tls = (cfg.http.tls_cert, cfg.http.tls_key, cfg.http.tls_client_ca)
+    http = HttpServer(create_app(node), cfg.http.host, port, cfg.log_level, tls=http_tls)
     node.http_url = cfg.http.advertise_url or http.url
     zk: ZkServer | None = None
     if cfg.zk.enabled:
         # Bound before the node is ready (like HTTP): early clients are closed and retry.
         zk = ZkServer(node, cfg.zk.host, cfg.zk.port, reuse_port=worker)
-        try:
-            await zk.start(avoid={port})
-        except OSError as exc:
-            log.error("cannot listen for ZooKeeper clients", extra={"key": "zk.port", "error": str(exc)})
+        if not await _listen_zk(cfg, node, zk, port):
             return EXIT_FAILED
-        node.zk_address = zk.address
     http_task = http.start()
     log.info("http gateway listening", extra={"url": http.url})
 
@@ -97,6 +94,28 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
         await node.stop()
         provider.shutdown()
     return code
+
+
+async def _listen_zk(cfg: Config, node: Node, zk: ZkServer, http_port: int) -> bool:
+    """Bind the plaintext and/or the TLS ZooKeeper port; False (logged, naming the key) when one fails."""
+    key = "zk.port"
+    try:
+        if cfg.zk.plaintext_enabled:
+            await zk.start(avoid={http_port})
+            node.zk_address = zk.address
+        if cfg.zk.secure_enabled:
+            key = "zk.secure_port"
+            cert, tls_key, names = zk_tls_files(cfg)
+            context = tls.server_context(cert, tls_key, cfg.zk.tls_client_ca, keys=names)
+            await zk.start_secure(cfg.zk.secure_port, context, avoid={http_port, zk.port})
+            node.zk_secure_address = zk.secure_address
+    except tls.TlsFileError as exc:  # checked at start-up; changed since
+        log.error("cannot load the ZooKeeper TLS files", extra={"key": exc.key, "error": exc.problem})
+        return False
+    except OSError as exc:
+        log.error("cannot listen for ZooKeeper clients", extra={"key": key, "error": str(exc)})
+        return False
+    return True
 
 
 # Collector thresholds for a long-running server. With CPython's default (700 allocations)

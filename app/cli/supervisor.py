@@ -91,6 +91,7 @@ def _worker_env(
     http_url: str,
     zk_port: int,
     overrides: dict[str, str] | None = None,
+    zk_secure_port: int = 0,
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(overrides or {})  # the supervisor's own flags, as variables
@@ -99,6 +100,7 @@ def _worker_env(
         FLEETMATE_DATA_DIR=str(cfg.data_path / "workers" / node_id),
         FLEETMATE_HTTP_PORT=str(port),
         FLEETMATE_ZK_PORT=str(zk_port),
+        FLEETMATE_ZK_SECURE_PORT=str(zk_secure_port),
         FLEETMATE_HTTP_ADVERTISE_URL=cfg.http.advertise_url or http_url,
         FLEETMATE_WORKERS="1",
     )
@@ -130,15 +132,20 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
     except (PortInUse, OSError) as exc:
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return 1
-    zk_port = 0
+    zk_port = zk_secure_port = 0
     if cfg.zk.enabled:
+        key = "zk.port"
         try:
-            zk_port = resolve_port(cfg.zk.host, cfg.zk.port)
+            if cfg.zk.plaintext_enabled:
+                zk_port = resolve_port(cfg.zk.host, cfg.zk.port)
+            if cfg.zk.secure_enabled:
+                key = "zk.secure_port"
+                zk_secure_port = resolve_port(cfg.zk.host, cfg.zk.secure_port)
         except (PortInUse, OSError) as exc:
-            log.error("cannot listen for ZooKeeper clients", extra={"key": "zk.port", "error": str(exc)})
+            log.error("cannot listen for ZooKeeper clients", extra={"key": key, "error": str(exc)})
             return 1
     host = cfg.http.host
-    http_url = f"http://{host}:{port}"
+    http_url = f"{'https' if cfg.http.tls_cert else 'http'}://{host}:{port}"
     dir_lock = DataDirLock(cfg.data_path)  # each worker locks its own directory under workers/
     try:
         dir_lock.acquire(f"the supervisor of {count} workers")
@@ -168,7 +175,7 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
     workers = []
     for i in range(count):
         node_id = f"{cfg.node_id}-w{i + 1}"
-        env = _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port, overrides)
+        env = _worker_env(cfg, i, node_id, port, nats_url, http_url, zk_port, overrides, zk_secure_port)
         if embedded is not None and embedded.token:
             env["FLEETMATE_NATS_TOKEN"] = embedded.token  # workers connect to the embedded server as clients
         workers.append(Worker(i, node_id, env, args))
@@ -186,7 +193,8 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
                 {
                     "node_id": cfg.node_id,
                     "http": http_url,
-                    "zk": f"{cfg.zk.host}:{zk_port}" if cfg.zk.enabled else "",
+                    "zk": f"{cfg.zk.host}:{zk_port}" if zk_port else "",
+                    "zk_secure": f"{cfg.zk.host}:{zk_secure_port}" if zk_secure_port else "",
                     "nats": nats_url or ",".join(cfg.nats.url),
                     "workers": count,
                     "startup_s": round(time.monotonic() - started, 3),

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import errno
 import socket
+from pathlib import Path
 
-from granian.constants import Interfaces
+from granian.constants import Interfaces, SSLProtocols
 from granian.log import LogLevels
 from granian.server.embed import Server
 
@@ -36,9 +37,20 @@ def resolve_port(host: str, port: int) -> int:
 class HttpServer:
     """Runs Granian (RSGI, see app.web.rsgi) as a task on the current loop."""
 
-    def __init__(self, app: Observe, host: str, port: int, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        app: Observe,
+        host: str,
+        port: int,
+        log_level: str = "info",
+        tls: tuple[str, str, str] = ("", "", ""),
+    ) -> None:
+        """tls: certificate, key and client CA files (PEM, checked by app.config); a certificate
+        turns on HTTPS, a client CA makes every client present a certificate it signed."""
         self.host = host
         self.port = port
+        cert, key, client_ca = tls
+        self.scheme = "https" if cert else "http"
         self._server = Server(
             app,
             address=host,
@@ -56,6 +68,12 @@ class HttpServer:
             },
             log_access=False,
             backlog=1024,
+            ssl_cert=Path(cert).expanduser() if cert else None,
+            ssl_key=Path(key).expanduser() if key else None,
+            ssl_ca=Path(client_ca).expanduser() if client_ca else None,
+            ssl_client_verify=bool(client_ca),
+            # Granian's default minimum is TLS 1.3; 1.2 as on the ZooKeeper port (older JDKs, curl builds).
+            ssl_protocol_min=SSLProtocols.tls12,
         )
         self._task: asyncio.Task[None] | None = None
 
@@ -64,7 +82,7 @@ class HttpServer:
         """The base URL clients use: the bound address, or this host's name when bound to all interfaces."""
         host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self) -> asyncio.Task[None]:
         """Start serving; the returned task ends when the server stops."""

@@ -112,7 +112,8 @@ class FourLetterWords:
     def _conf(self, server: ZkServer) -> str:
         cfg = server.node.cfg
         return (
-            f"clientPort={server.port}\n"
+            f"clientPort={server.client_port}\n"
+            f"secureClientPort={server.secure_port}\n"
             f"clientPortAddress={cfg.zk.host}\n"
             f"dataDir={cfg.data_path}\n"
             f"minSessionTimeout={cfg.registry.session_timeout_min_ms}\n"

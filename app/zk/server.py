@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from app.services.registry.messages import Event
-from app.zk.connection import ZkConnection
+from app.zk.connection import CONNECT_TIMEOUT_S, ZkConnection
 from app.zk.fourletter import FourLetterWords
 from app.zk.protocol import EVENT_TYPES, notification
 
@@ -38,6 +39,8 @@ class ZkServer:
         self._lat_n = 0
         self._lat_sum = self._lat_min = self._lat_max = 0.0
         self._server: asyncio.Server | None = None
+        self.secure_port = -1  # the TLS port once bound (ZooKeeper's secureClientPort; -1: none)
+        self._secure: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     @property
@@ -45,21 +48,46 @@ class ZkServer:
         """host:port as bound."""
         return f"{self.host}:{self.port}"
 
+    @property
+    def secure_address(self) -> str:
+        """host:port of the TLS listener as bound; "" when there is none."""
+        return f"{self.host}:{self.secure_port}" if self._secure is not None else ""
+
+    @property
+    def client_port(self) -> int:
+        """The plaintext port as `conf` reports it (ZooKeeper's clientPort; -1: none)."""
+        return self.port if self._server is not None else -1
+
     async def start(self, avoid: Collection[int] = ()) -> None:
         """Bind and start accepting. With port 0, never take a port in `avoid`: the HTTP port is
         chosen before it is bound, so the kernel could otherwise hand the same number to us."""
+        self._server, self.port = await self._bind(self.port, avoid, None)
+        log.info("zookeeper listener ready", extra={"address": self.address})
+
+    async def start_secure(self, port: int, context: ssl.SSLContext, avoid: Collection[int] = ()) -> None:
+        """Bind the TLS listener (ZooKeeper's secureClientPort) on the same host; port 0 as in start()."""
+        self._secure, self.secure_port = await self._bind(port, avoid, context)
+        log.info("zookeeper TLS listener ready", extra={"address": self.secure_address})
+
+    async def _bind(
+        self, port: int, avoid: Collection[int], context: ssl.SSLContext | None
+    ) -> tuple[asyncio.Server, int]:
         for _ in range(20):
             server = await asyncio.start_server(
-                self._accept, self.host, self.port, reuse_port=self.reuse_port or None, limit=1 << 20
+                self._accept,
+                self.host,
+                port,
+                reuse_port=self.reuse_port or None,
+                limit=1 << 20,
+                ssl=context,
+                ssl_handshake_timeout=CONNECT_TIMEOUT_S if context else None,
             )
             chosen: int = server.sockets[0].getsockname()[1]
-            if self.port or chosen not in avoid:
+            if port or chosen not in avoid:
                 break
             server.close()
             await server.wait_closed()
-        self._server = server
-        self.port = chosen
-        log.info("zookeeper listener ready", extra={"address": self.address})
+        return server, chosen
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = ZkConnection(self, reader, writer)
@@ -75,16 +103,18 @@ class ZkServer:
 
     async def stop(self) -> None:
         """Stop accepting and close every connection (their sessions live on until they time out)."""
-        if self._server is not None:
-            self._server.close()
+        for listener in (self._server, self._secure):
+            if listener is not None:
+                listener.close()
         for task in list(self._handlers):
             task.cancel()
         for task in list(self._handlers):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        for listener in (self._server, self._secure):
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener.wait_closed(), 2)
 
     def encoded(self, event: Event) -> bytes:
         """The notification packet for an event, encoded once for all the connections it goes to."""
