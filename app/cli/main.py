@@ -10,6 +10,7 @@ import msgspec
 
 from app import __version__, config, logs
 from app.cli import config_flags
+from app.cli.api import add_tls_options
 from app.cli.pipes import quiet_pipe
 
 EXIT_CONFIG = 2
@@ -69,6 +70,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     st = clu_sub.add_parser("status", help="the leader, the replicas and the registry's revision")
     st.add_argument("--addr", metavar="URL[,URL...]", help="server addresses (default: $FLEETMATE_ADDR)")
     st.add_argument("--token", help="API token (default: $FLEETMATE_TOKEN)")
+    add_tls_options(st)
 
     from app.cli import node as node_cli
 

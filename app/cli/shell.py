@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 
+from app.cli.api import tls_context
 from app.cli.shell_args import DEFAULT_ADDR
 from app.cli.shell_client import RegistryClient, Session
 from app.cli.shell_commands import Commands, Status
 from app.cli.shell_complete import ShellCompleter
+from app.tls import TlsFileError
 
 HISTORY_FILE = "~/.fleetmate_history"
 EXIT_USAGE = 2
@@ -68,15 +70,20 @@ def run(args: argparse.Namespace, prog: str = "fleetmate shell") -> int:
             return EXIT_USAGE
         script = shlex.join(args.words)  # one command: a ';' among its words is not a separator
     token = args.token or os.environ.get("FLEETMATE_TOKEN") or None
+    try:
+        tls = tls_context(args)
+    except TlsFileError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     interactive = script is None and sys.stdin is not None and sys.stdin.isatty()
     try:
-        return asyncio.run(_main(addrs, token, args.timeout_ms, script, interactive))
+        return asyncio.run(_main(RegistryClient(addrs, token, tls=tls), args.timeout_ms, script, interactive))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 
 
-async def _main(addrs: list[str], token: str | None, timeout_ms: int, script: str | None, interactive: bool) -> int:
-    client = RegistryClient(addrs, token)
+async def _main(client: RegistryClient, timeout_ms: int, script: str | None, interactive: bool) -> int:
+    addrs = client.addrs
     session = Session(client, timeout_ms, lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
     commands = Commands(client, session, interactive=interactive)
     loop = asyncio.get_running_loop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from app.cli.api import add_tls_options
+
 DEFAULT_ADDR = "http://127.0.0.1:21510"
 
 
@@ -20,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser, addr: tuple[str, ...] = ("--a
         help=f"server HTTP addresses (HOST:PORT or URLs), tried in order (default: $FLEETMATE_ADDR or {DEFAULT_ADDR})",
     )
     parser.add_argument(*names("--token"), help="API token sent as 'Authorization: Bearer' (default: $FLEETMATE_TOKEN)")
+    add_tls_options(parser, names)
     parser.add_argument("-c", dest="commands", metavar="CMDS", help="run these ';'-separated commands, then exit")
     parser.add_argument(
         *names("--timeout-ms"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -13,6 +14,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from app.cli.api import tls_hint
 from app.services.registry.messages import Stat
 from app.web.routes.registry_models import (
     ChildView,
@@ -75,7 +77,7 @@ def registry_url(kind: str, path: str) -> str:
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no answer"
-    return str(exc) or type(exc).__name__
+    return (str(exc) or type(exc).__name__) + tls_hint(exc)
 
 
 # The server's codes for bodiless answers (a refused WebSocket handshake has no JSON body).
@@ -96,15 +98,24 @@ class RegistryClient:
     """REST and WebSocket calls on the first address that answers; the one that worked is kept."""
 
     def __init__(
-        self, addrs: list[str], token: str | None = None, timeout: float = 30.0, connect_timeout: float = 3.0
+        self,
+        addrs: list[str],
+        token: str | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 3.0,
+        tls: ssl.SSLContext | bool = True,
     ) -> None:
+        """tls: the context for https:// and wss:// addresses (True: the system's CA store)."""
         if not addrs:
             raise ValueError("at least one address is needed")
         self.addrs = addrs
         self.current = 0
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.connect_timeout = connect_timeout
-        self._http = httpx.AsyncClient(headers=self.headers, timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self._ssl = tls if isinstance(tls, ssl.SSLContext) else None  # None: websockets' default for wss://
+        self._http = httpx.AsyncClient(
+            headers=self.headers, timeout=httpx.Timeout(timeout, connect=connect_timeout), verify=tls
+        )
 
     @property
     def addr(self) -> str:
@@ -275,7 +286,8 @@ class RegistryClient:
             base = self.addrs[idx]
             ws_url = "ws" + base.removeprefix("http") + url  # http -> ws, https -> wss
             try:
-                ws = await connect(ws_url, additional_headers=self.headers, open_timeout=self.connect_timeout)
+                tls: dict[str, Any] = {"ssl": self._ssl} if self._ssl is not None and ws_url.startswith("wss:") else {}
+                ws = await connect(ws_url, additional_headers=self.headers, open_timeout=self.connect_timeout, **tls)
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 reason = f"the watch WebSocket was refused with HTTP {status}"
