@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app import tls
+from app import failpoints, tls
 from app.services.agent.messages import LogRule
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -36,6 +36,7 @@ RESERVED_ENV = frozenset(
         "FLEETMATE_CACERT",
         "FLEETMATE_CLIENT_CERT",
         "FLEETMATE_CLIENT_KEY",
+        failpoints.ENV,  # tests only (app/failpoints.py)
     }
 )
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -91,9 +92,9 @@ class RegistryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     max_data_bytes: Annotated[int, msgspec.Meta(ge=0, le=4 << 20)] = 1 << 20
     max_path_bytes: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 4096
-    session_timeout_min_ms: Annotated[int, msgspec.Meta(ge=100)] = 4000
-    session_timeout_max_ms: Annotated[int, msgspec.Meta(ge=100)] = 40000
-    event_history: Annotated[int, msgspec.Meta(ge=0)] = 10000
+    session_timeout_min_ms: Annotated[int, msgspec.Meta(ge=100, le=2**31 - 1)] = 4000
+    session_timeout_max_ms: Annotated[int, msgspec.Meta(ge=100, le=2**31 - 1)] = 40000
+    event_history: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10000
     watch_max_pending: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10000
     stream_replicas: Annotated[int, msgspec.Meta(ge=0, le=5)] = 0
     write_timeout: Seconds = 10.0
@@ -152,7 +153,7 @@ class SnapshotConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     store: Literal["file", "s3", "mysql", "postgresql", "memory"] = "file"
     dir: str = ""
-    every_entries: Annotated[int, msgspec.Meta(ge=0)] = 10000
+    every_entries: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 10000
     every_seconds: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 300.0
     keep: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     trim: bool = True
@@ -213,7 +214,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     raw_retention: Annotated[float, msgspec.Meta(gt=0, le=3.2e8)] = 86400.0
     rollup_step: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
     rollup_retention: Annotated[float, msgspec.Meta(gt=0, le=3.2e8)] = 2592000.0
-    stream_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] = 1 << 30
+    stream_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] = 1 << 30
 
 
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -529,6 +530,8 @@ def load(
         path = env["FLEETMATE_CONFIG"]
     if path is not None:
         _merge(tree, _read_toml(Path(path)), str(path))
+    if failpoints.error is not None:
+        raise ConfigError(failpoints.ENV, failpoints.error)
     known = env_keys()
     origin: dict[str, str] = {}
     for name, raw in env.items():

@@ -32,6 +32,7 @@ from app.services.system.service import SystemService
 from app.storage.datadir import DataDirLock
 from app.storage.snapshots import registry as snapshot_stores
 from app.storage.snapshots.base import SnapshotStore
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.node")
 
@@ -231,6 +232,8 @@ class Node:
 
     async def not_ready(self) -> str | None:
         """None when ready to serve; otherwise the reason."""
+        if supervisor.failure is not None:
+            return supervisor.failure
         if self.phase != "running":
             return self.phase
         if self.embedded is not None and not self.embedded.running.is_set():

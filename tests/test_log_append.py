@@ -84,3 +84,38 @@ async def test_writes_answer_time_out_while_the_server_is_stalled_and_resume(nat
     finally:
         await log.stop()
         await bus.close()
+
+
+class Fussy(Counter):
+    """A machine with a bug: a command of 13 raises inside apply."""
+
+    def apply(self, cmd: int) -> tuple[Any, list[Any]]:
+        if cmd == 13:
+            raise ZeroDivisionError("unlucky")
+        return super().apply(cmd)
+
+
+async def test_one_command_that_cannot_be_encoded_or_applied_fails_alone(nats_server: NatsServer) -> None:
+    from app.log.batcher import UnencodableCommand
+    from app.log.engine import ApplyFailed
+    from app.supervise import supervisor
+
+    bus = Bus([nats_server.url], "test-log")
+    await bus.connect(timeout=10)
+    machine = Fussy()
+    log = await _log(bus, machine)
+    try:
+        # Batched together: 2**64 cannot be written as msgpack; it fails alone, its neighbours apply.
+        futures = [log.submit(1), log.submit(2**64), log.submit(13), log.submit(2)]
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        assert done[0] == 1
+        assert isinstance(done[1], UnencodableCommand)
+        assert isinstance(done[2], ApplyFailed)  # the same result on every replica; the log goes on
+        assert done[3] == 3
+        # The writer and the applier are alive: later writes answer at once.
+        assert await asyncio.wait_for(log.append(5), 2) == 8
+        assert log.failed is None
+        assert supervisor.failures == []
+    finally:
+        await log.stop()
+        await bus.close()

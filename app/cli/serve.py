@@ -18,6 +18,7 @@ from app.log.engine import LogFailed
 from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
 from app.storage.datadir import DataDirInUse
+from app.supervise import supervisor
 from app.web.app import create_app
 from app.web.server import HttpServer, PortInUse, resolve_port
 from app.zk.server import ZkServer
@@ -62,17 +63,29 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
     code = EXIT_OK
     start_task = asyncio.create_task(node.start(), name="node-start")
     stop_task = asyncio.create_task(stop.wait(), name="stop-signal")
+    # A long-lived task that stops (app.supervise) ends the process non-zero: its service manager
+    # restarts it, where a stalled writer or applier would otherwise hang every client.
+    fatal = asyncio.Event()
+    supervisor.on_failure = lambda reason: fatal.set()
+    if supervisor.failures:
+        fatal.set()
+    fatal_task = asyncio.create_task(fatal.wait(), name="fatal")
     try:
-        done, _ = await asyncio.wait({start_task, stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {start_task, stop_task, http_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED
+        )
         if start_task in done and start_task.exception() is None:
             gc.freeze()  # what start-up built lives as long as the process: keep it out of collections
             if ready_fd is not None:
                 with contextlib.suppress(OSError):
                     os.write(ready_fd, b"ready\n")
                     os.close(ready_fd)
-            done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({stop_task, http_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
         failure = start_task.exception() if start_task.done() else None
-        if failure is not None:
+        if fatal_task in done:
+            log.error("exiting: a long-lived task stopped", extra={"reason": supervisor.failure})
+            code = EXIT_FAILED
+        elif failure is not None:
             if isinstance(failure, BusError | EmbeddedNatsError | NoUsableSnapshot | LogFailed | DataDirInUse):
                 log.error("start-up failed", extra={"error": str(failure)})
             else:
@@ -84,7 +97,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
         else:
             log.info("stop requested; shutting down")
     finally:
-        for task in (start_task, stop_task):
+        for task in (start_task, stop_task, fatal_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

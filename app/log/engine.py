@@ -17,11 +17,13 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import NotFoundError
 
+from app import failpoints
 from app.aio import Mailbox
 from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
 from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
 from app.log.snapshots import LogBounds
+from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.log")
 
@@ -84,6 +86,11 @@ COMMIT_MAX_EVENTS = 20_000
 
 class LogFailed(RuntimeError):
     """The applier stopped (an entry could not be applied): this replica cannot serve."""
+
+
+class ApplyFailed(RuntimeError):
+    """The result of a command the state machine raised on (a bug): the same on every replica,
+    and the log goes on."""
 
 
 class LogTrimmed(LogFailed):
@@ -161,7 +168,9 @@ class SharedLog(Generic[C]):
             idle_heartbeat=0.5,
             config=cfg,
         )
-        self._task = asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}")
+        self._task = supervisor.watch(
+            asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}"), f"the applier of {self.stream}"
+        )
         self.batcher.start()
         log.info("log started", extra={"stream": self.stream, "from_seq": self.applied_seq + 1})
 
@@ -228,13 +237,14 @@ class SharedLog(Generic[C]):
             try:
                 self._apply_batch(batch)
             except Exception as exc:
+                # The supervisor logs it with its traceback and ends the process: a restart
+                # restores a snapshot (LogTrimmed) or replays from the last commit.
                 self.failed = f"applier stopped at sequence {self.applied_seq + 1}: {exc!r}"
-                log.critical("applier stopped; this replica cannot serve", exc_info=exc)
                 for pending in self._pending.values():
                     for fut in pending.futures:
                         if not fut.done():
                             fut.set_exception(LogFailed(self.failed))
-                return
+                raise
 
     def _apply_batch(self, batch: list[Msg]) -> None:
         started = time.perf_counter()
@@ -249,6 +259,7 @@ class SharedLog(Generic[C]):
                 # Stream sequences are contiguous unless the log was trimmed: entries this
                 # replica never applied are gone, so it must restart and restore a snapshot.
                 raise LogTrimmed(f"entry {last + 1} is gone (next in the log: {seq}); restart to restore a snapshot")
+            failpoints.hit("log.apply")
             try:
                 commands = self.decode(msg.data)
             except Exception as exc:  # every replica skips the same undecodable entry
@@ -256,7 +267,11 @@ class SharedLog(Generic[C]):
                 commands = ()
             results = []
             for cmd in commands:
-                result, events = self.machine.apply(cmd)
+                try:
+                    result, events = self.machine.apply(cmd)
+                except Exception as exc:  # a machine must not raise; if it does, only this command fails
+                    log.exception("a command failed to apply", extra={"seq": seq})
+                    result, events = ApplyFailed(f"{type(cmd).__name__} could not be applied: {exc!r}"), []
                 results.append(result)
                 all_events.extend(events)
             last = seq

@@ -19,8 +19,8 @@ from app.bus import codec, subjects
 from app.bus.connection import Bus
 from app.bus.micro import HandlerError, call, serve_every_subscriber
 from app.config import RegistryConfig, SnapshotConfig
-from app.log.batcher import AppendError
-from app.log.engine import LogFailed, SharedLog
+from app.log.batcher import AppendError, UnencodableCommand
+from app.log.engine import ApplyFailed, LogFailed, SharedLog
 from app.log.snapshots import Image, Snapshotter
 from app.services.registry import paths
 from app.services.registry.errors import (
@@ -32,6 +32,8 @@ from app.services.registry.errors import (
     SessionExpired,
 )
 from app.services.registry.messages import (
+    INT32_MAX,
+    INT64_MAX,
     OPEN_ACL_UNSAFE,
     Acl,
     Check,
@@ -85,6 +87,11 @@ def _decode(data: bytes) -> list[Command]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _session_bound(session_id: int) -> None:
+    if not 0 < session_id <= INT64_MAX:
+        raise BadArguments(f"session_id must be 1..{INT64_MAX} (ZooKeeper's int64), not {session_id}")
 
 
 def new_session_id() -> int:
@@ -211,9 +218,14 @@ class RegistryService:
 
     async def _append_raw(self, cmd: Command, size: int = 64) -> object:
         try:
-            return await self.log.append(cmd, size, self.cfg.write_timeout)
+            result = await self.log.append(cmd, size, self.cfg.write_timeout)
+        except UnencodableCommand as exc:
+            raise BadArguments(str(exc)) from None
         except (TimeoutError, AppendError, LogFailed) as exc:
             raise self._timed_out(exc) from None
+        if isinstance(result, ApplyFailed):
+            return RegistryError(str(result))  # SystemError (500): the same on every replica
+        return result
 
     async def _append(self, cmd: Command, size: int = 64) -> object:
         result = await self._append_raw(cmd, size)
@@ -235,10 +247,14 @@ class RegistryService:
         """The apply result of a done future from submit_*(); raises its RegistryError or OperationTimeout."""
         try:
             result = fut.result()
+        except UnencodableCommand as exc:
+            raise BadArguments(str(exc)) from None
         except (TimeoutError, AppendError, LogFailed) as exc:
             raise self._timed_out(exc) from None
         if isinstance(result, RegistryError):
             raise result
+        if isinstance(result, ApplyFailed):
+            raise RegistryError(str(result))
         return result
 
     def submit_set(self, path: str, data: bytes | None, version: int = -1) -> asyncio.Future[Any]:
@@ -300,8 +316,8 @@ class RegistryService:
 
     @staticmethod
     def _version(version: int, path: str) -> int:
-        if version < -1:
-            raise BadArguments(f"version must be -1 (any) or >= 0, not {version}", path)
+        if not -1 <= version <= INT32_MAX:
+            raise BadArguments(f"version must be -1 (any) or 0..{INT32_MAX} (ZooKeeper's int32), not {version}", path)
         return version
 
     def _create_cmd(
@@ -323,11 +339,13 @@ class RegistryService:
         self._data(data, path)
         if container and (session_id or sequential):
             raise BadArguments("a container node cannot be ephemeral or sequential", path)
-        if session_id < 0:
-            raise BadArguments("session ids are positive", path)
+        if not 0 <= session_id <= INT64_MAX:
+            raise BadArguments(f"session_id must be 0..{INT64_MAX} (ZooKeeper's int64), not {session_id}", path)
         if acl is not None and not acl:
             raise InvalidACL("an ACL needs at least one entry", path)
-        if ttl_ms < 0 or (ttl_ms and (session_id or container)):
+        if not 0 <= ttl_ms <= INT64_MAX:
+            raise BadArguments(f"ttl_ms must be 0..{INT64_MAX}, not {ttl_ms}", path)
+        if ttl_ms and (session_id or container):
             raise BadArguments("a TTL node is persistent (not ephemeral nor a container), with a positive TTL", path)
         return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now, ttl_ms)
 
@@ -496,6 +514,7 @@ class RegistryService:
 
     async def close_session(self, session_id: int) -> SessionClosed:
         """Close a session now: its ephemeral nodes are deleted."""
+        _session_bound(session_id)
         result = await self._append(CloseSession(session_id))
         assert isinstance(result, SessionClosed)
         return result
@@ -503,6 +522,7 @@ class RegistryService:
     async def keepalive(self, session_id: int, last_active: float | None = None) -> int:
         """Refresh a session at the leader for activity at `last_active` (time.monotonic() on this
         replica; default now); returns its timeout. Raises SessionExpired."""
+        _session_bound(session_id)
         if last_active is None:
             last_active = time.monotonic()
         if self.keeper.leading:  # this replica is the leader: no bus round trip
