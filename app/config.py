@@ -62,6 +62,12 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # What one client can make the gateway hold (docs/limits.md).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1 << 30)] = 8 << 20
+    max_json_depth: Annotated[int, msgspec.Meta(ge=1, le=500)] = 64
+    header_read_timeout: Seconds = 10.0
+    body_read_timeout: Seconds = 30.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10000
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

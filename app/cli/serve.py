@@ -17,6 +17,7 @@ from app.config import Config, zk_tls_files
 from app.log.engine import LogFailed
 from app.log.snapshots import NoUsableSnapshot
 from app.node import Node
+from app.openfiles import raise_open_files
 from app.storage.datadir import DataDirInUse
 from app.supervise import supervisor
 from app.web.app import create_app
@@ -49,7 +50,16 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
         log.error("cannot listen for HTTP", extra={"key": "http.port", "error": str(exc)})
         return EXIT_FAILED
     http_tls = (cfg.http.tls_cert, cfg.http.tls_key, cfg.http.tls_client_ca)
-    http = HttpServer(create_app(node), cfg.http.host, port, cfg.log_level, tls=http_tls)
+    app = create_app(node)
+    http = HttpServer(
+        app,
+        cfg.http.host,
+        port,
+        cfg.log_level,
+        tls=http_tls,
+        header_read_timeout=cfg.http.header_read_timeout,
+        max_connections=cfg.http.max_connections,
+    )
     node.http_url = cfg.http.advertise_url or http.url
     zk: ZkServer | None = None
     if cfg.zk.enabled:
@@ -150,6 +160,7 @@ def run(cfg: Config, worker: bool = False, ready_fd: int | None = None) -> int:
     """Run serve() on uvloop when available, with collector thresholds and a GIL switch interval for a server."""
     gc.set_threshold(*GC_THRESHOLDS)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    raise_open_files(cfg.http.max_connections)
     try:
         import uvloop
 

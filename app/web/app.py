@@ -19,11 +19,14 @@ from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
 from app.web.routes.ha import ha_routes
+from app.web.routes.metrics import MAX_BODY_BYTES as POINTS_MAX_BODY_BYTES
 from app.web.routes.metrics import metrics_routes
 from app.web.routes.nodes import node_routes
 from app.web.routes.registry import registry_routes
 from app.web.routes.system import SystemController
 from app.web.routes.watch import WatchSocket
+
+POINTS_PATH = "/api/v1/metrics/points"
 
 
 def create_app(node: Node) -> Observe:
@@ -59,9 +62,21 @@ def create_app(node: Node) -> Observe:
             render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger")],
         ),
         debug=False,
+        request_max_body_size=node.cfg.http.max_body_bytes,  # Observe refuses longer bodies first
         logging_config=None,  # fleetmate's own structured logging handles every record
     )
     limiter = RateLimiter(node.cfg.registry.rate_limit_total, node.cfg.registry.rate_limit_per_client)
     metrics.limits.labels("total").set(node.cfg.registry.rate_limit_total)
     metrics.limits.labels("per_client").set(node.cfg.registry.rate_limit_per_client)
-    return Observe(FastPath(litestar, node, guard, metrics.requests, WatchSocket(node, guard)), metrics, limiter)
+    return Observe(
+        FastPath(litestar, node, guard, metrics.requests, WatchSocket(node, guard)),
+        metrics,
+        limiter,
+        max_body=node.cfg.http.max_body_bytes,
+        max_depth=node.cfg.http.max_json_depth,
+        body_timeout=node.cfg.http.body_read_timeout,
+        # The ingest route takes a batch of up to 200,000 points: its own limit, whatever the general
+        # one; its decoder is typed (a nested value fails at its first bracket), so it is not scanned.
+        body_limits={POINTS_PATH: POINTS_MAX_BODY_BYTES},
+        typed_bodies={POINTS_PATH},
+    )

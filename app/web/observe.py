@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Collection, Mapping
 
 import msgspec
 from granian._granian import RSGIHTTPProtocol as HTTPProtocol
@@ -18,6 +19,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_
 
 from app.telemetry import recording, tracer, unrecorded_span
 from app.web.fastpath import ROUTE, Body, FastPath
+from app.web.limits import BodyClock, BodyReader, RequestRefused, check_json_depth, drain, error_body, too_large
 from app.web.metrics import HttpMetrics
 from app.web.ratelimit import RateLimiter
 from app.web.rsgi import HttpReceive, HttpSend, asgi_scope, serve_websocket
@@ -33,6 +35,14 @@ def _client_key(authorization: str | None, client: str) -> str:
     return "a:" + client.rpartition(":")[0].strip("[]")
 
 
+def _declared(length: str) -> int | None:
+    """A Content-Length's value (the server below checked its syntax); None if it is not one number."""
+    try:
+        return int(length)
+    except ValueError:
+        return None
+
+
 def _too_many(proto: HTTPProtocol, wait: float) -> None:
     body = msgspec.json.encode(
         {"error": "too_many_requests", "message": f"request rate limit exceeded; retry in {wait:.2f}s"}
@@ -43,12 +53,28 @@ def _too_many(proto: HTTPProtocol, wait: float) -> None:
 class Observe:
     """The RSGI application (outside routing, so 404s are seen too); the lean path is tried first."""
 
-    def __init__(self, fast: FastPath, metrics: HttpMetrics, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self,
+        fast: FastPath,
+        metrics: HttpMetrics,
+        limiter: RateLimiter | None = None,
+        *,
+        max_body: int = 8 << 20,
+        max_depth: int = 64,
+        body_timeout: float = 30.0,
+        body_limits: Mapping[str, int] | None = None,
+        typed_bodies: Collection[str] = (),
+    ) -> None:
         self.fast = fast
         self.app = fast.app  # Litestar
         self.metrics = metrics
         self.figures = metrics.requests
         self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.max_body = max_body
+        self.max_depth = max_depth
+        self.body_clock = BodyClock(body_timeout)
+        self.body_limits = dict(body_limits or {})  # paths whose bodies may be larger (metrics ingest)
+        self.typed_bodies = frozenset(typed_bodies)  # paths whose bodies Litestar decodes typed: not scanned
         # The header names the configured propagators read (traceparent, tracestate, baggage by default).
         self._fields = tuple(f.lower() for f in propagate.get_global_textmap().fields)
 
@@ -88,7 +114,15 @@ class Observe:
         status = 500
         route = "unmatched"
         try:
-            body = Body(proto)
+            limit = self.body_limits.get(path, self.max_body) if self.body_limits else self.max_body
+            length = headers.get("content-length")
+            declared = _declared(length) if length is not None else None
+            if declared is not None and declared > limit:
+                if headers.get("expect", "").lower() != "100-continue":  # else the client waits for the answer
+                    await drain(proto)
+                raise too_large(limit, declared)
+            reader = BodyReader(proto, limit, declared is not None, self.body_clock)
+            body = Body(reader)
             answer = await self.fast.lean(route_method, path, scope.query_string, authorization, body)
             if answer is not None:
                 status, route = answer.status, ROUTE
@@ -97,14 +131,25 @@ class Observe:
                     out.extend(answer.headers.items())
                 proto.response_bytes(status, out, answer.body)
             else:
+                # Litestar decodes bodies to builtins before converting them, recursing once per
+                # level: the nesting is bounded first, here or as its read of the body ends.
+                if path in self.typed_bodies:
+                    pass
+                elif body.data is not None:
+                    check_json_depth(body.data, self.max_depth)
+                else:
+                    reader.depth = self.max_depth
                 inner = asgi_scope(scope, "http")
                 inner["method"] = route_method
                 send = HttpSend(proto)
                 try:
-                    await self.app(inner, HttpReceive(proto, body.data), send)  # type: ignore[arg-type]
+                    await self.app(inner, HttpReceive(proto, body.data, reader), send)  # type: ignore[arg-type]
                 finally:
                     status = send.status or 500
                     route = inner.get("path_template") or "unmatched"
+        except RequestRefused as exc:
+            status = exc.status
+            proto.response_bytes(status, [_JSON], error_body(exc))
         except (ProtocolError, ProtocolClosed):
             status = CLIENT_GONE  # the client went away mid-request (e.g. before its body arrived)
         finally:

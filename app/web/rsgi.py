@@ -9,7 +9,7 @@ application as it would under an ASGI server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -66,13 +66,20 @@ def _sent() -> asyncio.Future[None]:
 
 
 class HttpReceive:
-    """ASGI receive over an RSGI request: the whole body once (or the one already read), then disconnect."""
+    """ASGI receive over an RSGI request: the whole body once (or the one already read), then disconnect.
 
-    __slots__ = ("_body", "_proto", "_sent")
+    `read` reads the body when it was not read yet (the request's own bounded reader; else the
+    protocol's whole-body read); whatever it raises but a lost client reaches the application.
+    """
 
-    def __init__(self, proto: HTTPProtocol, body: bytes | None = None) -> None:
+    __slots__ = ("_body", "_proto", "_read", "_sent")
+
+    def __init__(
+        self, proto: HTTPProtocol, body: bytes | None = None, read: Callable[[], Awaitable[bytes]] | None = None
+    ) -> None:
         self._proto = proto
         self._body = body
+        self._read = read if read is not None else proto
         self._sent = False
 
     async def __call__(self) -> dict[str, Any]:
@@ -81,7 +88,7 @@ class HttpReceive:
             body = self._body
             if body is None:
                 try:
-                    body = await self._proto()
+                    body = await self._read()
                 except (ProtocolError, ProtocolClosed, RuntimeError):
                     return _DISCONNECT
             return {"type": "http.request", "body": body, "more_body": False}

@@ -8,7 +8,8 @@ import errno
 import socket
 from pathlib import Path
 
-from granian.constants import Interfaces, SSLProtocols
+from granian.constants import HTTPModes, Interfaces, SSLProtocols
+from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from granian.server.embed import Server
 
@@ -44,9 +45,14 @@ class HttpServer:
         port: int,
         log_level: str = "info",
         tls: tuple[str, str, str] = ("", "", ""),
+        *,
+        header_read_timeout: float = 30.0,
+        max_connections: int = 1024,
     ) -> None:
         """tls: certificate, key and client CA files (PEM, checked by app.config); a certificate
-        turns on HTTPS, a client CA makes every client present a certificate it signed."""
+        turns on HTTPS, a client CA makes every client present a certificate it signed.
+        header_read_timeout (seconds) and max_connections: http.header_read_timeout and
+        http.max_connections (docs/limits.md)."""
         self.host = host
         self.port = port
         cert, key, client_ca = tls
@@ -68,6 +74,18 @@ class HttpServer:
             },
             log_access=False,
             backlog=1024,
+            # Granian holds one permit per open connection ("backpressure"; by default the backlog,
+            # 1024): past it nothing more is accepted, so this is the number of connections served.
+            backpressure=max_connections,
+            # A connection that has not sent a whole request header within this time is closed
+            # (hyper's timer, from the moment it is accepted; it runs while a kept-alive connection
+            # waits for its next request too).
+            http1_settings=HTTP1Settings(header_read_timeout=max(1, round(header_read_timeout * 1000))),
+            # HTTP/1.1 only. In Granian's default "auto" mode hyper first sniffs for the HTTP/2
+            # preface with no timer running: a connection that sends nothing, or part of the
+            # preface, was held until the client hung up, whatever the timeout (and an HTTP/2
+            # connection has no header timeout at all). No fleetmate client speaks HTTP/2.
+            http=HTTPModes.http1,
             ssl_cert=Path(cert).expanduser() if cert else None,
             ssl_key=Path(key).expanduser() if key else None,
             ssl_ca=Path(client_ca).expanduser() if client_ca else None,
