@@ -134,6 +134,8 @@ class ZkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # Connections one client address may hold (ZooKeeper's maxClientCnxns); 0: no limit.
+    max_client_cnxns: Annotated[int, msgspec.Meta(ge=0)] = 60
 
 
 class SqlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

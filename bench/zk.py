@@ -632,6 +632,9 @@ class FleetmateZk(Fleetmate):
         env["FLEETMATE_ZK_PORT"] = str(self.zk_port)
         if "FLEETMATE_ZK_ENABLED" in self.keys:
             env["FLEETMATE_ZK_ENABLED"] = "true"
+        if "FLEETMATE_ZK_MAX_CLIENT_CNXNS" in self.keys:
+            # As ZooKeeper's maxClientCnxns=0 in bench/zkserver.py: the load's 64 sessions come from one host.
+            env["FLEETMATE_ZK_MAX_CLIENT_CNXNS"] = "0"
         return cmd, env
 
     def start(self) -> None:

@@ -64,7 +64,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
     zk: ZkServer | None = None
     if cfg.zk.enabled:
         # Bound before the node is ready (like HTTP): early clients are closed and retry.
-        zk = ZkServer(node, cfg.zk.host, cfg.zk.port, reuse_port=worker)
+        zk = ZkServer(node, cfg.zk.host, cfg.zk.port, reuse_port=worker, limiter=app.limiter)
         if not await _listen_zk(cfg, node, zk, port):
             return EXIT_FAILED
     http_task = http.start()

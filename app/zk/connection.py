@@ -50,6 +50,7 @@ from app.zk import protocol as p
 from app.zk.jute import JuteError, Writer
 
 if TYPE_CHECKING:
+    from app.web.ratelimit import RateLimiter
     from app.zk.server import ZkServer
 
 log = logging.getLogger("fleetmate.zk")
@@ -80,6 +81,7 @@ class ZkConnection:
         self.writer = writer
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
+        self.rate_key = f"a:{peer[0]}"  # the rate limit's client key, as an HTTP client without a token
         self.ids: list[tuple[str, str]] = [("ip", str(peer[0]))]
         self.session_id = 0
         self.timeout_ms = 0
@@ -120,7 +122,10 @@ class ZkConnection:
                 self._write(self.server.four_letter_words.answer(first.decode(), self.server))
                 reason = "four-letter word answered"
                 return
-            await self._handshake(await self._frame(first))
+            connect = await asyncio.wait_for(self._frame(first), CONNECT_TIMEOUT_S)  # all of it, not 4 bytes
+            if self.server.limiter is not None:
+                await self._throttle(self.server.limiter)
+            await self._handshake(connect)
             self._tasks = [asyncio.create_task(self._reply_loop(), name="zk-replies")]
             reading = asyncio.create_task(self._read_loop(), name="zk-read")
             done, _ = await asyncio.wait({reading, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -277,6 +282,8 @@ class ZkConnection:
             if self.session_id not in self.registry.state.sessions:
                 raise Closing(f"session 0x{self.session_id:x} expired")
             self._active()
+            if self.server.limiter is not None and op != p.PING:
+                await self._throttle(self.server.limiter)
             if op in WRITE_OPS:
                 if len(self._replies) >= MAX_IN_FLIGHT:
                     await self._drained.wait()
@@ -292,6 +299,25 @@ class ZkConnection:
                 await self._drain()
                 raise Closing("session closed by the client")
             self._write(await self._guard(xid, op, self._read_op(xid, op, req)))
+
+    async def _throttle(self, limiter: RateLimiter) -> None:
+        """Wait until the rate limit admits one more request from this address.
+
+        A ZooKeeper client has no "retry later" answer (an error code would reach the
+        application as a failed call), so over the limit the connection is read more slowly, as
+        ZooKeeper's own throttle does: the request waits, TCP pushes back on what follows, and a
+        client that waits for each reply runs at the limit. The waiting request counts as the
+        session's activity, so a throttled session does not expire.
+        """
+        wait = limiter.check(self.rate_key)
+        if not wait:
+            return
+        self.server.throttled += 1
+        while wait:
+            await asyncio.sleep(min(wait, self.timeout_ms / 3000) if self.timeout_ms else wait)
+            if self.session_id:
+                self._active()
+            wait = limiter.check(self.rate_key)
 
     async def _reply_loop(self) -> None:
         while True:

@@ -118,7 +118,7 @@ class FourLetterWords:
             f"dataDir={cfg.data_path}\n"
             f"minSessionTimeout={cfg.registry.session_timeout_min_ms}\n"
             f"maxSessionTimeout={cfg.registry.session_timeout_max_ms}\n"
-            f"maxClientCnxns=0\n"
+            f"maxClientCnxns={server.max_client_cnxns}\n"
             f"serverId={cfg.node_id}\n"
             f"jute.maxbuffer={server.max_packet}\n"
             f"zookeeper.version={VERSION}\n"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -16,14 +17,24 @@ from app.zk.protocol import EVENT_TYPES, notification
 
 if TYPE_CHECKING:
     from app.node import Node
+    from app.web.ratelimit import RateLimiter
 
 log = logging.getLogger("fleetmate.zk")
+
+REFUSAL_LOG_EVERY_S = 10.0  # one line per address this often, however many connections it opens
+REAP_EVERY_S = 1.0  # how often connections whose session has ended are looked for
+# Connections the kernel completes before they are accepted (asyncio's default is 100): under a
+# flood of connections from one client, a short queue drops everyone's SYNs (each retried after 1 s+).
+LISTEN_BACKLOG = 1024
 
 
 class ZkServer:
     """One listener per process; with workers, every worker binds the same port (SO_REUSEPORT)."""
 
-    def __init__(self, node: Node, host: str, port: int, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, node: Node, host: str, port: int, *, reuse_port: bool = False, limiter: RateLimiter | None = None
+    ) -> None:
+        """limiter: the rate limit shared with the HTTP gateway (requests per client address)."""
         self.node = node
         self.host = host
         self.port = port
@@ -42,6 +53,14 @@ class ZkServer:
         self.secure_port = -1  # the TLS port once bound (ZooKeeper's secureClientPort; -1: none)
         self._secure: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        # Limits a client meets (docs/limits.md): connections per address, requests per second.
+        self.max_client_cnxns = node.cfg.zk.max_client_cnxns
+        self.per_address: dict[str, int] = {}  # open connections by client address
+        self.refused = 0  # connections closed at once: their address held max_client_cnxns
+        self._refusals: dict[str, tuple[float, int]] = {}  # address -> (last logged, refused since)
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.throttled = 0  # requests that waited for the rate limit
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -79,6 +98,7 @@ class ZkServer:
                 port,
                 reuse_port=self.reuse_port or None,
                 limit=1 << 20,
+                backlog=LISTEN_BACKLOG,
                 ssl=context,
                 ssl_handshake_timeout=CONNECT_TIMEOUT_S if context else None,
             )
@@ -90,6 +110,15 @@ class ZkServer:
         return server, chosen
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        held = self.per_address.get(address, 0)
+        if self.max_client_cnxns and held >= self.max_client_cnxns:
+            self._refuse(address, writer)
+            return
+        self.per_address[address] = held + 1
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="zk-reaper")
         conn = ZkConnection(self, reader, writer)
         task = asyncio.current_task()
         if task is not None:
@@ -100,9 +129,51 @@ class ZkServer:
             self.connections.discard(conn)
             if task is not None:
                 self._handlers.discard(task)
+            left = self.per_address[address] - 1
+            if left:
+                self.per_address[address] = left
+            else:
+                del self.per_address[address]
+
+    def _refuse(self, address: str, writer: asyncio.StreamWriter) -> None:
+        """Close a connection over max_client_cnxns at once, as ZooKeeper does ("Too many
+        connections from /IP - max is 60"), logging each address at most every few seconds."""
+        writer.close()
+        self.refused += 1
+        now = time.monotonic()
+        last, count = self._refusals.get(address, (0.0, 0))
+        count += 1
+        if now - last < REFUSAL_LOG_EVERY_S:
+            self._refusals[address] = (last, count)
+            return
+        if len(self._refusals) >= 10_000:
+            self._refusals.clear()  # forget old addresses rather than grow without bound
+        self._refusals[address] = (now, 0)
+        log.warning(
+            "too many connections from one address; closed",
+            extra={"address": address, "max_client_cnxns": self.max_client_cnxns, "refused": count},
+        )
+
+    async def _reap(self) -> None:
+        """Close the connections whose session has ended (the leader expired it), as ZooKeeper
+        does: a client that fell silent, or stopped halfway through a request, holds its
+        connection no longer than its session timeout. A connection active in the last moments is
+        left to find out itself (its next request is refused; a closeSession is being answered)."""
+        while True:
+            await asyncio.sleep(REAP_EVERY_S)
+            registry = self.node.registry
+            if registry is None:
+                continue
+            sessions = registry.state.sessions
+            quiet_since = time.monotonic() - REAP_EVERY_S
+            for conn in [c for c in self.connections if c.session_id not in sessions]:
+                if conn._last_activity < quiet_since:
+                    conn.writer.close()
 
     async def stop(self) -> None:
         """Stop accepting and close every connection (their sessions live on until they time out)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
         for listener in (self._server, self._secure):
             if listener is not None:
                 listener.close()

@@ -13,7 +13,9 @@ from tests.harness import Fleetmate, running
 def server_under_test(kind: str, workdir: Path) -> Iterator[str]:
     """Start `zookeeper` or `fleetmate` (anything else is taken as host:port) and yield its address."""
     if kind == "fleetmate":
-        with running(Fleetmate(workdir)) as fm:
+        # No per-address connection limit, as bench/zkserver.py runs ZooKeeper (maxClientCnxns=0):
+        # the suite's 4 workers open their sessions from this one host.
+        with running(Fleetmate(workdir, env={"FLEETMATE_ZK_MAX_CLIENT_CNXNS": "0"})) as fm:
             yield fm.zk
         return
     if kind == "zookeeper":
