@@ -2,7 +2,7 @@
 and floods the ZooKeeper port, another address writes over HTTP and ZooKeeper; its write latencies
 are measured with and without the attack.
 
-    python -m bench.hostile [--half-open 5000] [--zk-connections 3000] [--seconds 15] [--scan-only]
+    python bench/hostile.py [--half-open 5000] [--zk-connections 3000] [--seconds 15] [--scan-only] [--quick]
 
 Prints a table and writes bench/results/hostile.json, with what the JSON depth check
 (app/web/limits.py) costs on typical and hostile bodies (--scan-only: just that). The attacker is 127.0.0.1, the writer
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/hostile.py` as well as -m
 
 from bench.common import progress, summary, write_result
 from tests.harness import Fleetmate, running
@@ -325,7 +327,10 @@ def main() -> int:
     parser.add_argument("--zk-connections", type=int, default=3000, help="ZooKeeper connections opened (3000)")
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds of writes per round (15)")
     parser.add_argument("--scan-only", action="store_true", help="only the cost of the JSON depth check")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 500 half-open, 300 ZooKeeper, 5 s rounds")
     args = parser.parse_args()
+    if args.quick:
+        args.half_open, args.zk_connections, args.seconds = 500, 300, 5.0
     scan = scan_costs()
     print(f"{'JSON depth check (limit 64)':<40} {'bytes':>10} {'us':>10}")
     for name, cost in scan.items():
@@ -340,7 +345,7 @@ def main() -> int:
             print(f"{name:<10} {op:<14} {s['n']:>6} {s['p50']:>8.2f} {s['p99']:>8.2f} {s['max']:>8.2f}")
         print(f"{name:<10} errors: {result[name]['errors']}")
     print(f"ZooKeeper connections refused at once: {result['zk_refused']} of {result['zk_connections']}")
-    path = write_result("hostile", result)
+    path = write_result("hostile-quick" if args.quick else "hostile", result)
     print(f"wrote {path}")
     return 0 if result["attacked"]["errors"] == 0 else 1
 
