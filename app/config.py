@@ -135,7 +135,7 @@ class ZkConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_key: str = ""
     tls_client_ca: str = ""
     # Connections one client address may hold (ZooKeeper's maxClientCnxns); 0: no limit.
-    max_client_cnxns: Annotated[int, msgspec.Meta(ge=0)] = 60
+    max_client_cnxns: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 60
 
 
 class SqlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class Run:
         )
 
 
-def _run_check(classes: Classes, server: str, connect: str) -> Run:
+def _run_check(classes: Classes, server: str, connect: str, scenarios: tuple[str, ...] = ()) -> Run:
     cmd = [
         "java",
         "-XX:+UseSerialGC",
@@ -110,6 +111,7 @@ def _run_check(classes: Classes, server: str, connect: str) -> Run:
         classes.classpath,
         "CuratorCheck",
         connect,
+        *scenarios,
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
@@ -139,6 +141,15 @@ def curator_run(
         try:
             zk.start()
             run = _run_check(curator_check, server, f"{zk.host}:{zk.port}")
+            # On the reference alone a failed scenario runs once more (ZooKeeper 3.8's own client now
+            # and then drops a connection there under load, which CuratorCheck counts as a failure);
+            # fleetmate gets no second try.
+            failed = tuple(name for name, (ok, _) in run.results.items() if not ok)
+            if failed:
+                warnings.warn(f"ZooKeeper 3.8 (the reference) failed {failed}; once more", stacklevel=1)
+                again = _run_check(curator_check, server, f"{zk.host}:{zk.port}", failed)
+                run.results.update(again.results)
+                run.stdout += again.stdout
             run.server_log = "\n".join(zk.log_problems()[-30:])
         finally:
             zk.stop()
