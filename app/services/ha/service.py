@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
-from opentelemetry import trace
 
 from app.config import HaConfig
+from app.decisions import current_trace_id, decision_span
 from app.services.agent.messages import PgRejoinRequest
 from app.services.ha import layout, topology
 from app.services.ha.adaptor import Adaptor, AdaptorError
@@ -77,11 +77,6 @@ class ClusterView(msgspec.Struct, frozen=True):
     primary: str
     instances: list[InstanceRecord]
     analyses: list[Analysis]
-
-
-def _trace_id() -> str:
-    ctx = trace.get_current_span().get_span_context()
-    return f"{ctx.trace_id:032x}" if ctx.trace_id else ""
 
 
 class HaService:
@@ -186,7 +181,8 @@ class HaService:
             Create(layout.instance_path(name, str(s.address)), layout.encode(layout.instance_record(s)))
             for s in topology.instances
         )
-        entry = HistoryEntry(now, "registered", f"discovered {len(topology.instances)} instances from {seed}")
+        found = f"discovered {len(topology.instances)} instances from {seed}"
+        entry = HistoryEntry(now, "registered", found, trace_id=current_trace_id())
         ops.append(self._history_op(name, entry, parents=True))
         try:
             await self.registry.multi(ops)
@@ -212,7 +208,7 @@ class HaService:
         self, name: str, kind: layout.HistoryKind, message: str, instance: str = "", *, duty: bool = True
     ) -> None:
         """Record a history entry; duty: a leader's (fenced by its term), else a request's (any replica)."""
-        entry = HistoryEntry(self.clock(), kind, message, instance, _trace_id())
+        entry = HistoryEntry(self.clock(), kind, message, instance, current_trace_id())
         log.info("ha: %s", message, extra={"cluster": name, "kind": kind, "instance": instance})
         ops: list[MultiOp] = [self._history_op(name, entry)]
         state = self.registry.state
@@ -242,7 +238,8 @@ class HaService:
             record = self.record(name)
             assert node is not None
             updated = change(record)
-            entry = HistoryEntry(self.clock(), "acknowledged" if "acknowledged" in what else "step", what)
+            kind: layout.HistoryKind = "acknowledged" if "acknowledged" in what else "step"
+            entry = HistoryEntry(self.clock(), kind, what, trace_id=current_trace_id())
             ops: list[MultiOp] = [
                 SetData(layout.config_path(name), layout.encode(updated), node.version),
                 self._history_op(name, entry),
@@ -366,7 +363,8 @@ class HaService:
                 assert node is not None
                 updated = msgspec.structs.replace(record, old_primaries=sorted({*record.old_primaries, str(old)}))
                 ops.append(SetData(layout.config_path(name), layout.encode(updated), node.version))
-            ops.append(self._history_op(name, HistoryEntry(self.clock(), "step", message, str(target), _trace_id())))
+            entry = HistoryEntry(self.clock(), "step", message, str(target), current_trace_id())
+            ops.append(self._history_op(name, entry))
             try:
                 await self.registry.multi(ops)
                 return
@@ -510,7 +508,9 @@ class HaService:
         """Probe every instance of a cluster, record changes, analyse, and recover or fence as needed."""
         record = self.record(name)
         adaptor = self._adaptor(record)
-        with tracer().start_as_current_span("ha.poll", attributes={"ha.cluster": name}):
+        # One detection round, one trace: the findings, a recovery it decides and a fence it starts
+        # all carry this round's trace id.
+        with decision_span("ha.poll", attributes={"ha.cluster": name}):
             known = {Address.parse(i.address) for i in self.instances(name)}
             primary_text = self.primary(name)
             primary = Address.parse(primary_text) if primary_text else None
@@ -663,7 +663,7 @@ class HaService:
         updated = msgspec.structs.replace(
             current, last_recovery_at=now, old_primaries=sorted({*current.old_primaries, str(old)} - {str(new)})
         )
-        entry = HistoryEntry(now, "step", f"primary is now {new} (was {old})", str(new), _trace_id())
+        entry = HistoryEntry(now, "step", f"primary is now {new} (was {old})", str(new), current_trace_id())
         await self.registry.multi(
             [
                 SetData(layout.primary_path(name), str(new).encode()),

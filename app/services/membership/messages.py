@@ -67,13 +67,16 @@ class StateData(msgspec.Struct, frozen=True):
 
 
 class HistoryData(msgspec.Struct, frozen=True):
-    """The JSON of one /fleet/nodes/<id>/history/h-NNNNNNNNNN entry: a state change."""
+    """The JSON of one /fleet/nodes/<id>/history/h-NNNNNNNNNN entry: a state change, with the trace
+    id of what decided it (an operator's HTTP request, or the leader's detection round; "" in
+    entries written before trace ids were kept)."""
 
     at: float
     state: State
     old: State | None
     reason: str = ""
     last_seen: float = 0.0
+    trace_id: str = ""
 
 
 # ---- requests relayed to agents (JSON bodies) -----------------------------------------------------

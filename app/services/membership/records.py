@@ -3,7 +3,7 @@
 /fleet/nodes/<id>/state          {"state", "since", "last_seen", "reason", "kind"}
 /fleet/nodes/<id>/labels         {"zone": ..., ...}
 /fleet/nodes/<id>/ports|engines|network|logs   the agent's facts, as it sent them
-/fleet/nodes/<id>/history/h-NNNNNNNNNN         one state change each, the newest HISTORY_KEEP kept
+/fleet/nodes/<id>/history/h-NNNNNNNNNN         one state change each (with its trace id), the newest HISTORY_KEEP kept
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ class Records:
                 out.append((name, entry))
         return out
 
-    def _history_ops(self, node_id: str, change: Transition, last_seen: float) -> list[MultiOp]:
-        entry = HistoryData(change.at, change.new, change.old, change.reason, last_seen)
+    def _history_ops(self, node_id: str, change: Transition, last_seen: float, trace_id: str) -> list[MultiOp]:
+        entry = HistoryData(change.at, change.new, change.old, change.reason, last_seen, trace_id)
         ops: list[MultiOp] = [
             Create(f"{history_path(node_id)}/{HISTORY_PREFIX}", _enc.encode(entry), sequential=True, parents=True)
         ]
@@ -144,11 +144,17 @@ class Records:
         return ops
 
     async def write(
-        self, change: Transition, version: int | None, labels: dict[str, str] | None = None, term: int = 0
+        self,
+        change: Transition,
+        version: int | None,
+        labels: dict[str, str] | None = None,
+        term: int = 0,
+        trace_id: str = "",
     ) -> int | None:
         """Record a transition atomically with its history entry; compare-and-set on the state's version.
 
-        version None means the node must not exist yet (a registration). Returns the state
+        version None means the node must not exist yet (a registration). trace_id: the trace of
+        what decided the change, kept in the history entry. Returns the state
         znode's new version (None after a removal). Raises BadVersion / NodeExists / NoNode when
         another writer got there first: the caller re-reads and decides again.
         """
@@ -168,7 +174,7 @@ class Records:
                 ops.append(Create(child_path(node_id, "labels"), canonical(labels)))
         else:
             ops = [SetData(path, data, version)]
-        ops.extend(self._history_ops(node_id, change, change.record.last_seen))
+        ops.extend(self._history_ops(node_id, change, change.record.last_seen, trace_id))
         done = await self.registry.multi(ops, term)
         return _version_of(done)
 

@@ -27,6 +27,7 @@ from app.bus import subjects
 from app.bus.connection import Bus
 from app.bus.micro import call
 from app.config import NODE_ID_RE, MembershipConfig
+from app.decisions import current_trace_id, decision_span
 from app.services.agent.messages import HostInfo
 from app.services.membership import records as layout
 from app.services.membership.errors import BadNodeRequest, Conflict, NoSuchNode
@@ -363,21 +364,30 @@ class MembershipService:
     async def _round(self) -> None:
         self._reconcile()
         self._pending.extend(self.machine.apply(Tick(time.time())))
-        while self._pending and self.leading:
-            change = self._pending.pop(0)
-            await self._record(change)
+        if self._pending and self.leading:
+            # A round that decides something is one trace: its history entries and log lines carry
+            # its id (a span only then, not one per tick).
+            nodes = sorted({change.node_id for change in self._pending})
+            with decision_span(
+                "membership.judge", {"membership.changes": len(self._pending), "membership.nodes": nodes}
+            ) as trace_id:
+                while self._pending and self.leading:
+                    change = self._pending.pop(0)
+                    await self._record(change, trace_id)
         dirty, self._dirty = self._dirty, set()
         for node_id in sorted(dirty):
             if self.leading:
                 await self._write_facts(node_id)
 
-    async def _record(self, change: Transition) -> None:
+    async def _record(self, change: Transition, trace_id: str = "") -> None:
         node_id = change.node_id
         heard = self.heard.get(node_id)
         labels = heard.labels if heard is not None else {}
         try:
             # Fenced by the lease term: once a newer leader exists this write is refused (StaleTerm).
-            version = await self.records.write(change, self._versions.get(node_id), labels, self.registry.keeper.term)
+            version = await self.records.write(
+                change, self._versions.get(node_id), labels, self.registry.keeper.term, trace_id
+            )
         except OperationTimeout:
             return  # unknown outcome: the next round's reconcile reads what happened
         except RegistryError as exc:
@@ -457,6 +467,11 @@ class MembershipService:
         history = [entry for _, entry in self.records.history(node_id)]
         return NodeDetail(self.view(record), facts, history)
 
+    def histories(self, node_id: str | None = None) -> dict[str, list[HistoryData]]:
+        """Every recorded node's state changes, oldest first (or one node's; local applied state, no barrier)."""
+        ids = self.records.ids() if node_id is None else [node_id]
+        return {n: [entry for _, entry in self.records.history(n)] for n in ids}
+
     def states(self) -> dict[str, str]:
         """Each recorded node's state (local applied state, no barrier), for /metrics."""
         return {node_id: record.state for node_id, (record, _) in self.records.read_all().items()}
@@ -475,7 +490,8 @@ class MembershipService:
             if change is None:
                 return None
             try:
-                await self.records.write(change, version)
+                # The request's trace (its HTTP span's, continuing a caller's traceparent).
+                await self.records.write(change, version, trace_id=current_trace_id())
             except OperationTimeout:
                 raise
             except RegistryError as exc:
