@@ -18,6 +18,7 @@ from app.web.fastpath import FastPath
 from app.web.metrics import HttpMetrics
 from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
+from app.web.routes.audit import audit_routes
 from app.web.routes.ha import ha_routes
 from app.web.routes.metrics import MAX_BODY_BYTES as POINTS_MAX_BODY_BYTES
 from app.web.routes.metrics import metrics_routes
@@ -50,6 +51,7 @@ def create_app(node: Node) -> Observe:
             *node_routes(node),
             *metrics_routes(node),
             *ha_routes(node),
+            *audit_routes(node),
         ],
         state=State({"node": node}),
         exception_handlers=HANDLERS,

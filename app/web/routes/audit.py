@@ -1,0 +1,91 @@
+"""Audit route (/api/v1/audit): every recorded decision, HA's and membership's, newest first, with its trace id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Annotated
+
+import msgspec
+from litestar import get
+from litestar.handlers import BaseRouteHandler
+from litestar.params import Parameter
+
+from app.errors import Unavailable
+from app.node import Node
+from app.services.ha.errors import UnknownCluster
+from app.services.ha.service import HaService
+from app.services.membership.service import MembershipService
+from app.web.routes.audit_models import (
+    MAX_LIMIT,
+    SUBJECT_PATTERN,
+    TRACE_ID_PATTERN,
+    AuditEntry,
+    AuditQuery,
+    Source,
+    newest,
+)
+
+log = logging.getLogger("fleetmate.web")
+
+
+def ha_entries(ha: HaService, subject: str | None) -> Iterator[AuditEntry]:
+    """Every HA history entry (of one cluster when subject is given) as an audit entry."""
+    for name in ha.names() if subject is None else [subject]:
+        try:
+            history = ha.history(name)
+        except UnknownCluster:
+            continue  # no cluster by that name (the subject may be a node id)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # junk written under its history
+            log.debug("unreadable HA history skipped", extra={"cluster": name, "error": str(exc)})
+            continue
+        for e in history:
+            message = f"{e.instance}: {e.message}" if e.instance and e.instance not in e.message else e.message
+            yield AuditEntry(e.at, "ha", name, e.kind, message, e.trace_id)
+
+
+def node_entries(members: MembershipService, subject: str | None) -> Iterator[AuditEntry]:
+    """Every node state change (of one node when subject is given) as an audit entry; kind is the new state."""
+    for node_id, history in members.histories(subject).items():
+        for h in history:
+            message = f"{h.old or 'unknown'} -> {h.state}" + (f": {h.reason}" if h.reason else "")
+            yield AuditEntry(h.at, "node", node_id, h.state, message, h.trace_id)
+
+
+def audit_routes(node: Node) -> list[BaseRouteHandler]:
+    """The handler, closing over the node."""
+
+    @get("/api/v1/audit", tags=["audit"], summary="Recorded decisions from every source, with their trace ids")
+    async def audit(
+        trace_id: Annotated[
+            str | None,
+            Parameter(pattern=TRACE_ID_PATTERN, description="only decisions of this trace (32 lowercase hex digits)"),
+        ] = None,
+        source: Annotated[Source | None, Parameter(description="only this source: ha or node")] = None,
+        subject: Annotated[
+            str | None, Parameter(pattern=SUBJECT_PATTERN, description="only this cluster name or node id")
+        ] = None,
+        since: Annotated[float | None, Parameter(ge=0, description="only decisions at or after this unix time")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="at most this many, newest first")] = 100,
+        serializable: Annotated[
+            bool, Parameter(query="serializable", description="answer from local state without the read barrier")
+        ] = False,
+    ) -> list[AuditEntry]:
+        """HA detections and recovery steps (/fleet/clusters/<name>/history) and node state changes
+        (/fleet/nodes/<id>/history), newest first. Each carries the OpenTelemetry trace id of what
+        caused it: the HTTP request of an operator's action (continuing its traceparent), or the
+        leader's detection round. Give that id to your tracing backend to see the whole trace."""
+        query = AuditQuery(trace_id, source, subject, since, limit)
+        members = node.membership
+        if members is None and query.wants("node"):
+            raise Unavailable("membership is starting")
+        if not serializable and node.registry is not None:
+            await node.registry.sync()
+        entries: list[Iterator[AuditEntry]] = []
+        if node.ha is not None and query.wants("ha"):
+            entries.append(ha_entries(node.ha, subject))
+        if members is not None and query.wants("node"):
+            entries.append(node_entries(members, subject))
+        return newest((e for source_entries in entries for e in source_entries), query)
+
+    return [audit]
