@@ -108,6 +108,8 @@ def _print_list(clusters: list[dict[str, Any]]) -> None:
 
 
 def _print_history(entries: list[dict[str, Any]]) -> None:
+    print(f"{'TIME':<19}  {'KIND':12} {'INSTANCE':22} {'TRACE_ID':<32}  MESSAGE")
     for e in entries:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
-        print(f"{at}  {e['kind']:12} {e['instance'] or '-':22} {e['message']}")
+        trace_id = e.get("trace_id") or "-"
+        print(f"{at}  {e['kind']:12} {e['instance'] or '-':22} {trace_id:<32}  {e['message']}")

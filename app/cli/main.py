@@ -78,6 +78,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from app.cli import ha as ha_cli
 
     ha_cli.add_parser(sub)
+    from app.cli import audit as audit_cli
+
+    audit_cli.add_parser(sub)
     from app.cli import restore as restore_cli
 
     restore_cli.add_parser(sub, CONFIG_HELP, config_flags.add_flags if wants("restore") else None)
@@ -148,6 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         from app.cli.ha import run as run_ha
 
         return run_ha(args)
+    if args.command == "audit":
+        from app.cli.audit import run as run_audit
+
+        return run_audit(args)
     if args.command == "restore":
         cfg = _load(args.config, config_flags.given(args))
         logs.setup("warning", cfg.log_format, config.secrets(cfg))  # its own progress goes to stdout

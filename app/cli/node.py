@@ -79,9 +79,11 @@ def _show(detail: dict[str, Any]) -> None:
         text = json.dumps(value, sort_keys=True)
         print(f"{name + ':':<11}{text if len(text) <= 100 else text[:97] + '...'}")
     print("history:")
+    print(f"  {'TIME':<19}  {'FROM':>11}    {'TO':<12}{'TRACE_ID':<32}  REASON")
     for h in detail["history"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["at"]))
-        print(f"  {when}  {h['old'] or '-':>11} -> {h['state']:<12}{h['reason']}")
+        trace_id = h.get("trace_id") or "-"
+        print(f"  {when}  {h['old'] or '-':>11} -> {h['state']:<12}{trace_id:<32}  {h['reason']}")
 
 
 def _free_ports(answer: Any) -> None:

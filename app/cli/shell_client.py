@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from app.cli.api import tls_hint
 from app.services.registry.messages import Stat
+from app.web.routes.audit_models import AuditEntry
 from app.web.routes.registry_models import (
     ChildView,
     DeletedView,
@@ -257,6 +258,12 @@ class RegistryClient:
         raw = await self.request("GET", f"{API}/registry")
         revision: int = msgspec.json.decode(raw)["revision"]
         return revision
+
+    # ---- audit ----------------------------------------------------------------------------------
+
+    async def audit(self, params: dict[str, str]) -> list[AuditEntry]:
+        """Recorded decisions, newest first (params: trace_id, source, subject, since, limit)."""
+        return await self._call(list[AuditEntry], "GET", f"{API}/audit", params=params)
 
     # ---- recipes --------------------------------------------------------------------------------
 

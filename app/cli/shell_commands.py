@@ -12,9 +12,11 @@ from typing import TextIO
 
 import msgspec
 
+from app.cli.audit import table
 from app.cli.shell_client import RegistryClient, Session, ShellError, WatchMessage
 from app.cli.shell_paths import InvalidPath, join, resolve
 from app.services.registry.messages import Stat
+from app.web.routes.audit_models import MAX_LIMIT
 
 
 class Status(enum.IntEnum):
@@ -102,6 +104,18 @@ SPECS: dict[str, Spec] = {
         value="required",
     ),
     "leader": Spec("leader path", "print the candidate that leads the election at path"),
+    "audit": Spec(
+        "audit [-t trace_id] [-s ha|node] [-n subject] [-l limit]",
+        "recorded decisions (HA steps, node state changes), newest first, with their trace ids",
+        (
+            "-t  only the decisions of this trace (32 hex digits)",
+            "-s  only this source: ha or node",
+            "-n  only this cluster name or node id",
+            "-l  at most this many (1..1000, default 20)",
+        ),
+        valued="tsnl",
+        paths=(0, 0),
+    ),
     "sync": Spec(
         "sync",
         "wait until this server has applied every write made before, anywhere; print the revision",
@@ -111,6 +125,9 @@ SPECS: dict[str, Spec] = {
     "exit": Spec("exit", "close the session and leave", paths=(0, 0)),
     "quit": Spec("quit", "close the session and leave", paths=(0, 0)),
 }
+
+AUDIT_FLAGS = {"t": "trace_id", "s": "source", "n": "subject", "l": "limit"}  # audit's flags: query parameters
+AUDIT_LIMIT = 20  # a screenful
 
 # zkCli's stat lines in zkCli's order, each with the REST API's name of the field.
 STAT_FIELDS = (
@@ -286,6 +303,7 @@ class Commands:
             "rmr": self._deleteall,
             "watch": self._watch,
             "sync": self._sync,
+            "audit": self._audit,
             "lock": self._lock,
             "unlock": self._unlock,
             "elect": self._elect,
@@ -445,6 +463,18 @@ class Commands:
 
     async def _sync(self, name: str, args: Args) -> None:
         self.say(f"revision {await self.client.sync()}")
+
+    async def _audit(self, name: str, args: Args) -> None:
+        params = {key: args.valued[flag] for flag, key in AUDIT_FLAGS.items() if flag in args.valued}
+        limit = params.setdefault("limit", str(AUDIT_LIMIT))
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+            raise UsageError(f"{name}: -l needs a number from 1 to {MAX_LIMIT}, not {limit!r}")
+        entries = await self.client.audit(params)
+        if not entries:
+            self.note("no recorded decision matches")
+            return
+        for line in table(entries):
+            self.say(line)
 
     async def _lock(self, name: str, args: Args) -> None:
         path, wait_ms = self.path(args.paths[0]), _wait_ms(args, name)
