@@ -9,7 +9,7 @@ from typing import Annotated
 import msgspec
 from litestar import get
 from litestar.handlers import BaseRouteHandler
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from app.errors import Unavailable
 from app.node import Node
@@ -28,6 +28,15 @@ from app.web.routes.audit_models import (
 
 log = logging.getLogger("fleetmate.web")
 
+TraceId = Annotated[
+    str | None, QueryParameter(pattern=TRACE_ID_PATTERN, description="only this trace's decisions (32 lowercase hex)")
+]
+SourceFilter = Annotated[Source | None, QueryParameter(description="only this source: ha or node")]
+Subject = Annotated[str | None, QueryParameter(pattern=SUBJECT_PATTERN, description="only this cluster or node id")]
+Since = Annotated[float | None, QueryParameter(ge=0, description="only decisions at or after this unix time")]
+Limit = Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description="at most this many, newest first")]
+Serializable = Annotated[bool, QueryParameter(description="answer from local state without the read barrier")]
+
 
 def ha_entries(ha: HaService, subject: str | None) -> Iterator[AuditEntry]:
     """Every HA history entry (of one cluster when subject is given) as an audit entry."""
@@ -40,8 +49,7 @@ def ha_entries(ha: HaService, subject: str | None) -> Iterator[AuditEntry]:
             log.debug("unreadable HA history skipped", extra={"cluster": name, "error": str(exc)})
             continue
         for e in history:
-            message = f"{e.instance}: {e.message}" if e.instance and e.instance not in e.message else e.message
-            yield AuditEntry(e.at, "ha", name, e.kind, message, e.trace_id)
+            yield AuditEntry(e.at, "ha", name, e.kind, e.message, e.trace_id)
 
 
 def node_entries(members: MembershipService, subject: str | None) -> Iterator[AuditEntry]:
@@ -57,19 +65,12 @@ def audit_routes(node: Node) -> list[BaseRouteHandler]:
 
     @get("/api/v1/audit", tags=["audit"], summary="Recorded decisions from every source, with their trace ids")
     async def audit(
-        trace_id: Annotated[
-            str | None,
-            Parameter(pattern=TRACE_ID_PATTERN, description="only decisions of this trace (32 lowercase hex digits)"),
-        ] = None,
-        source: Annotated[Source | None, Parameter(description="only this source: ha or node")] = None,
-        subject: Annotated[
-            str | None, Parameter(pattern=SUBJECT_PATTERN, description="only this cluster name or node id")
-        ] = None,
-        since: Annotated[float | None, Parameter(ge=0, description="only decisions at or after this unix time")] = None,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="at most this many, newest first")] = 100,
-        serializable: Annotated[
-            bool, Parameter(query="serializable", description="answer from local state without the read barrier")
-        ] = False,
+        trace_id: TraceId = None,
+        source: SourceFilter = None,
+        subject: Subject = None,
+        since: Since = None,
+        limit: Limit = 100,
+        serializable: Serializable = False,
     ) -> list[AuditEntry]:
         """HA detections and recovery steps (/fleet/clusters/<name>/history) and node state changes
         (/fleet/nodes/<id>/history), newest first. Each carries the OpenTelemetry trace id of what
