@@ -23,6 +23,7 @@ from tests.ha_mariadb import MariaDBReplicaSet
 from tests.harness import ROOT, Fleetmate, running, wait_for
 
 CLUSTERS = "/api/v1/ha/clusters"
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 HOOK_VARS = "$FLEETMATE_HA_CLUSTER $FLEETMATE_HA_OLD_PRIMARY $FLEETMATE_HA_NEW_PRIMARY"
 
 
@@ -106,7 +107,11 @@ def test_switchover_loses_nothing_and_can_go_back(fm: Fleetmate, mariadb_set: Ma
         writer = threading.Thread(target=_write, args=(seeds[source].port, acked, stop, "s"), daemon=True)
         writer.start()
         wait_for(lambda: len(acked) >= 20, 20, "the writer's first commits")  # noqa: B023
-        reply = fm.post(f"{CLUSTERS}/orders/switchover", json={"to": str(target)}, timeout=90)
+        # The first switchover continues a caller's trace: its history entries carry that trace id.
+        headers = {"traceparent": f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"} if index == 1 else {}
+        reply = httpx.post(
+            f"{fm.url}{CLUSTERS}/orders/switchover", json={"to": str(target)}, headers=headers, timeout=90
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["primary"] == str(target)
         stop.set()
@@ -120,6 +125,22 @@ def test_switchover_loses_nothing_and_can_go_back(fm: Fleetmate, mariadb_set: Ma
             if other != index:
                 wait_for(lambda: _source_port(mariadb_set, other) == str(target.port), 20, "replicas repointed")  # noqa: B023
         mariadb_set.sql(index, "DELETE FROM app.s")
+    # Each switchover's steps are one trace: the caller's for the first, a trace of its own for the second.
+    steps = [
+        e
+        for e in fm.get(f"{CLUSTERS}/orders/history").json()
+        if "switchover" in e["message"] or "primary is now" in e["message"]
+    ]
+    by_trace: dict[str, list[str]] = {}
+    for e in steps:
+        by_trace.setdefault(e["trace_id"], []).append(e["message"])
+    assert len(by_trace) == 2, by_trace
+    assert f"primary is now {seeds[1]} (was {seeds[0]})" in by_trace[CALLER_TRACE]
+    assert all(len(t) == 32 for t in by_trace), by_trace
+    audited = fm.get(f"/api/v1/audit?trace_id={CALLER_TRACE}").json()
+    assert {(e["source"], e["subject"]) for e in audited} == {("ha", "orders")}
+    assert {e["message"] for e in audited} >= set(by_trace[CALLER_TRACE])
+    assert any(f"primary is now {seeds[1]}" in line and CALLER_TRACE in line for line in _cli(fm, "history", "orders"))
     bad = fm.post(f"{CLUSTERS}/orders/switchover", json={"to": "127.0.0.1:1"})
     assert bad.status_code == 400
     assert "not a reachable replica" in bad.text
@@ -196,6 +217,15 @@ def test_failover_after_kill_9_and_fencing(fm: Fleetmate, mariadb_set: MariaDBRe
     assert any(m.startswith("DeadPrimary") for m in history), history
     assert any(m.startswith(f"promoted {new}") for m in history), history
     assert any(f"promoted {new}" in line for line in _cli(fm, "history", "orders"))
+    # The detection round that decided the recovery is one trace: every step of it carries its id.
+    entries = fm.get(f"{CLUSTERS}/orders/history").json()
+    decided = next(e for e in entries if e["kind"] == "recovery")
+    assert len(decided["trace_id"]) == 32, decided
+    same = [e["message"] for e in entries if e["trace_id"] == decided["trace_id"]]
+    assert any(m.startswith(f"promoted {new}") for m in same), same
+    assert f"primary is now {new} (was {seeds[0]})" in same
+    audited = fm.get(f"/api/v1/audit?source=ha&subject=orders&trace_id={decided['trace_id']}").json()
+    assert sorted(e["message"] for e in audited) == sorted(same)
 
     # The old primary comes back writable: it is made read-only and a replica of the new one.
     mariadb_set.restart(0, as_replica=True)
