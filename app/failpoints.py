@@ -5,6 +5,22 @@ and `hit("log.before_append")` sleep. Actions: `raise` (FailpointError), `sleep(
 the thread: the point is to stall), `kill` (SIGKILL to this process, a crash at that very line),
 and `N*ACTION` to act on the N-th hit only (`3*kill`). The variable is read once at start; with it
 unset every `hit()` is one dictionary lookup on an empty dict.
+
+The points (docs/durability.md, "Failpoints", says what a kill at each one shows):
+
+- `log.before_append` (app/log/batcher.py): an entry's publish is about to be tried; nothing sent.
+- `log.after_append` (app/log/batcher.py): JetStream stored the entry; not applied nor answered.
+- `log.apply` (app/log/engine.py): the next entry is read from the log and about to be applied.
+- `snapshot.write` (app/storage/snapshots/): in the middle of saving a snapshot: the file store
+  has written half the blob to its temporary file (nothing renamed); S3 holds the blob but not
+  the meta object that lists it; the SQL stores have inserted the meta row and every chunk in a
+  transaction not yet committed.
+- `log.trim` (app/log/snapshots.py, Snapshotter._trim_behind): the leader has saved a snapshot
+  and chosen the sequence to trim the log through; the purge is not sent.
+- `snapshot.restore` (app/log/snapshots.py, Snapshotter.restore): a replica starting with
+  nothing or behind a trimmed log has read and checked a snapshot, not installed it yet;
+  (app/cli/restore.py) `fleetmate restore` has saved the restored snapshot to the store and
+  is about to install it into each registry file of the data directory, then empty the log.
 """
 
 from __future__ import annotations
@@ -57,6 +73,13 @@ def hit(name: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(seconds)
+
+
+def configure(text: str) -> None:
+    """Replace the failpoints of this process (in-process tests; a subprocess takes FLEETMATE_FAILPOINTS)."""
+    global _points
+    _points = parse(text)
+    _hits.clear()
 
 
 def enabled() -> list[str]:

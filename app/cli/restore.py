@@ -17,6 +17,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from app import failpoints
 from app.bus import subjects
 from app.bus.connection import Bus, BusError, client_token, tls_context
 from app.bus.embedded import EmbeddedNats, EmbeddedNatsError, server_token
@@ -361,6 +362,9 @@ async def _restore(
         await store.save(meta, packed)
         print(f"saved {meta.name} ({_size(meta.size)}) to the {store.name} store")
         for path in files:
+            # Killed from here on, the store's newest snapshot is past the log: a replica refuses to
+            # start (LogConflict), or continues an empty log from it, until this command is run again.
+            failpoints.hit("snapshot.restore")
             reg = RegistryStore(path, cfg.registry.event_history)
             try:
                 await asyncio.to_thread(reg.install, image)

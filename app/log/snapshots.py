@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from app import failpoints
 from app.config import SnapshotConfig
 from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotStore, make_meta
 
@@ -243,6 +244,7 @@ class Snapshotter:
             try:
                 blob = await self.store.load(meta)
                 raw = await asyncio.to_thread(zlib.decompress, blob)
+                failpoints.hit("snapshot.restore")  # read and checked; the local state not touched yet
                 got = await asyncio.to_thread(install, raw)
                 if got != meta.seq:
                     raise SnapshotCorrupt(f"{meta.name}: the image says sequence {got}, the meta {meta.seq}")
@@ -336,6 +338,7 @@ class Snapshotter:
     async def _trim_behind(self, oldest_kept: int) -> None:
         upto = min([oldest_kept, *await self._peers_applied()])
         if upto > self.trimmed_to:
+            failpoints.hit("log.trim")  # the snapshot is saved and the point chosen; nothing purged yet
             await self._trim(upto)
             self.trimmed_to = upto
             log.info("log trimmed", extra={"service": self.service, "through_seq": upto})

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import msgspec
 
+from app import failpoints
 from app.config import sql_flavor
 from app.storage import sqldb
 from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotStore, log
@@ -86,6 +87,7 @@ class SqlSnapshotStore(SnapshotStore):
                     idx,
                     data[start : start + step],
                 )
+            failpoints.hit("snapshot.write")  # every row written, the transaction not committed
 
     async def _remove(self, tx: sqldb.Executor, service: str, seq: int) -> None:
         await tx.execute(f"DELETE FROM {self.chunks} WHERE service = ? AND seq = ?", service, seq)

@@ -10,15 +10,21 @@ from typing import ClassVar
 
 import msgspec
 
+from app import failpoints
 from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotStore, log
 
 _meta_dec = msgspec.json.Decoder(SnapshotMeta)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, failpoint: str = "") -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as fh:
-        fh.write(data)
+        half = len(data) // 2
+        fh.write(data[:half])
+        if failpoint:
+            fh.flush()
+            failpoints.hit(failpoint)  # half the bytes in the temporary file, nothing renamed
+        fh.write(data[half:])
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
@@ -59,7 +65,7 @@ class FileSnapshotStore(SnapshotStore):
         def write() -> None:
             blob, side = self._paths(meta)
             blob.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(blob, data)
+            _write_atomically(blob, data, "snapshot.write")
             _write_atomically(side, msgspec.json.encode(meta))
             _fsync_dir(blob.parent)
 

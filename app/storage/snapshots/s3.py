@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import msgspec
 
+from app import failpoints
 from app.config import S3Config
 from app.storage.s3client import S3Client
 from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotStore, log
@@ -42,6 +43,7 @@ class S3SnapshotStore(SnapshotStore):
     async def _save(self, meta: SnapshotMeta, data: bytes) -> None:
         blob, side = self._keys(meta)
         await self.client.put(blob, data)
+        failpoints.hit("snapshot.write")  # the blob is stored, the meta object that lists it is not
         await self.client.put(side, msgspec.json.encode(meta))
 
     async def _list(self, service: str) -> list[SnapshotMeta]:
