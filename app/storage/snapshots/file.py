@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -89,6 +90,26 @@ class FileSnapshotStore(SnapshotStore):
             return await asyncio.to_thread(blob.read_bytes)
         except FileNotFoundError:
             raise SnapshotCorrupt(f"{meta.name}: {blob} is missing") from None
+
+    async def _sweep(self, service: str, below_seq: int) -> None:
+        # A cut-short save leaves `.<name>.snap.tmp-<pid>` or `.<name>.json.tmp-<pid>`, or `<name>.snap`
+        # with no meta; a cut-short delete the blob. None of them is ever listed.
+        leftover = re.compile(
+            rf"^\.?(?P<name>{re.escape(service)}-(?P<seq>\d{{20}}))\.(?:snap|json)(?P<tmp>\.tmp-\d+)?$"
+        )
+
+        def sweep() -> None:
+            folder = self.dir / service
+            for path in folder.glob(f"*{service}-*"):
+                found = leftover.match(path.name)
+                if found is None or int(found["seq"]) >= below_seq:
+                    continue
+                if found["tmp"] or (path.suffix == ".snap" and not (folder / f"{found['name']}.json").exists()):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    log.info("snapshot leftover removed", extra={"file": str(path)})
+
+        await asyncio.to_thread(sweep)
 
     async def _delete(self, meta: SnapshotMeta) -> None:
         def remove() -> None:

@@ -67,6 +67,17 @@ class S3SnapshotStore(SnapshotStore):
             raise SnapshotCorrupt(f"{meta.name}: object {blob} is missing")
         return got[0]
 
+    async def _sweep(self, service: str, below_seq: int) -> None:
+        # A save cut short leaves a blob without its meta object; so does a delete cut short.
+        prefix = self.client.key("snapshots", service, f"{service}-")
+        keys = set(await self.client.list(prefix))
+        for key in keys:
+            stem, dot, ext = key.rpartition(".")
+            seq = stem.rpartition("-")[2]
+            if dot and ext == "snap" and f"{stem}.json" not in keys and seq.isdigit() and int(seq) < below_seq:
+                await self.client.delete(key)
+                log.info("snapshot leftover removed", extra={"store": self.name, "key": key})
+
     async def _delete(self, meta: SnapshotMeta) -> None:
         blob, side = self._keys(meta)
         await self.client.delete(side)
