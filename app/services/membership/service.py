@@ -367,7 +367,7 @@ class MembershipService:
         if self._pending and self.leading:
             # A round that decides something is one trace: its history entries and log lines carry
             # its id (a span only then, not one per tick).
-            nodes = sorted({change.node_id for change in self._pending})
+            nodes = sorted({change.node_id for change in self._pending})[:100]  # a bounded attribute
             with decision_span(
                 "membership.judge", {"membership.changes": len(self._pending), "membership.nodes": nodes}
             ) as trace_id:
