@@ -168,6 +168,13 @@ class SnapshotConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_stop_timeout: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
 
 
+class DiskConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[disk]: the free space kept in the data directory (app/storage/diskspace.py)."""
+
+    min_free_mb: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 64
+    check_interval: Annotated[float, msgspec.Meta(ge=0.1, le=60)] = 1.0
+
+
 class MembershipConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """[membership]: node heartbeats and the states the leader derives from them."""
 
@@ -251,6 +258,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sql: SqlConfig = msgspec.field(default_factory=SqlConfig)
     s3: S3Config = msgspec.field(default_factory=S3Config)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    disk: DiskConfig = msgspec.field(default_factory=DiskConfig)
     zk: ZkConfig = msgspec.field(default_factory=ZkConfig)
     membership: MembershipConfig = msgspec.field(default_factory=MembershipConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -285,6 +293,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "sql": SqlConfig,
     "s3": S3Config,
     "snapshot": SnapshotConfig,
+    "disk": DiskConfig,
     "zk": ZkConfig,
     "membership": MembershipConfig,
     "agent": AgentConfig,
@@ -698,6 +707,23 @@ def zk_tls_files(cfg: Config) -> tuple[str, str, tuple[str, str, str]]:
     if cfg.zk.tls_cert:
         return cfg.zk.tls_cert, cfg.zk.tls_key, _tls_keys("zk")
     return cfg.http.tls_cert, cfg.http.tls_key, (*_tls_keys("http")[:2], "zk.tls_client_ca")
+
+
+def check_free_space(cfg: Config) -> None:
+    """Refuse to start a replica whose data directory has less than disk.min_free_mb free (exit 2)."""
+    path = cfg.data_path
+    min_free = cfg.disk.min_free_mb << 20
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        raise ConfigError("data_dir", f"cannot read the free space of {path}: {exc.strerror or exc}") from None
+    free = st.f_bavail * st.f_frsize
+    if free < min_free:
+        raise ConfigError(
+            "data_dir",
+            f"{path} has {free / (1 << 20):.1f} MiB free, below disk.min_free_mb ({cfg.disk.min_free_mb} MiB): "
+            "free space there, or lower disk.min_free_mb",
+        )
 
 
 def _check_data_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ from app.services.registry.service import RegistryService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
 from app.storage.datadir import DataDirLock
+from app.storage.diskspace import guard as disk_guard
 from app.storage.snapshots import registry as snapshot_stores
 from app.storage.snapshots.base import SnapshotStore
 from app.supervise import supervisor
@@ -63,6 +64,7 @@ class Node:
         self.stream_replicas = 1
         self.phase = "starting"
         self._proc = psutil.Process(os.getpid())
+        self._disk_task: asyncio.Task[None] | None = None
 
     @property
     def nats_servers(self) -> tuple[str, ...]:
@@ -76,6 +78,11 @@ class Node:
         cfg = self.cfg
         nats_cfg = cfg.nats
         self.dir_lock.acquire()  # before the embedded nats-server: two on one JetStream store would corrupt it
+        disk_guard.configure(cfg.data_path, cfg.disk.min_free_mb << 20)
+        disk_guard.check()
+        self._disk_task = supervisor.watch(
+            asyncio.create_task(disk_guard.run(cfg.disk.check_interval), name="disk-guard"), "the disk space guard"
+        )
         if cfg.embedded_nats:
             self.phase = "starting the embedded nats-server"
             token = server_token(
@@ -87,6 +94,7 @@ class Node:
                 host=nats_cfg.host,
                 port=nats_cfg.port,
                 sync_always=nats_cfg.sync_always,
+                min_free_bytes=cfg.disk.min_free_mb << 20,
                 token=token,
             )
             await self.embedded.start()
@@ -246,6 +254,8 @@ class Node:
     async def stop(self) -> None:
         """Stop services, close the bus, stop the embedded server; each step bounded in time."""
         self.phase = "stopping"
+        if self._disk_task is not None:
+            self._disk_task.cancel()
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("stream leader step-down", self._step_down_streams if self.stream_replicas > 1 else None),
             ("leadership", self.leadership.stop if self.leadership else None),

@@ -19,8 +19,12 @@ from pathlib import Path
 from app.bus.connection import CredentialError, read_token_file
 from app.config import is_loopback
 from app.procs import die_with_parent, terminate
+from app.storage.diskspace import MIB, free_bytes
+from app.storage.diskspace import guard as disk_guard
 
 log = logging.getLogger("fleetmate.nats")
+
+_STORE_WRITE_ERROR = "no space left on device"  # in the [ERR] lines of a file store write that failed
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -111,9 +115,18 @@ class EmbeddedNats:
     """
 
     def __init__(
-        self, *, data_dir: Path, name: str, host: str, port: int, sync_always: bool, token: str | None = None
+        self,
+        *,
+        data_dir: Path,
+        name: str,
+        host: str,
+        port: int,
+        sync_always: bool,
+        token: str | None = None,
+        min_free_bytes: int = 0,
     ) -> None:
         self.root = data_dir / "nats"
+        self.min_free_bytes = min_free_bytes
         self.name = name
         self.host = host
         self.port = port
@@ -128,6 +141,9 @@ class EmbeddedNats:
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._reader: asyncio.Task[None] | None = None
         self.running = asyncio.Event()
+        self.store_error: str | None = None  # a write to the JetStream store failed (a full disk)
+        self._recovery: asyncio.Task[None] | None = None
+        self._restarting = False
 
     @property
     def pid(self) -> int | None:
@@ -202,10 +218,39 @@ class EmbeddedNats:
             self._stderr_tail.append(text)
             if "[FTL]" in text or "[ERR]" in text:
                 log.error("nats-server: %s", text)
+                if _STORE_WRITE_ERROR in text and self.store_error is None:
+                    self._store_failed(text)
             elif "[WRN]" in text:
                 log.warning("nats-server: %s", text)
             else:
                 log.debug("nats-server: %s", text)
+
+    def _store_failed(self, line: str) -> None:
+        # nats-server keeps a stream whose file store failed a write (ENOSPC) failing every
+        # publish, even once there is room again; a restart re-reads the store from its files
+        # (what it acknowledged is there). So: refuse client writes now, restart when there is room.
+        self.store_error = line
+        disk_guard.write_failed("the embedded nats-server's store", RuntimeError(line.rsplit(": ", 1)[-1]))
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._restart_when_room(), name="nats-store-recovery")
+
+    async def _restart_when_room(self, interval: float = 1.0) -> None:
+        floor = max(self.min_free_bytes, MIB)
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                free = free_bytes(self.root)
+            except OSError:
+                continue
+            if free >= floor:
+                log.warning(
+                    "restarting the embedded nats-server: its store stopped at a failed write and there is room again",
+                    extra={"free_mib": round(free / MIB, 1)},
+                )
+                self.store_error = None
+                self._restarting = True
+                await self._terminate()  # _watch starts it again
+                return
 
     async def _watch(self) -> None:
         backoff = 0.2
@@ -217,10 +262,14 @@ class EmbeddedNats:
             self.running.clear()
             self.last_exit = code
             self.restarts += 1
-            log.error(
-                "embedded nats-server exited unexpectedly; restarting",
-                extra={"exit_code": code, "restarts": self.restarts, "stderr": list(self._stderr_tail)[-3:]},
-            )
+            if self._restarting:
+                self._restarting = False
+                log.info("embedded nats-server stopped for a restart", extra={"restarts": self.restarts})
+            else:
+                log.error(
+                    "embedded nats-server exited unexpectedly; restarting",
+                    extra={"exit_code": code, "restarts": self.restarts, "stderr": list(self._stderr_tail)[-3:]},
+                )
             while not self._stopping:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -238,6 +287,8 @@ class EmbeddedNats:
     async def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a grace period) and its watchers."""
         self._stopping = True
+        if self._recovery is not None:
+            self._recovery.cancel()
         if self._monitor:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -92,9 +92,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None, flags: dict[str, str]) -> config.Config:
+def _load(path: str | None, flags: dict[str, str], *, serving: bool = False) -> config.Config:
     try:
-        return config.load(path, flags=flags)
+        cfg = config.load(path, flags=flags)
+        if serving:
+            config.check_free_space(cfg)
+        return cfg
     except config.ConfigError as exc:
         print(f"fleetmate: config error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
@@ -122,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "serve":
         flags = config_flags.given(args)
-        cfg = _load(args.config, flags)
+        cfg = _load(args.config, flags, serving=True)
         logs.setup(cfg.log_level, cfg.log_format, config.secrets(cfg))
         workers = cfg.workers or config.auto_workers(cfg, os.cpu_count() or 1)
         if args.worker or workers == 1:

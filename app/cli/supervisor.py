@@ -165,6 +165,7 @@ async def supervise(cfg: Config, count: int, config_path: str | None, overrides:
                 host=cfg.nats.host,
                 port=cfg.nats.port,
                 sync_always=cfg.nats.sync_always,
+                min_free_bytes=cfg.disk.min_free_mb << 20,
                 token=token,
             )
             nats_url = await embedded.start()

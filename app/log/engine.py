@@ -7,6 +7,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -23,6 +24,7 @@ from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
 from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
 from app.log.snapshots import LogBounds
+from app.storage.diskspace import guard as disk_guard
 from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.log")
@@ -82,6 +84,7 @@ class Machine(Protocol[C_contra]):
 DEADLINE_SWEEP_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_MAX_EVENTS = 20_000
+COMMIT_RETRY_S = 1.0  # after a commit failed on the disk
 
 
 class LogFailed(RuntimeError):
@@ -316,8 +319,17 @@ class SharedLog(Generic[C]):
             self._commit_timer.cancel()
             self._commit_timer = None
         if self.applied_seq > self.committed_seq:
-            events, self._uncommitted_events = self._uncommitted_events, []
-            self.commit(self.applied_seq, events)
+            events = self._uncommitted_events
+            try:
+                self.commit(self.applied_seq, events)
+            except (OSError, sqlite3.Error) as exc:
+                # A full or failing disk: the applied state stays in memory (the log holds it too),
+                # nothing is dropped, client writes are refused until there is room, and the
+                # commit is tried again with whatever is applied by then.
+                disk_guard.write_failed(self.stream, exc)
+                self._commit_timer = asyncio.get_running_loop().call_later(COMMIT_RETRY_S, self.flush_commit)
+                return
+            self._uncommitted_events = []
             self.committed_seq = self.applied_seq
 
     # ---- reads --------------------------------------------------------------------------------

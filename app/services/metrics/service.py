@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import duckdb
 import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -58,6 +59,8 @@ from app.services.metrics.messages import (
 )
 from app.services.metrics.query import Query, make_query, parse_labels
 from app.services.metrics.store import MetricsStore
+from app.storage.diskspace import DiskFull
+from app.storage.diskspace import guard as disk_guard
 from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.metrics")
@@ -303,6 +306,8 @@ class MetricsService:
                         result = await self._run(self.store.append, batch.frames, batch.last_seq)
                         break
                     except Exception as exc:  # disk full, I/O error: keep the batch and try again
+                        if isinstance(exc, OSError | duckdb.IOException):
+                            disk_guard.write_failed("the metrics store", exc)
                         self.failed = f"metrics store append failed: {exc!r}"
                         log.error("metrics append failed; retrying", extra={"error": repr(exc)})
                         await asyncio.sleep(1.0)
@@ -353,6 +358,7 @@ class MetricsService:
         """Validate points, publish them to the stream, and answer after the stream acknowledged them."""
         if not self.running:
             raise MetricsUnavailable("the metrics service is not running")
+        disk_guard.check_writable()  # DiskFull (503) while the data directory is short of space
         frames = frames_from_points(points, MESSAGE_POINTS)
         payloads = [encode_frame(frame) for frame in frames]
         for payload in payloads:
@@ -382,7 +388,7 @@ class MetricsService:
             reply = await self.publish(decode_points_json(data))
         except BadPoints as exc:
             raise HandlerError("400", exc.message) from None
-        except MetricsUnavailable as exc:
+        except (MetricsUnavailable, DiskFull) as exc:
             raise HandlerError("503", exc.message) from None
         return _ingest_reply.encode(reply)
 

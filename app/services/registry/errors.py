@@ -149,6 +149,17 @@ class Throttled(RegistryError):
     status = 429
 
 
+class DiskFull(RegistryError):
+    """A client write refused while the data directory is short of space (app/storage/diskspace.py).
+
+    On the ZooKeeper port it is THROTTLEDOP (-127): not executed at all, retry with back-off.
+    """
+
+    code = "DiskFull"
+    zk_code = -127
+    status = 503
+
+
 BY_ZK_CODE: dict[int, type[RegistryError]] = {
     cls.zk_code: cls
     for cls in (

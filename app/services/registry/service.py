@@ -25,6 +25,7 @@ from app.log.snapshots import Image, Snapshotter
 from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
+    DiskFull,
     InvalidACL,
     NodeExists,
     OperationTimeout,
@@ -61,6 +62,7 @@ from app.services.registry.sessions import SessionKeeper
 from app.services.registry.state import RegistryState, SessionRecord
 from app.services.registry.store import RegistryStore
 from app.services.registry.watches import WatchHub
+from app.storage.diskspace import guard as disk_guard
 from app.storage.snapshots.base import SnapshotStore
 from app.storage.snapshots.memory import MemorySnapshotStore
 
@@ -216,7 +218,21 @@ class RegistryService:
             return OperationTimeout(f"the write was not applied within {self.cfg.write_timeout:.0f}s")
         return OperationTimeout(str(exc))
 
+    @staticmethod
+    def _admit(cmd: Command) -> None:
+        """Refuse a client's write while the disk is short of space (DiskFull, 503).
+
+        Sessions and leader duties (a multi with a term, expiries, reaps) still go in: they keep
+        what exists alive and consistent, and the space kept free (disk.min_free_mb) is for them.
+        """
+        if disk_guard.reason is not None and (
+            isinstance(cmd, Create | SetData | Delete | SetAcl) or (isinstance(cmd, Multi) and not cmd.term)
+        ):
+            disk_guard.refused += 1
+            raise DiskFull(disk_guard.reason)
+
     async def _append_raw(self, cmd: Command, size: int = 64) -> object:
+        self._admit(cmd)
         try:
             result = await self.log.append(cmd, size, self.cfg.write_timeout)
         except UnencodableCommand as exc:
@@ -238,6 +254,7 @@ class RegistryService:
     # settle() turns the done future into the result, raising what create/set/delete raise.
 
     def _submit(self, cmd: Command, size: int) -> asyncio.Future[Any]:
+        self._admit(cmd)
         try:
             return self.log.submit(cmd, size, self.cfg.write_timeout)
         except LogFailed as exc:

@@ -221,7 +221,12 @@ class RegistryStore:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does that); the rows stay dirty so
+            # the next commit writes them, whatever else changes meanwhile.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            state.dirty_nodes |= nodes
+            state.dirty_sessions |= sessions
             raise
 
     def _trim_events(self) -> None:

@@ -16,6 +16,7 @@ from app import config as config_mod
 from app.errors import NotFound, Unavailable
 from app.node import Node
 from app.services.system.messages import NodeInfo
+from app.storage.diskspace import guard as disk_guard
 from app.web.errors import ErrorBody
 
 
@@ -31,6 +32,9 @@ class Ready(msgspec.Struct, frozen=True):
 
     ready: bool
     reason: str = ""
+    # Set while client writes are refused (a data directory short of space): reads still work,
+    # so the replica stays ready; this says why writes answer 503 DiskFull.
+    writes_refused: str = ""
 
 
 class LeaderView(msgspec.Struct, frozen=True):
@@ -100,9 +104,10 @@ class SystemController(Controller):
     async def ready(self, state: State) -> Response[Ready]:
         """200 when the bus is connected, JetStream answers and services run; 503 with the reason otherwise."""
         reason = await _node(state).not_ready()
+        refused = disk_guard.reason or ""
         if reason is None:
-            return Response(Ready(ready=True))
-        return Response(Ready(ready=False, reason=reason), status_code=503)
+            return Response(Ready(ready=True, writes_refused=refused))
+        return Response(Ready(ready=False, reason=reason, writes_refused=refused), status_code=503)
 
     @get("/cluster", summary="This replica, the leader and the replicas")
     async def cluster(self, state: State) -> ClusterView:
