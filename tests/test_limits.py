@@ -392,3 +392,34 @@ def test_config_show_lists_the_limits(tmp_path: Path) -> None:
         "max_client_cnxns = 60",
     ):
         assert line in shown.stdout
+
+
+def test_50_websocket_watchers_that_never_read_leave_writes_alone_and_memory_bounded(fm: Fleetmate) -> None:
+    """Finding (3e4b762, kept): 50 watchers that never read, 3,000 writes of 1 KB: +25 MiB, writes unaffected."""
+    import psutil
+    from websockets.sync.client import connect as ws_connect
+
+    from tests.test_fastpath import _raw_ws
+
+    assert fm.proc is not None
+    port = _http(fm)[1]
+    with httpx.Client(base_url=fm.url, timeout=10) as http:
+        assert http.post("/api/v1/registry/nodes/slow-watchers", json={"data": ""}).status_code == 201
+        process = psutil.Process(fm.proc.pid)
+        before = process.memory_info().rss
+        socks = [_raw_ws(port, "path=/slow-watchers&recursive=true", "unused") for _ in range(50)]
+        try:
+            data = "x" * 1024
+            for i in range(3000):
+                answer = http.post(f"/api/v1/registry/nodes/slow-watchers/n{i}", json={"data": data})
+                assert answer.status_code == 201, answer.text
+            grown = process.memory_info().rss - before
+            # Each event is encoded once and shared by every watcher's queue: 50 copies would be ~200 MiB.
+            assert grown < 100 << 20, f"grew {grown >> 20} MiB"
+            # A watcher that reads gets the current state at once while the 50 still sit on theirs.
+            with ws_connect(f"ws://127.0.0.1:{port}/api/v1/watch?path=/slow-watchers/n2999") as ws:
+                assert json.loads(ws.recv(timeout=5))["type"] == "ready"
+            assert len(http.get("/api/v1/registry/children/slow-watchers").json()["children"]) == 3000
+        finally:
+            for sock in socks:
+                sock.close()
