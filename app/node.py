@@ -51,6 +51,8 @@ class Node:
         self.http_url = ""
         self.zk_address = ""
         self.zk_secure_address = ""  # host:port of the ZooKeeper TLS port ("" when off)
+        # The ZooKeeper listener's counters for /metrics (set by whoever starts it): refused, throttled.
+        self.zk_counters: Callable[[], dict[str, int]] | None = None
         self.embedded: EmbeddedNats | None = None
         self.bus: Bus | None = None
         self.system: SystemService | None = None
@@ -229,6 +231,7 @@ class Node:
             uptime_s=round(self.uptime(), 3),
             http_url=self.http_url,
             zk_address=self.zk_address,
+            zk_secure_address=self.zk_secure_address,
             nats_servers=self.nats_servers,
             nats_connected_url=self.bus.connected_url if self.bus else "",
             embedded_nats=self.embedded is not None,

@@ -140,6 +140,15 @@ def test_below_the_reserve_writes_are_refused_reads_go_on_and_writes_resume(tmp_
             with pytest.raises(ThrottledOpError):
                 zk.set("/acked/zk", b"changed")
 
+            figures = dict(
+                line.rsplit(" ", 1)
+                for line in fm.get("/metrics").text.splitlines()
+                if line.startswith("fleetmate_disk_")
+            )
+            assert figures["fleetmate_disk_writes_refused"] == "1.0"
+            assert float(figures["fleetmate_disk_refused_writes_total"]) >= 6
+            assert float(figures["fleetmate_disk_free_bytes"]) < 32 * MIB
+
             # Reads go on, on both ports; the replica stays ready.
             ready = fm.get("/api/v1/ready")
             assert ready.status_code == 200

@@ -282,6 +282,13 @@ def test_3000_zookeeper_connections_from_one_address_are_refused_past_the_limit(
         close_all(flood)
     lines = fm.logged("too many connections from one address; closed")
     assert lines
+    refused = [
+        line
+        for line in fm.get("/metrics").text.splitlines()
+        if line.startswith("fleetmate_zk_connections_refused_total ")
+    ]
+    assert refused
+    assert float(refused[0].split()[1]) >= 2900
     assert (lines[0]["address"], lines[0]["max_client_cnxns"]) == ("127.0.0.1", 60)
     assert len(lines) <= 3, "refusals are logged at most every few seconds per address"
     # Once the flood has gone, the address is served again.

@@ -653,12 +653,21 @@ def test_bad_tls_files_stop_start_up(certs: Certs, tmp_path: Path) -> None:
     assert "http.tls_key (--http-tls-key):" in flags.stderr
 
 
-def test_https_ready_line_and_advertised_url(fm_tls: Target) -> None:
+def test_https_ready_line_and_advertised_url(fm_tls: Target, certs: Certs) -> None:
     """The ready line gives the https:// URL and both ZooKeeper addresses."""
     assert fm_tls.url.startswith("https://")
     assert fm_tls.secure
     assert fm_tls.plain
     assert fm_tls.secure != fm_tls.plain
+    # /api/v1/cluster gives both ZooKeeper addresses too, for this replica and in its replica list.
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+
+    def cluster() -> dict[str, Any]:
+        answer: dict[str, Any] = httpx.get(fm_tls.url + "/api/v1/cluster", verify=ctx, timeout=10).json()
+        return answer
+
+    assert (cluster()["zk_address"], cluster()["zk_secure_address"]) == (fm_tls.plain, fm_tls.secure)
+    wait_for(lambda: cluster()["replicas"][0]["zk_secure_address"] == fm_tls.secure or None, 10, "the replica record")
 
 
 def test_workers_share_the_tls_ports(certs: Certs, tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ async def serve(cfg: Config, worker: bool = False, ready_fd: int | None = None) 
 async def _listen_zk(cfg: Config, node: Node, zk: ZkServer, http_port: int) -> bool:
     """Bind the plaintext and/or the TLS ZooKeeper port; False (logged, naming the key) when one fails."""
     key = "zk.port"
+    node.zk_counters = lambda: {"refused": zk.refused, "throttled": zk.throttled}
     try:
         if cfg.zk.plaintext_enabled:
             await zk.start(avoid={http_port})

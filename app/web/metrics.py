@@ -14,6 +14,8 @@ from prometheus_client.registry import Collector
 
 from app.node import Node
 from app.services.metrics.service import prometheus_families as metrics_families
+from app.storage.diskspace import free_bytes
+from app.storage.diskspace import guard as disk_guard
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the output and no dashboard reads them
 
@@ -41,6 +43,34 @@ class _NodeCollector(Collector):
             ("errors_received", "Protocol errors received from NATS"),
         ):
             yield CounterMetricFamily(f"fleetmate_bus_{key}", help_text, value=float(stats.get(key, 0)))
+        if node.zk_counters is not None:
+            zk = node.zk_counters()
+            yield CounterMetricFamily(
+                "fleetmate_zk_connections_refused",
+                "ZooKeeper connections closed at once: their address held zk.max_client_cnxns",
+                value=float(zk["refused"]),
+            )
+            yield CounterMetricFamily(
+                "fleetmate_zk_requests_throttled",
+                "ZooKeeper requests that waited for the rate limit",
+                value=float(zk["throttled"]),
+            )
+        yield GaugeMetricFamily(
+            "fleetmate_disk_writes_refused",
+            "1 while client writes are refused (disk full)",
+            1.0 if disk_guard.reason else 0.0,
+        )
+        yield CounterMetricFamily(
+            "fleetmate_disk_refused_writes",
+            "Client writes refused because the disk was full",
+            value=float(disk_guard.refused),
+        )
+        if disk_guard.path is not None:
+            try:
+                free = float(free_bytes(disk_guard.path))
+            except OSError:
+                free = math.nan
+            yield GaugeMetricFamily("fleetmate_disk_free_bytes", "Free bytes in the data directory's file system", free)
         registry = node.registry
         if registry is not None:
             log_stats = registry.log.stats()

@@ -22,6 +22,7 @@ class ReplicaRecord(msgspec.Struct, frozen=True):
     revision: int = 0  # registry revision applied when announced
     applied_seq: int = 0  # log sequence applied when announced
     zk_address: str = ""  # host:port of its ZooKeeper listener ("" when off)
+    zk_secure_address: str = ""  # host:port of its ZooKeeper TLS listener ("" when off)
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -42,6 +43,7 @@ class NodeInfo(msgspec.Struct, frozen=True):
     revision: int = 0
     applied_seq: int = 0
     zk_address: str = ""
+    zk_secure_address: str = ""
 
 
 class InfoRequest(msgspec.Struct, frozen=True):

@@ -113,6 +113,7 @@ class SystemService:
             revision=info.revision,
             applied_seq=info.applied_seq,
             zk_address=info.zk_address,
+            zk_secure_address=info.zk_secure_address,
         )
 
     async def _announce_once(self) -> None:

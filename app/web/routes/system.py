@@ -59,6 +59,7 @@ class ReplicaView(msgspec.Struct, frozen=True):
     applied_seq: int
     lag: int
     zk_address: str = ""
+    zk_secure_address: str = ""  # the ZooKeeper TLS port (zk.secure_enabled), "" when off
 
 
 class ClusterView(msgspec.Struct, frozen=True):
@@ -77,6 +78,7 @@ class ClusterView(msgspec.Struct, frozen=True):
     applied_seq: int
     replicas: list[ReplicaView]
     zk_address: str = ""
+    zk_secure_address: str = ""
 
 
 def _node(state: State) -> Node:
@@ -136,6 +138,7 @@ class SystemController(Controller):
                 applied_seq=position[r.node_id][1],
                 lag=newest - position[r.node_id][1],
                 zk_address=r.zk_address,
+                zk_secure_address=r.zk_secure_address,
             )
             for r in records
         ]
@@ -153,6 +156,7 @@ class SystemController(Controller):
             applied_seq=info.applied_seq,
             replicas=replicas,
             zk_address=info.zk_address,
+            zk_secure_address=info.zk_secure_address,
         )
 
     @get(
