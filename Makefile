@@ -52,7 +52,7 @@ test-deps: ## install mariadb-server, postgresql, zookeeper, iproute2, a JDK and
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; fi
 
 pytest: $(STAMP) test-deps ## the test suite alone
-	$(PY) -m pytest -ra -q --durations=15
+	$(PY) -m pytest -ra -q --durations=40
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 
