@@ -73,29 +73,27 @@ class _NodeCollector(Collector):
             yield GaugeMetricFamily("fleetmate_disk_free_bytes", "Free bytes in the data directory's file system", free)
         registry = node.registry
         if registry is not None:
-            log_stats = registry.log.stats()
-            for key, kind, help_text in (
-                ("applied_seq", "gauge", "Last log sequence applied by this replica"),
-                ("applied_entries", "counter", "Log entries applied"),
-                ("applied_commands", "counter", "Commands applied (one revision each when they succeed)"),
-                ("appended_entries", "counter", "Log entries this replica appended"),
-                ("appended_commands", "counter", "Commands this replica appended"),
-                ("apply_seconds", "counter", "Seconds spent applying and committing entries"),
+            figures = registry.stats()
+            gauge, counter = GaugeMetricFamily, CounterMetricFamily
+            for key, family, value, help_text in (
+                ("log_applied_seq", gauge, figures.applied_seq, "Last log sequence applied by this replica"),
+                ("log_applied_entries", counter, figures.applied_entries, "Log entries applied"),
+                (
+                    "log_applied_commands",
+                    counter,
+                    figures.applied_commands,
+                    "Commands applied (one revision each when they succeed)",
+                ),
+                ("log_appended_entries", counter, figures.appended_entries, "Log entries this replica appended"),
+                ("log_appended_commands", counter, figures.appended_commands, "Commands this replica appended"),
+                ("log_apply_seconds", counter, figures.apply_seconds, "Seconds spent applying and committing entries"),
+                ("revision", gauge, figures.revision, "Applied registry revision"),
+                ("nodes", gauge, figures.nodes, "Znodes"),
+                ("sessions", gauge, figures.sessions, "Open sessions"),
+                ("watches", gauge, figures.watches, "Watches on this replica"),
+                ("sessions_expired", counter, figures.sessions_expired, "Sessions this leader expired"),
             ):
-                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-                yield family(f"fleetmate_registry_log_{key}", help_text, value=float(log_stats[key]))
-            state = registry.state
-            yield GaugeMetricFamily("fleetmate_registry_revision", "Applied registry revision", state.revision)
-            yield GaugeMetricFamily("fleetmate_registry_nodes", "Znodes", len(state.nodes))
-            yield GaugeMetricFamily("fleetmate_registry_sessions", "Open sessions", len(state.sessions))
-            yield GaugeMetricFamily(
-                "fleetmate_registry_watches",
-                "Watches on this replica",
-                registry.watches.subscription_count() + registry.watches.one_shot_count(),
-            )
-            yield CounterMetricFamily(
-                "fleetmate_registry_sessions_expired", "Sessions this leader expired", registry.keeper.expired
-            )
+                yield family(f"fleetmate_registry_{key}", help_text, value=float(value))
             snaps = registry.snapshots
             age = snaps.age()
             yield GaugeMetricFamily(
@@ -118,7 +116,7 @@ class _NodeCollector(Collector):
             yield GaugeMetricFamily(
                 "fleetmate_registry_log_lag",
                 "Log entries behind the most advanced replica heard from",
-                max(0, node.newest_applied_seq() - registry.log.applied_seq),
+                max(0, node.newest_applied_seq() - figures.applied_seq),
             )
         members = node.membership
         if members is not None:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from app import __version__
 
 if TYPE_CHECKING:
-    from app.services.registry.service import RegistryService
     from app.zk.server import ZkServer
 
 ALL_WORDS = ("ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "dirs")
@@ -23,10 +22,6 @@ ALL_WORDS = ("ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "di
 ZOOKEEPER_PROTOCOL = "3.8.4"
 VERSION = f"{ZOOKEEPER_PROTOCOL}-fleetmate-{__version__}"
 BUILT = f"{VERSION}, built on fleetmate {__version__} (ZooKeeper {ZOOKEEPER_PROTOCOL} protocol)"
-
-
-def _data_size(registry: RegistryService | None) -> int:
-    return sum(len(n.data or b"") for n in registry.state.nodes.values()) if registry else 0
 
 
 class FourLetterWords:
@@ -56,8 +51,9 @@ class FourLetterWords:
 
     def _srvr(self, server: ZkServer) -> str:
         registry = server.node.registry
-        nodes = len(registry.state.nodes) if registry else 0
-        revision = registry.revision if registry else 0
+        figures = registry.stats() if registry else None
+        nodes = figures.nodes if figures else 0
+        revision = figures.revision if figures else 0
         return (
             f"Zookeeper version: {BUILT}\n"
             f"Latency min/avg/max: {server.latency_text()}\n"
@@ -88,7 +84,7 @@ class FourLetterWords:
 
     def _mntr(self, server: ZkServer) -> str:
         registry = server.node.registry
-        watches = registry.watches.one_shot_count() + registry.watches.subscription_count() if registry else 0
+        figures = registry.stats() if registry else None
         rows = [
             ("zk_version", BUILT),
             ("zk_server_state", self._mode(server)),
@@ -97,15 +93,15 @@ class FourLetterWords:
             ("zk_packets_sent", server.sent),
             ("zk_num_alive_connections", len(server.connections)),
             ("zk_outstanding_requests", 0),
-            ("zk_znode_count", len(registry.state.nodes) if registry else 0),
-            ("zk_watch_count", watches),
-            ("zk_ephemerals_count", sum(len(v) for v in registry.state.ephemerals.values()) if registry else 0),
-            ("zk_approximate_data_size", _data_size(registry)),
+            ("zk_znode_count", figures.nodes if figures else 0),
+            ("zk_watch_count", figures.watches if figures else 0),
+            ("zk_ephemerals_count", figures.ephemerals if figures else 0),
+            ("zk_approximate_data_size", registry.data_bytes() if registry else 0),
             (
                 "zk_open_file_descriptor_count",
                 len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0,
             ),
-            ("zk_zxid", registry.revision if registry else 0),
+            ("zk_zxid", figures.revision if figures else 0),
         ]
         return "".join(f"{k}\t{v}\n" for k, v in rows)
 
@@ -142,7 +138,7 @@ class FourLetterWords:
 
     def _wchs(self, server: ZkServer) -> str:
         registry = server.node.registry
-        count = registry.watches.one_shot_count() + registry.watches.subscription_count() if registry else 0
+        count = registry.stats().watches if registry else 0
         return f"{len(server.connections)} connections watching\nTotal watches:{count}\n"
 
     def _dirs(self, server: ZkServer) -> str:

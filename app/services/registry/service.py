@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from nats.aio.subscription import Subscription
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -59,9 +59,10 @@ from app.services.registry.messages import (
     Updated,
 )
 from app.services.registry.sessions import SessionKeeper
-from app.services.registry.state import RegistryState, SessionRecord
+from app.services.registry.state import RegistryState, SessionRecord, Znode
 from app.services.registry.store import RegistryStore
-from app.services.registry.watches import WatchHub
+from app.services.registry.view import RegistryStats, RegistryView
+from app.services.registry.watches import OneShotKind, Subscription, WatchHub
 from app.storage.diskspace import guard as disk_guard
 from app.storage.snapshots.base import SnapshotStore
 from app.storage.snapshots.memory import MemorySnapshotStore
@@ -104,8 +105,12 @@ def new_session_id() -> int:
             return sid
 
 
-class RegistryService:
-    """One replica's registry: every write goes through the log; reads come from applied state."""
+class RegistryService(RegistryView):
+    """One replica's registry: every write goes through the log; reads come from applied state.
+
+    Other modules use its commands, its async reads and RegistryView (local reads, figures,
+    watch registration); its state, store, watch hub, log and session keeper are its own.
+    """
 
     def __init__(
         self,
@@ -138,7 +143,7 @@ class RegistryService:
             applied_seq=0,
         )
         self.keeper = SessionKeeper(self.state, self._append_raw, node_id, reap_every_s=cfg.container_check_interval)
-        self._keepalives: Subscription | None = None
+        self._keepalives: NatsSubscription | None = None
         self.snapshots = Snapshotter(
             snapshot_store or MemorySnapshotStore(),
             snapshot_cfg or SnapshotConfig(),
@@ -210,6 +215,21 @@ class RegistryService:
     def revision(self) -> int:
         """The latest applied revision on this replica."""
         return self.state.revision
+
+    @property
+    def duty_term(self) -> int:
+        """The lease term this replica's leader duties carry (0 before it first led): see RegistryView."""
+        return self.keeper.term
+
+    @property
+    def applied_seq(self) -> int:
+        """The last log sequence this replica applied."""
+        return self.log.applied_seq
+
+    @property
+    def failed(self) -> str | None:
+        """Why the log stopped applying on this replica; None while it works."""
+        return self.log.failed
 
     # ---- append -------------------------------------------------------------------------------
 
@@ -504,8 +524,7 @@ class RegistryService:
         self._path(path)
         self._version(version, path)
         await self._read_point(linearizable)
-        result = self.state.check(Check(path, version))
-        return result.stat
+        return self.check_version(path, version)
 
     async def get_acl(self, path: str, linearizable: bool = True) -> tuple[tuple[Acl, ...], Stat]:
         """A node's ACL and stat."""
@@ -513,6 +532,96 @@ class RegistryService:
         await self._read_point(linearizable)
         stat = self.state.stat(path)
         return self.state.nodes[path].acl, stat
+
+    # ---- local reads (RegistryView): the applied state at once, no read barrier -----------------
+
+    def exists(self, path: str) -> bool:
+        """True when the node exists."""
+        return path in self.state.nodes
+
+    def node(self, path: str) -> Znode | None:
+        """The node as stored (data, stat fields and ACL); None when absent."""
+        return self.state.nodes.get(path)
+
+    def read(self, path: str) -> tuple[bytes | None, Stat]:
+        """Data and stat; raises NoNode."""
+        return self.state.get(path)
+
+    def stat_of(self, path: str) -> Stat:
+        """The node's stat; raises NoNode."""
+        return self.state.stat(path)
+
+    def check_version(self, path: str, version: int) -> Stat:
+        """The stat when the node is at version (-1: any); raises NoNode or BadVersion."""
+        return self.state.check(Check(path, version)).stat
+
+    def child_names(self, path: str) -> list[str]:
+        """Sorted child names; raises NoNode."""
+        return self.state.child_names(path)
+
+    def count_descendants(self, path: str) -> int:
+        """Nodes below path (not path itself); raises NoNode."""
+        self.state.stat(path)
+        return len(self.state.descendants(path))
+
+    def has_session(self, session_id: int) -> bool:
+        """True while the session is open."""
+        return session_id in self.state.sessions
+
+    def session_record(self, session_id: int) -> SessionRecord | None:
+        """The open session; None when it does not exist."""
+        return self.state.sessions.get(session_id)
+
+    def ephemerals(self, session_id: int) -> list[str]:
+        """The session's ephemeral nodes, sorted (empty for an unknown session)."""
+        return sorted(self.state.ephemerals.get(session_id, ()))
+
+    def stats(self) -> RegistryStats:
+        """This replica's figures (cost grows with sessions, not nodes)."""
+        state, watches, counts = self.state, self.watches, self.log.stats()
+        return RegistryStats(
+            revision=state.revision,
+            nodes=len(state.nodes),
+            sessions=len(state.sessions),
+            ephemerals=sum(len(owned) for owned in state.ephemerals.values()),
+            watches=watches.subscription_count() + watches.one_shot_count(),
+            term=state.term,
+            leader=state.leader,
+            oldest_resumable_revision=watches.compacted + 1,
+            sessions_expired=self.keeper.expired,
+            applied_seq=int(counts["applied_seq"]),
+            applied_entries=int(counts["applied_entries"]),
+            applied_commands=int(counts["applied_commands"]),
+            appended_entries=int(counts["appended_entries"]),
+            appended_commands=int(counts["appended_commands"]),
+            apply_seconds=counts["apply_seconds"],
+        )
+
+    def data_bytes(self) -> int:
+        """Bytes of node data (a walk over every node: for diagnostics, not hot paths)."""
+        return sum(len(n.data or b"") for n in self.state.nodes.values())
+
+    # ---- watches (RegistryView) -----------------------------------------------------------------
+
+    def subscribe(
+        self,
+        path: str,
+        recursive: bool,
+        since: int | None = None,
+        callback: Callable[[Event], None] | None = None,
+    ) -> Subscription:
+        """A persistent watch on path (its subtree when recursive); with `since`, retained events
+        from that revision first. Events go to `callback` while the log applies, else to the
+        subscription's queue. Raises Compacted for a `since` older than the history."""
+        return self.watches.subscribe(path, recursive, since, callback)
+
+    def watch_once(self, path: str, kind: OneShotKind, callback: Callable[[Event], None]) -> int:
+        """A one-shot watch (ZooKeeper's getData/exists/getChildren); returns a handle for cancel_once()."""
+        return self.watches.watch_once(path, kind, callback)
+
+    def cancel_once(self, path: str, kind: OneShotKind, handle: int) -> bool:
+        """Remove a one-shot watch that has not fired; False when it fired or never existed."""
+        return self.watches.cancel_once(path, kind, handle)
 
     # ---- sessions -----------------------------------------------------------------------------
 

@@ -178,7 +178,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         if not stat:
             return ChildrenView(path, list(names), own)
         prefix = "" if path == "/" else path
-        views: list[str | ChildView] = [ChildView(n, registry.state.stat(f"{prefix}/{n}")) for n in names]
+        views: list[str | ChildView] = [ChildView(n, registry.stat_of(f"{prefix}/{n}")) for n in names]
         return ChildrenView(path, views, own)
 
     @get(
@@ -258,16 +258,16 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         registry = reg()
         if not serializable:
             await registry.sync()
-        state = registry.state
+        figures = registry.stats()
         return RegistryStatus(
-            revision=state.revision,
-            nodes=len(state.nodes),
-            sessions=len(state.sessions),
-            term=state.term,
-            leader=state.leader,
-            applied_seq=registry.log.applied_seq,
-            watches=registry.watches.subscription_count() + registry.watches.one_shot_count(),
-            oldest_resumable_revision=registry.watches.compacted + 1,
+            revision=figures.revision,
+            nodes=figures.nodes,
+            sessions=figures.sessions,
+            term=figures.term,
+            leader=figures.leader,
+            applied_seq=figures.applied_seq,
+            watches=figures.watches,
+            oldest_resumable_revision=figures.oldest_resumable_revision,
         )
 
     # ---- sessions -------------------------------------------------------------------------------
