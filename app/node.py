@@ -208,7 +208,7 @@ class Node:
 
     def newest_applied_seq(self) -> int:
         """The highest applied sequence among this replica and the others' last announcements."""
-        mine = self.registry.log.applied_seq if self.registry else 0
+        mine = self.registry.applied_seq if self.registry else 0
         if self.system is None:
             return mine
         return max([mine, *(r.applied_seq for r in self.system.known())])
@@ -238,7 +238,7 @@ class Node:
             pid=os.getpid(),
             rss_bytes=self._proc.memory_info().rss,
             revision=self.registry.revision if self.registry else 0,
-            applied_seq=self.registry.log.applied_seq if self.registry else 0,
+            applied_seq=self.registry.applied_seq if self.registry else 0,
         )
 
     async def not_ready(self) -> str | None:
@@ -250,8 +250,8 @@ class Node:
         if self.embedded is not None and not self.embedded.running.is_set():
             return f"embedded nats-server is down (last exit code {self.embedded.last_exit}); restarting"
         assert self.bus is not None
-        if self.registry is not None and self.registry.log.failed:
-            return self.registry.log.failed
+        if self.registry is not None and self.registry.failed:
+            return self.registry.failed
         return await self.bus.jetstream_ok()
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ from litestar.connection import WebSocket
 from litestar.exceptions import WebSocketDisconnect
 
 from app.services.registry.messages import Event
-from app.services.registry.watches import WatchHub
+from app.services.registry.view import Watchable
 
 _enc = msgspec.json.Encoder()
 
@@ -33,7 +33,7 @@ async def fail(socket: WebSocket[Any, Any, Any], code: str, message: str) -> Non
 
 async def stream_changes(
     socket: WebSocket[Any, Any, Any],
-    watches: WatchHub,
+    registry: Watchable,
     root: str,
     ready: Callable[[], Awaitable[dict[str, Any]]],
     change: Callable[[Event], Any],
@@ -41,7 +41,7 @@ async def stream_changes(
     """Watch root recursively, send ready() first, then change(event) for each event (None: skipped),
     until the client goes away. Subscribing first means no change between the two is missed."""
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
-    sub = watches.subscribe(root, recursive=True, callback=queue.put_nowait)
+    sub = registry.subscribe(root, recursive=True, callback=queue.put_nowait)
     reader = asyncio.create_task(drain(socket))
     reader.add_done_callback(lambda _: queue.put_nowait(None))
     try:

@@ -44,7 +44,7 @@ from app.services.registry.messages import (
     Updated,
 )
 from app.services.registry.service import RegistryService
-from app.services.registry.watches import OneShotKind, Subscription
+from app.services.registry.view import OneShotKind, Subscription
 from app.zk import auth
 from app.zk import protocol as p
 from app.zk.jute import JuteError, Writer
@@ -163,7 +163,7 @@ class ZkConnection:
         registry = self.server.node.registry
         if registry is not None:
             for (path, kind), handle in self._one_shot.items():
-                registry.watches.cancel_once(path, "exists" if kind == "data" else "children", handle)
+                registry.cancel_once(path, "exists" if kind == "data" else "children", handle)
         for sub in self._persistent.values():
             sub.close()
         self._one_shot.clear()
@@ -215,7 +215,7 @@ class ZkConnection:
                 await registry.sync()  # the client saw more than this replica applied: catch up first
             if req.last_zxid_seen > registry.revision:
                 raise Closing(f"client has seen revision {req.last_zxid_seen}, this replica {registry.revision}")
-            record = registry.state.sessions.get(req.session_id)
+            record = registry.session_record(req.session_id)
             if record is None or record.password != req.password:
                 self._write(p.connect_response(0, 0, bytes(p.PASSWORD_BYTES), req.read_only))
                 await self._drain()
@@ -279,7 +279,7 @@ class ZkConnection:
             self.received += 1
             self.server.received += 1
             xid, op, req = p.read_request(data)
-            if self.session_id not in self.registry.state.sessions:
+            if not self.registry.has_session(self.session_id):
                 raise Closing(f"session 0x{self.session_id:x} expired")
             self._active()
             if self.server.limiter is not None and op != p.PING:
@@ -424,7 +424,7 @@ class ZkConnection:
     # ---- ACLs -----------------------------------------------------------------------------------
 
     def _require(self, path: str, perm: int) -> None:
-        node = self.registry.state.nodes.get(path)
+        node = self.registry.node(path)
         if node is None:
             raise NoNode(f"no node {path}", path)
         if not auth.allowed(node.acl, perm, self.ids):
@@ -477,7 +477,7 @@ class ZkConnection:
                     ops.append(Delete(sub.path, sub.version))
                 elif op == p.SET_DATA:
                     self._path(sub.path)
-                    if sub.path in self.registry.state.nodes:
+                    if self.registry.exists(sub.path):
                         self._require(sub.path, PERM_WRITE)
                     ops.append(SetData(sub.path, sub.data, sub.version))
                 else:
@@ -517,13 +517,12 @@ class ZkConnection:
 
     async def _read_op(self, xid: int, op: int, req: Any) -> Writer | bytes:
         registry = self.registry
-        state = registry.state
         if op == p.PING:
             return Writer().header(p.XID_PING, registry.revision, p.OK).frame()
         if op == p.GET_DATA:
             self._path(req.path)
             self._require(req.path, PERM_READ)
-            data, stat = state.get(req.path)
+            data, stat = registry.read(req.path)
             if req.watch:
                 self._watch_once(req.path, "data")
             return p.write_stat(Writer().buffer(data), stat)
@@ -531,15 +530,15 @@ class ZkConnection:
             self._path(req.path)
             if req.watch:
                 self._watch_once(req.path, "data")
-            return p.write_stat(Writer(), state.stat(req.path))
+            return p.write_stat(Writer(), registry.stat_of(req.path))
         if op in (p.GET_CHILDREN, p.GET_CHILDREN2):
             self._path(req.path)
             self._require(req.path, PERM_READ)
-            names = state.child_names(req.path)
+            names = registry.child_names(req.path)
             if req.watch:
                 self._watch_once(req.path, "children")
             w = Writer().strings(names)
-            return p.write_stat(w, state.stat(req.path)) if op == p.GET_CHILDREN2 else w
+            return p.write_stat(w, registry.stat_of(req.path)) if op == p.GET_CHILDREN2 else w
         if op == p.SYNC:
             self._path(req.path)
             await registry.sync()
@@ -554,18 +553,17 @@ class ZkConnection:
             return p.write_stat(p.write_acl(Writer(), acl), stat)
         if op == p.CHECK:
             self._path(req.path)
-            registry.state.check(Check(req.path, req.version))
+            registry.check_version(req.path, req.version)
             return Writer()
         if op == p.MULTI_READ:
             return self._multi_read(xid, req)
         if op == p.GET_EPHEMERALS:
             prefix = req.path or "/"
-            mine = sorted(x for x in state.ephemerals.get(self.session_id, ()) if x.startswith(prefix))
+            mine = [x for x in registry.ephemerals(self.session_id) if x.startswith(prefix)]
             return Writer().strings(mine)
         if op == p.GET_ALL_CHILDREN_NUMBER:
             self._path(req.path)
-            state.stat(req.path)
-            return Writer().int(len(state.descendants(req.path)))
+            return Writer().int(registry.count_descendants(req.path))
         if op == p.ADD_WATCH:
             self._path(req.path)
             if req.kind not in (p.ADD_WATCH_PERSISTENT, p.ADD_WATCH_PERSISTENT_RECURSIVE):
@@ -590,17 +588,17 @@ class ZkConnection:
         raise Unimplemented(f"op code {op} is not supported")
 
     def _multi_read(self, xid: int, req: p.MultiRequest) -> bytes:
-        state = self.registry.state
-        w = Writer().header(xid, self.registry.revision, p.OK)
+        registry = self.registry
+        w = Writer().header(xid, registry.revision, p.OK)
         for op, sub in req.ops:
             try:
                 self._path(sub.path)
                 self._require(sub.path, PERM_READ)
                 if op == p.GET_DATA:
-                    data, stat = state.get(sub.path)
+                    data, stat = registry.read(sub.path)
                     p.write_stat(w.int(op).bool(False).int(p.OK).buffer(data), stat)
                 else:
-                    w.int(op).bool(False).int(p.OK).strings(state.child_names(sub.path))
+                    w.int(op).bool(False).int(p.OK).strings(registry.child_names(sub.path))
             except RegistryError as exc:
                 w.int(p.ERROR).bool(False).int(exc.zk_code).int(exc.zk_code)
         return w.int(-1).bool(True).int(-1).frame()
@@ -638,12 +636,12 @@ class ZkConnection:
             self._notify(event)
 
         hub_kind: OneShotKind = "exists" if kind == "data" else "children"
-        self._one_shot[key] = self.registry.watches.watch_once(path, hub_kind, fired)
+        self._one_shot[key] = self.registry.watch_once(path, hub_kind, fired)
 
     def _watch_persistent(self, path: str, recursive: bool) -> None:
         key = (path, recursive)
         if key not in self._persistent:
-            self._persistent[key] = self.registry.watches.subscribe(path, recursive, callback=self._notify)
+            self._persistent[key] = self.registry.subscribe(path, recursive, callback=self._notify)
 
     def _remove_watches(self, path: str, kind: int, *, remove: bool, xid: int) -> Writer:
         kinds = {p.WATCH_CHILDREN: ["children"], p.WATCH_DATA: ["data"], p.WATCH_ANY: ["data", "children"]}.get(kind)
@@ -656,18 +654,18 @@ class ZkConnection:
         if remove:
             for key in found:
                 handle = self._one_shot.pop(key)
-                self.registry.watches.cancel_once(path, "exists" if key[1] == "data" else "children", handle)
+                self.registry.cancel_once(path, "exists" if key[1] == "data" else "children", handle)
             for pkey in persistent:
                 self._persistent.pop(pkey).close()
         return Writer()
 
     def _set_watches(self, req: p.SetWatchesRequest) -> None:
         # After a reconnect: fire at once what changed since the client's last zxid (ZooKeeper's rules).
-        state = self.registry.state
+        registry = self.registry
         rel = req.relative_zxid
         fired: list[tuple[int, str]] = []
         for path in req.data:
-            node = state.nodes.get(path)
+            node = registry.node(path)
             if node is None:
                 fired.append((p.EV_DELETED, path))
             elif node.mzxid > rel:
@@ -675,12 +673,12 @@ class ZkConnection:
             else:
                 self._watch_once(path, "data")
         for path in req.exist:
-            if path in state.nodes:
+            if registry.exists(path):
                 fired.append((p.EV_CREATED, path))
             else:
                 self._watch_once(path, "data")
         for path in req.child:
-            node = state.nodes.get(path)
+            node = registry.node(path)
             if node is None:
                 fired.append((p.EV_DELETED, path))
             elif node.pzxid > rel:
@@ -692,4 +690,4 @@ class ZkConnection:
         for path in req.persistent_recursive:
             self._watch_persistent(path, True)
         for event_type, path in fired:
-            self._write(p.notification(state.revision, event_type, path))
+            self._write(p.notification(registry.revision, event_type, path))

@@ -164,9 +164,8 @@ class ZkServer:
             registry = self.node.registry
             if registry is None:
                 continue
-            sessions = registry.state.sessions
             quiet_since = time.monotonic() - REAP_EVERY_S
-            for conn in [c for c in self.connections if c.session_id not in sessions]:
+            for conn in [c for c in self.connections if not registry.has_session(c.session_id)]:
                 if conn._last_activity < quiet_since:
                     conn.writer.close()
 

@@ -109,19 +109,19 @@ class HaService:
 
     def names(self) -> list[str]:
         """Registered clusters."""
-        state = self.registry.state
-        return list(state.child_names(layout.ROOT)) if layout.ROOT in state.nodes else []
+        registry = self.registry
+        return registry.child_names(layout.ROOT) if registry.exists(layout.ROOT) else []
 
     def record(self, name: str) -> ClusterRecord:
         """A cluster's record; UnknownCluster when none is registered by that name."""
-        node = self.registry.state.nodes.get(layout.config_path(name)) if layout.NAME_RE.match(name) else None
+        node = self.registry.node(layout.config_path(name)) if layout.NAME_RE.match(name) else None
         if node is None:
             raise UnknownCluster(f"no cluster {name!r} is registered")
         return _cluster_dec.decode(node.data or b"")
 
     def primary(self, name: str) -> str:
         """The recorded writable primary (host:port)."""
-        node = self.registry.state.nodes.get(layout.primary_path(name))
+        node = self.registry.node(layout.primary_path(name))
         return (node.data or b"").decode() if node is not None else ""
 
     def instances(self, name: str) -> list[InstanceRecord]:
@@ -140,10 +140,10 @@ class HaService:
 
     def _children(self, folder: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
         """The decoded data of a folder's children, in name order."""
-        state = self.registry.state
-        if folder not in state.nodes:
+        registry = self.registry
+        if not registry.exists(folder):
             return []
-        nodes = (state.nodes.get(f"{folder}/{child}") for child in state.child_names(folder))
+        nodes = (registry.node(f"{folder}/{child}") for child in registry.child_names(folder))
         return [decoder.decode(node.data or b"") for node in nodes if node is not None]
 
     # ---- registration (any replica) -----------------------------------------------------------
@@ -211,15 +211,14 @@ class HaService:
         entry = HistoryEntry(self.clock(), kind, message, instance, current_trace_id())
         log.info("ha: %s", message, extra={"cluster": name, "kind": kind, "instance": instance})
         ops: list[MultiOp] = [self._history_op(name, entry)]
-        state = self.registry.state
         folder = layout.history_path(name)
-        names = state.child_names(folder) if folder in state.nodes else []
+        names = self.registry.child_names(folder) if self.registry.exists(folder) else []
         ops.extend(Delete(f"{folder}/{old}") for old in names[: max(0, len(names) - layout.HISTORY_KEEP + 1)])
         await self.registry.multi(ops, self._term() if duty else 0)
 
     def _term(self) -> int:
         """The lease term leader duties write with: refused once a newer leader exists."""
-        return self.registry.keeper.term
+        return self.registry.duty_term
 
     def _adaptor(self, record: ClusterRecord) -> Adaptor:
         adaptor = self._adaptor_of.get(record.name)
@@ -234,7 +233,7 @@ class HaService:
     async def _update(self, name: str, change: Callable[[ClusterRecord], ClusterRecord], what: str) -> ClusterView:
         """Compare-and-set the cluster's record (retried when the leader wrote it meanwhile)."""
         for _ in range(5):
-            node = self.registry.state.nodes.get(layout.config_path(name))
+            node = self.registry.node(layout.config_path(name))
             record = self.record(name)
             assert node is not None
             updated = change(record)
@@ -339,7 +338,7 @@ class HaService:
         """Take an instance about to be promoted off the list of failed primaries to fence, before it
         is promoted: else the leader could see it writable and fence it before the primary key moves."""
         for _ in range(5):
-            node = self.registry.state.nodes.get(layout.config_path(name))
+            node = self.registry.node(layout.config_path(name))
             record = self.record(name)
             if node is None or str(address) not in record.old_primaries:
                 return
@@ -358,7 +357,7 @@ class HaService:
         for _ in range(5):
             ops: list[MultiOp] = [SetData(layout.primary_path(name), str(target).encode())]
             if mark_old:
-                node = self.registry.state.nodes.get(layout.config_path(name))
+                node = self.registry.node(layout.config_path(name))
                 record = self.record(name)
                 assert node is not None
                 updated = msgspec.structs.replace(record, old_primaries=sorted({*record.old_primaries, str(old)}))
@@ -550,11 +549,10 @@ class HaService:
 
     async def _record_instances(self, name: str, probes: dict[Address, InstanceStatus]) -> None:
         now = self.clock()
-        state = self.registry.state
         ops: list[MultiOp] = []
         for address, status in probes.items():
             path = layout.instance_path(name, str(address))
-            node = state.nodes.get(path)
+            node = self.registry.node(path)
             if node is None:
                 ops.append(Create(path, layout.encode(layout.instance_record(status))))
                 self._written_at[(name, str(address))] = now

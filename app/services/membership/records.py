@@ -89,14 +89,13 @@ class Records:
 
     def ids(self) -> list[str]:
         """Every node id with a folder under /fleet/nodes (local applied state)."""
-        state = self.registry.state
-        if ROOT not in state.nodes:
+        if not self.registry.exists(ROOT):
             return []
-        return state.child_names(ROOT)
+        return self.registry.child_names(ROOT)
 
     def read(self, node_id: str) -> tuple[NodeRecord, int] | None:
         """The node's record and its state znode's version (local applied state); None when absent."""
-        node = self.registry.state.nodes.get(state_path(node_id))
+        node = self.registry.node(state_path(node_id))
         if node is None:
             return None
         record = decode_state(node_id, node.data or b"")
@@ -113,18 +112,18 @@ class Records:
 
     def data(self, node_id: str, name: str) -> bytes | None:
         """The data of /fleet/nodes/<id>/<name>; None when absent."""
-        node = self.registry.state.nodes.get(child_path(node_id, name))
+        node = self.registry.node(child_path(node_id, name))
         return None if node is None else node.data or b""
 
     def history(self, node_id: str) -> list[tuple[str, HistoryData]]:
         """The node's history entries, oldest first, with their names."""
         parent = history_path(node_id)
-        state = self.registry.state
-        if parent not in state.nodes:
+        registry = self.registry
+        if not registry.exists(parent):
             return []
         out = []
-        for name in state.child_names(parent):
-            node = state.nodes.get(f"{parent}/{name}")
+        for name in registry.child_names(parent):
+            node = registry.node(f"{parent}/{name}")
             entry = decode_history(node.data or b"") if node is not None else None
             if entry is not None:
                 out.append((name, entry))
@@ -136,8 +135,7 @@ class Records:
             Create(f"{history_path(node_id)}/{HISTORY_PREFIX}", _enc.encode(entry), sequential=True, parents=True)
         ]
         parent = history_path(node_id)
-        state = self.registry.state
-        names = state.child_names(parent) if parent in state.nodes else []
+        names = self.registry.child_names(parent) if self.registry.exists(parent) else []
         # Keep the newest HISTORY_KEEP, the one being added included.
         for name in names[: max(0, len(names) - HISTORY_KEEP + 1)]:
             ops.append(Delete(f"{parent}/{name}"))
@@ -184,10 +182,9 @@ class Records:
         Returns True when it wrote.
         """
         path = child_path(node_id, name)
-        state = self.registry.state
-        if state_path(node_id) not in state.nodes:
+        if not self.registry.exists(state_path(node_id)):
             return False
-        current = state.nodes.get(path)
+        current = self.registry.node(path)
         if current is not None and current.data == data:
             return False
         if current is None:

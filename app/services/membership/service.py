@@ -334,9 +334,9 @@ class MembershipService:
     def _reconcile(self) -> None:
         """Adopt what other writers (operators, a previous leader) recorded since we last looked."""
         ids = set(self.records.ids()) | set(self._versions)
-        nodes = self.registry.state.nodes
+        registry = self.registry
         for node_id in ids:
-            znode = nodes.get(layout.state_path(node_id))
+            znode = registry.node(layout.state_path(node_id))
             if znode is not None and self._versions.get(node_id) == znode.version:
                 continue  # unchanged since we wrote or read it: no need to decode
             found = self.records.read(node_id)
@@ -386,7 +386,7 @@ class MembershipService:
         try:
             # Fenced by the lease term: once a newer leader exists this write is refused (StaleTerm).
             version = await self.records.write(
-                change, self._versions.get(node_id), labels, self.registry.keeper.term, trace_id
+                change, self._versions.get(node_id), labels, self.registry.duty_term, trace_id
             )
         except OperationTimeout:
             return  # unknown outcome: the next round's reconcile reads what happened

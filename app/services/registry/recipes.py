@@ -20,7 +20,7 @@ def _seq(name: str) -> int:
 def contenders(registry: RegistryService, path: str) -> list[str]:
     """Child names of path that are contenders, lowest sequence first."""
     try:
-        names = registry.state.child_names(path)
+        names = registry.child_names(path)
     except NoNode:
         return []
     return sorted((n for n in names if _seq(n) >= 0), key=_seq)
@@ -52,11 +52,11 @@ async def _wait_first(registry: RegistryService, path: str, node: str, wait_s: f
         # Watch only the predecessor (no herd effect); read and watch happen in one loop step.
         predecessor = paths.join(path, order[index - 1])
         gone: asyncio.Future[Event] = loop.create_future()
-        handle = registry.watches.watch_once(predecessor, "exists", _resolver(gone))
+        handle = registry.watch_once(predecessor, "exists", _resolver(gone))
         try:
             await asyncio.wait_for(gone, remaining)
         except TimeoutError:
-            registry.watches.cancel_once(predecessor, "exists", handle)
+            registry.cancel_once(predecessor, "exists", handle)
             return False
 
 
@@ -98,7 +98,7 @@ def election_state(registry: RegistryService, path: str) -> tuple[str | None, st
     names = []
     for name in order:
         try:
-            data, _ = registry.state.get(paths.join(path, name))
+            data, _ = registry.read(paths.join(path, name))
             names.append((data or b"").decode("utf-8", "replace"))
         except NoNode:
             continue

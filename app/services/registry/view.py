@@ -17,6 +17,8 @@ from app.services.registry.messages import Event, Stat
 from app.services.registry.state import SessionRecord, Znode
 from app.services.registry.watches import OneShotKind, Subscription
 
+__all__ = ["OneShotKind", "RegistryStats", "RegistryView", "Subscription", "Watchable"]
+
 
 class RegistryStats(msgspec.Struct, frozen=True):
     """One replica's registry figures (/metrics, GET /api/v1/registry and the mntr word read these)."""

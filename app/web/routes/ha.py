@@ -251,7 +251,7 @@ def ha_routes(node: Node) -> list[BaseRouteHandler]:
             names = [only] if only is not None else ha.names()
             return {"type": "ready", "revision": ha.registry.revision, "clusters": [_view(ha, n) for n in names]}
 
-        await stream_changes(socket, ha.registry.watches, root, ready, lambda event: _change(ha, event))
+        await stream_changes(socket, ha.registry, root, ready, lambda event: _change(ha, event))
 
     return [
         register,
@@ -289,7 +289,7 @@ def _change(ha: HaService, event: Event) -> dict[str, Any] | None:
         return {"type": "instance_removed", **base, "instance": child} if part == "instance" else None
     if event.type not in ("created", "changed"):
         return None
-    found = ha.registry.state.nodes.get(event.path)
+    found = ha.registry.node(event.path)
     if found is None or found.version != event.version:
         return None  # a later event carries the newer data
     data = bytes(found.data or b"")

@@ -192,7 +192,7 @@ def node_routes(node: Node) -> list[BaseRouteHandler]:
             nodes = [v for v in views if only is None or v.node_id == only]
             return {"type": "ready", "revision": members.registry.revision, "nodes": nodes}
 
-        await stream_changes(socket, members.registry.watches, ROOT, ready, lambda event: _change(members, event, only))
+        await stream_changes(socket, members.registry, ROOT, ready, lambda event: _change(members, event, only))
 
     return [list_nodes, one_node, scan, clean, ports, maintenance, remove, watch_nodes]
 

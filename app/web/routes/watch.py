@@ -32,7 +32,7 @@ from app.node import Node
 from app.services.registry import paths
 from app.services.registry.errors import BadArguments
 from app.services.registry.messages import Event, SessionId
-from app.services.registry.watches import OneShotKind
+from app.services.registry.view import OneShotKind
 from app.supervise import supervisor
 from app.web.auth import TokenGuard
 
@@ -271,7 +271,7 @@ class WatchSocket:
         wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pusher = _Pusher(send, wake, self.node.cfg.registry.watch_max_pending)
         try:
-            sub = registry.watches.subscribe(query.path, query.recursive, query.since, self._fanout.callback(pusher))
+            sub = registry.subscribe(query.path, query.recursive, query.since, self._fanout.callback(pusher))
         except FleetmateError as exc:
             await _fail(send, exc.code, exc.message)
             return
@@ -298,7 +298,7 @@ class WatchSocket:
         registry = self.node.registry
         assert registry is not None
         queue: Mailbox[Any] = Mailbox()
-        registry.watches.watch_once(query.path, query.kind, queue.put_nowait)
+        registry.watch_once(query.path, query.kind, queue.put_nowait)
         await send(_text({"type": "ready", "revision": registry.revision}))
         reader = asyncio.create_task(self._read_client(receive, send))
         reader.add_done_callback(lambda _: queue.put_nowait(_CLIENT_GONE))
