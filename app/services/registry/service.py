@@ -126,23 +126,23 @@ class RegistryService(RegistryView):
         self.bus = bus
         self.cfg = cfg
         self.node_id = node_id
-        self.state = RegistryState()
-        self.store = RegistryStore(data_dir / "registry.sqlite", cfg.event_history)
-        self.watches = WatchHub(cfg.event_history)
-        self.log: SharedLog[Command] = SharedLog(
+        self._state = RegistryState()
+        self._store = RegistryStore(data_dir / "registry.sqlite", cfg.event_history)
+        self._watches = WatchHub(cfg.event_history)
+        self._log: SharedLog[Command] = SharedLog(
             bus,
             stream=subjects.REGISTRY_STREAM,
             subject=subjects.REGISTRY_LOG,
             replicas=cfg.stream_replicas,
             node_id=node_id,
-            machine=self.state,
+            machine=self._state,
             encode=_encode,
             decode=_decode,
-            commit=lambda seq, evs: self.store.commit(self.state, seq, evs),
-            on_applied=self.watches.publish,
+            commit=lambda seq, evs: self._store.commit(self._state, seq, evs),
+            on_applied=self._watches.publish,
             applied_seq=0,
         )
-        self.keeper = SessionKeeper(self.state, self._append_raw, node_id, reap_every_s=cfg.container_check_interval)
+        self._keeper = SessionKeeper(self._state, self._append_raw, node_id, reap_every_s=cfg.container_check_interval)
         self._keepalives: NatsSubscription | None = None
         self.snapshots = Snapshotter(
             snapshot_store or MemorySnapshotStore(),
@@ -150,15 +150,15 @@ class RegistryService(RegistryView):
             service=SNAPSHOT_SERVICE,
             node_id=node_id,
             image=self._image,
-            applied_seq=lambda: self.log.applied_seq,
-            is_leader=lambda: self.keeper.leading,
+            applied_seq=lambda: self._log.applied_seq,
+            is_leader=lambda: self._keeper.leading,
             peers_applied=peers_applied or _no_peers,
-            trim=self.log.trim,
+            trim=self._log.trim,
         )
 
     def _image(self) -> Image:
-        self.log.flush_commit()  # the image is the file: bring it up to what is applied
-        seq, revision, data = self.store.image()
+        self._log.flush_commit()  # the image is the file: bring it up to what is applied
+        seq, revision, data = self._store.image()
         return Image(seq, revision, data)
 
     async def start(self) -> None:
@@ -166,35 +166,35 @@ class RegistryService(RegistryView):
 
         Leading comes later, from the lease (become_leader).
         """
-        bounds = await self.log.prepare()
+        bounds = await self._log.prepare()
         # A snapshot when the log was trimmed past us or we have nothing; when the log lost what
         # the newest snapshot (or this file) covers, that state and the stream moved past it.
-        recovery = await self.snapshots.recover(self.store, bounds, self.log.trim)
-        applied_seq, events = self.store.load(self.state)
-        self.watches.load(events, self.state.revision)
-        self.log.applied_seq = self.log.committed_seq = applied_seq
-        await self.log.start()
-        await self.log.barrier(timeout=60)
+        recovery = await self.snapshots.recover(self._store, bounds, self._log.trim)
+        applied_seq, events = self._store.load(self._state)
+        self._watches.load(events, self._state.revision)
+        self._log.applied_seq = self._log.committed_seq = applied_seq
+        await self._log.start()
+        await self._log.barrier(timeout=60)
         self.snapshots.start(take_now=bool(recovery.continued_at))
         log.info(
             "registry ready",
             extra={
-                "revision": self.state.revision,
-                "nodes": len(self.state.nodes),
-                "applied_seq": self.log.applied_seq,
+                "revision": self._state.revision,
+                "nodes": len(self._state.nodes),
+                "applied_seq": self._log.applied_seq,
             },
         )
 
     async def become_leader(self) -> None:
         """This replica took the lease: append leader_elected, expire sessions, answer keepalives."""
-        await self.keeper.lead()
+        await self._keeper.lead()
         self._keepalives = await serve_every_subscriber(
             self.bus.nc, "keepalive", subjects.REGISTRY_KEEPALIVE, self._on_keepalive
         )
 
     async def stop_leading(self) -> None:
         """The lease is gone: stop every leader duty at once."""
-        await self.keeper.stop()
+        await self._keeper.stop()
         sub, self._keepalives = self._keepalives, None
         if sub is not None:
             try:
@@ -206,30 +206,30 @@ class RegistryService(RegistryView):
         """Stop leading, snapshotting, appending and applying; a snapshot if ahead of the store; close the store."""
         await self.stop_leading()
         await self.snapshots.stop()
-        await self.log.stop()
-        if not self.log.failed:
+        await self._log.stop()
+        if not self._log.failed:
             await self.snapshots.take_at_stop(self.snapshots.cfg.on_stop_timeout)
-        self.store.close()
+        self._store.close()
 
     @property
     def revision(self) -> int:
         """The latest applied revision on this replica."""
-        return self.state.revision
+        return self._state.revision
 
     @property
     def duty_term(self) -> int:
         """The lease term this replica's leader duties carry (0 before it first led): see RegistryView."""
-        return self.keeper.term
+        return self._keeper.term
 
     @property
     def applied_seq(self) -> int:
         """The last log sequence this replica applied."""
-        return self.log.applied_seq
+        return self._log.applied_seq
 
     @property
     def failed(self) -> str | None:
         """Why the log stopped applying on this replica; None while it works."""
-        return self.log.failed
+        return self._log.failed
 
     # ---- append -------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class RegistryService(RegistryView):
     async def _append_raw(self, cmd: Command, size: int = 64) -> object:
         self._admit(cmd)
         try:
-            result = await self.log.append(cmd, size, self.cfg.write_timeout)
+            result = await self._log.append(cmd, size, self.cfg.write_timeout)
         except UnencodableCommand as exc:
             raise BadArguments(str(exc)) from None
         except (TimeoutError, AppendError, LogFailed) as exc:
@@ -276,7 +276,7 @@ class RegistryService(RegistryView):
     def _submit(self, cmd: Command, size: int) -> asyncio.Future[Any]:
         self._admit(cmd)
         try:
-            return self.log.submit(cmd, size, self.cfg.write_timeout)
+            return self._log.submit(cmd, size, self.cfg.write_timeout)
         except LogFailed as exc:
             raise self._timed_out(exc) from None
 
@@ -491,7 +491,7 @@ class RegistryService(RegistryView):
     async def sync(self) -> None:
         """Wait until this replica has applied everything appended before the call (read index)."""
         try:
-            await self.log.barrier(self.cfg.write_timeout)
+            await self._log.barrier(self.cfg.write_timeout)
         except TimeoutError:
             raise OperationTimeout("the log did not answer the read barrier in time") from None
         except LogFailed as exc:
@@ -505,19 +505,19 @@ class RegistryService(RegistryView):
         """Data and stat of a node."""
         self._path(path)
         await self._read_point(linearizable)
-        return self.state.get(path)
+        return self._state.get(path)
 
     async def stat(self, path: str, linearizable: bool = True) -> Stat:
         """A node's stat (raises NoNode: ZooKeeper's exists answers None instead)."""
         self._path(path)
         await self._read_point(linearizable)
-        return self.state.stat(path)
+        return self._state.stat(path)
 
     async def children(self, path: str, linearizable: bool = True) -> tuple[list[str], Stat]:
         """Sorted child names and the parent's stat."""
         self._path(path)
         await self._read_point(linearizable)
-        return self.state.child_names(path), self.state.stat(path)
+        return self._state.child_names(path), self._state.stat(path)
 
     async def check(self, path: str, version: int, linearizable: bool = True) -> Stat:
         """Raise unless the node exists at this version (-1: any)."""
@@ -530,55 +530,55 @@ class RegistryService(RegistryView):
         """A node's ACL and stat."""
         self._path(path)
         await self._read_point(linearizable)
-        stat = self.state.stat(path)
-        return self.state.nodes[path].acl, stat
+        stat = self._state.stat(path)
+        return self._state.nodes[path].acl, stat
 
     # ---- local reads (RegistryView): the applied state at once, no read barrier -----------------
 
     def exists(self, path: str) -> bool:
         """True when the node exists."""
-        return path in self.state.nodes
+        return path in self._state.nodes
 
     def node(self, path: str) -> Znode | None:
         """The node as stored (data, stat fields and ACL); None when absent."""
-        return self.state.nodes.get(path)
+        return self._state.nodes.get(path)
 
     def read(self, path: str) -> tuple[bytes | None, Stat]:
         """Data and stat; raises NoNode."""
-        return self.state.get(path)
+        return self._state.get(path)
 
     def stat_of(self, path: str) -> Stat:
         """The node's stat; raises NoNode."""
-        return self.state.stat(path)
+        return self._state.stat(path)
 
     def check_version(self, path: str, version: int) -> Stat:
         """The stat when the node is at version (-1: any); raises NoNode or BadVersion."""
-        return self.state.check(Check(path, version)).stat
+        return self._state.check(Check(path, version)).stat
 
     def child_names(self, path: str) -> list[str]:
         """Sorted child names; raises NoNode."""
-        return self.state.child_names(path)
+        return self._state.child_names(path)
 
     def count_descendants(self, path: str) -> int:
         """Nodes below path (not path itself); raises NoNode."""
-        self.state.stat(path)
-        return len(self.state.descendants(path))
+        self._state.stat(path)
+        return len(self._state.descendants(path))
 
     def has_session(self, session_id: int) -> bool:
         """True while the session is open."""
-        return session_id in self.state.sessions
+        return session_id in self._state.sessions
 
     def session_record(self, session_id: int) -> SessionRecord | None:
         """The open session; None when it does not exist."""
-        return self.state.sessions.get(session_id)
+        return self._state.sessions.get(session_id)
 
     def ephemerals(self, session_id: int) -> list[str]:
         """The session's ephemeral nodes, sorted (empty for an unknown session)."""
-        return sorted(self.state.ephemerals.get(session_id, ()))
+        return sorted(self._state.ephemerals.get(session_id, ()))
 
     def stats(self) -> RegistryStats:
         """This replica's figures (cost grows with sessions, not nodes)."""
-        state, watches, counts = self.state, self.watches, self.log.stats()
+        state, watches, counts = self._state, self._watches, self._log.stats()
         return RegistryStats(
             revision=state.revision,
             nodes=len(state.nodes),
@@ -588,7 +588,7 @@ class RegistryService(RegistryView):
             term=state.term,
             leader=state.leader,
             oldest_resumable_revision=watches.compacted + 1,
-            sessions_expired=self.keeper.expired,
+            sessions_expired=self._keeper.expired,
             applied_seq=int(counts["applied_seq"]),
             applied_entries=int(counts["applied_entries"]),
             applied_commands=int(counts["applied_commands"]),
@@ -599,7 +599,7 @@ class RegistryService(RegistryView):
 
     def data_bytes(self) -> int:
         """Bytes of node data (a walk over every node: for diagnostics, not hot paths)."""
-        return sum(len(n.data or b"") for n in self.state.nodes.values())
+        return sum(len(n.data or b"") for n in self._state.nodes.values())
 
     # ---- watches (RegistryView) -----------------------------------------------------------------
 
@@ -613,15 +613,15 @@ class RegistryService(RegistryView):
         """A persistent watch on path (its subtree when recursive); with `since`, retained events
         from that revision first. Events go to `callback` while the log applies, else to the
         subscription's queue. Raises Compacted for a `since` older than the history."""
-        return self.watches.subscribe(path, recursive, since, callback)
+        return self._watches.subscribe(path, recursive, since, callback)
 
     def watch_once(self, path: str, kind: OneShotKind, callback: Callable[[Event], None]) -> int:
         """A one-shot watch (ZooKeeper's getData/exists/getChildren); returns a handle for cancel_once()."""
-        return self.watches.watch_once(path, kind, callback)
+        return self._watches.watch_once(path, kind, callback)
 
     def cancel_once(self, path: str, kind: OneShotKind, handle: int) -> bool:
         """Remove a one-shot watch that has not fired; False when it fired or never existed."""
-        return self.watches.cancel_once(path, kind, handle)
+        return self._watches.cancel_once(path, kind, handle)
 
     # ---- sessions -----------------------------------------------------------------------------
 
@@ -651,8 +651,8 @@ class RegistryService(RegistryView):
         _session_bound(session_id)
         if last_active is None:
             last_active = time.monotonic()
-        if self.keeper.leading:  # this replica is the leader: no bus round trip
-            timeout = self.keeper.touch(session_id, time.monotonic() - last_active)
+        if self._keeper.leading:  # this replica is the leader: no bus round trip
+            timeout = self._keeper.touch(session_id, time.monotonic() - last_active)
             if timeout is None:
                 raise SessionExpired(f"session 0x{session_id:x} does not exist")
             return timeout
@@ -677,22 +677,22 @@ class RegistryService(RegistryView):
             req = codec.decode(data, KeepaliveRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise HandlerError("400", f"bad KeepaliveRequest: {exc}") from None
-        timeout = self.keeper.touch(req.session_id, req.idle_ms / 1000)
+        timeout = self._keeper.touch(req.session_id, req.idle_ms / 1000)
         if timeout is None:
             raise HandlerError("404", f"session 0x{req.session_id:x} does not exist")
         return codec.encode(KeepaliveReply(req.session_id, timeout))
 
     def session(self, session_id: int) -> tuple[SessionRecord, list[str]]:
         """A session and its ephemeral nodes (local state)."""
-        record = self.state.sessions.get(session_id)
+        record = self._state.sessions.get(session_id)
         if record is None:
             raise SessionExpired(f"session 0x{session_id:x} does not exist")
-        return record, sorted(self.state.ephemerals.get(session_id, ()))
+        return record, sorted(self._state.ephemerals.get(session_id, ()))
 
     def sessions(self) -> list[SessionRecord]:
         """Every open session (local state)."""
-        return sorted(self.state.sessions.values(), key=lambda r: r.session_id)
+        return sorted(self._state.sessions.values(), key=lambda r: r.session_id)
 
     def events_since(self, revision: int) -> list[Event]:
         """Retained events with revision >= revision (for tests and diagnostics)."""
-        return [e for e in self.watches.history if e.revision >= revision]
+        return [e for e in self._watches.history if e.revision >= revision]
