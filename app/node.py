@@ -17,6 +17,7 @@ from app.bus.connection import Bus, client_token, tls_context
 from app.bus.embedded import EmbeddedNats, server_token
 from app.bus.streams import step_down_if_leading
 from app.config import Config
+from app.log.host import LogEngine
 from app.log.leadership import Leadership
 from app.log.lease import registry as lease_backends
 from app.log.lease.base import LeaseRecord
@@ -57,6 +58,7 @@ class Node:
         self.bus: Bus | None = None
         self.system: SystemService | None = None
         self.registry: RegistryService | None = None
+        self.logs: LogEngine | None = None  # every log this replica follows (the registry's today)
         self.leadership: Leadership | None = None
         self.membership: MembershipService | None = None
         self.metrics: MetricsService | None = None
@@ -117,6 +119,7 @@ class Node:
         self.phase = "catching up with the registry log"
         self.snapshot_store = snapshot_stores.create(cfg)
         await self.snapshot_store.open()
+        self.logs = LogEngine(self.bus, self.node_id)
         self.registry = RegistryService(
             self.bus,
             msgspec.structs.replace(cfg.registry, stream_replicas=self.stream_replicas),
@@ -125,6 +128,7 @@ class Node:
             snapshot_store=self.snapshot_store,
             snapshot_cfg=cfg.snapshot,
             peers_applied=self._peers_applied,
+            engine=self.logs,
         )
         await self.registry.start()
         self.membership = MembershipService(

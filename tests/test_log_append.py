@@ -18,7 +18,9 @@ from tests.harness import NatsServer
 
 
 class Counter:
-    """A tiny deterministic machine: each command adds its amount and returns the new total."""
+    """A tiny deterministic machine: each command adds its amount and returns the new total.
+
+    The part of a LogUser (app.log.user) that SharedLog itself calls; nothing is stored."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -27,13 +29,17 @@ class Counter:
         self.total += cmd
         return self.total, []
 
+    def encode(self, cmds: Sequence[int]) -> bytes:
+        return msgspec.msgpack.encode(list(cmds))
 
-def _encode(cmds: Sequence[int]) -> bytes:
-    return msgspec.msgpack.encode(list(cmds))
+    def decode(self, data: bytes) -> list[int]:
+        return msgspec.msgpack.decode(data, type=list[int])
 
+    def applied(self, events: list[Any]) -> None:
+        pass
 
-def _decode(data: bytes) -> list[int]:
-    return msgspec.msgpack.decode(data, type=list[int])
+    def commit(self, applied_seq: int, events: list[Any]) -> None:
+        pass
 
 
 async def _log(bus: Bus, machine: Counter) -> SharedLog[int]:
@@ -43,12 +49,7 @@ async def _log(bus: Bus, machine: Counter) -> SharedLog[int]:
         subject="t.log",
         replicas=1,
         node_id="t",
-        machine=machine,
-        encode=_encode,
-        decode=_decode,
-        commit=lambda seq, events: None,
-        on_applied=lambda events: None,
-        applied_seq=0,
+        user=machine,  # type: ignore[arg-type]  # the parts SharedLog calls
     )
     await log.start()
     return log

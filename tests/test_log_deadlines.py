@@ -8,8 +8,9 @@ import math
 import pytest
 from nats.aio.msg import Msg
 
-from app.log.batcher import Pending, expire_queued
+from app.log.batcher import expire_queued
 from app.log.engine import stream_seq
+from app.log.pending import Pending
 
 
 async def test_an_entry_fails_only_the_writes_past_their_deadline() -> None:

@@ -20,6 +20,7 @@ from nats.js.errors import APIError
 
 from app import failpoints
 from app.aio import Signal
+from app.log.pending import PendingWrites
 from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.log")
@@ -55,33 +56,6 @@ class UnencodableCommand(ValueError):
     alone, before anything is published, and the commands batched with it go on."""
 
 
-class Pending:
-    """The futures of one published entry, resolved by the applier when it applies that entry.
-
-    Each future has its deadline (time.monotonic()); `due` is the earliest of those still open, so a
-    sweep looks at one number per entry rather than at every write.
-    """
-
-    __slots__ = ("deadlines", "due", "futures")
-
-    def __init__(self, futures: list[asyncio.Future[Any]], deadlines: list[float]) -> None:
-        self.futures = futures
-        self.deadlines = deadlines
-        self.due = min(deadlines) if deadlines else math.inf
-
-    def expire(self, now: float) -> None:
-        """Fail the futures whose deadline has passed (TimeoutError) and recompute `due`."""
-        due = math.inf
-        for fut, deadline in zip(self.futures, self.deadlines, strict=True):
-            if fut.done():
-                continue
-            if deadline <= now:
-                fut.set_exception(TimeoutError("the write was not applied in time"))
-            elif deadline < due:
-                due = deadline
-        self.due = due
-
-
 def expire_queued(queue: list[tuple[Any, int, asyncio.Future[Any], float]], now: float) -> None:
     """Fail the queued (not yet published) commands whose deadline has passed."""
     for _, _, fut, deadline in queue:
@@ -97,7 +71,7 @@ class Batcher(Generic[C]):
         nc: Client,
         subject: str,
         encode: Callable[[Sequence[C]], bytes],
-        pending: dict[str, Pending],
+        pending: PendingWrites,
         node_id: str,
         *,
         max_commands: int = 1024,
@@ -250,7 +224,7 @@ class Batcher(Generic[C]):
         if payload is None:
             return
         msg_id = self._prefix + str(next(self._ids))
-        self.pending[msg_id] = Pending([f for _, f, _ in batch], [d for _, _, d in batch])
+        self.pending.register(msg_id, [f for _, f, _ in batch], [d for _, _, d in batch])
         headers = {MSG_ID_HEADER: msg_id}
         last: Exception | None = None
         loop = self._loop or asyncio.get_running_loop()
@@ -275,7 +249,7 @@ class Batcher(Generic[C]):
                 last = exc
                 break
         # The entry may still have been stored (a lost ack): its writers cannot know, as with etcd.
-        self.pending.pop(msg_id, None)
+        self.pending.forget(msg_id)
         for _, fut, _ in batch:
             if not fut.done():
                 fut.set_exception(AppendError(f"log append failed, outcome unknown: {last!r}"))

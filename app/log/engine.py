@@ -9,8 +9,7 @@ import itertools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -22,15 +21,16 @@ from app import failpoints
 from app.aio import Mailbox
 from app.bus.connection import Bus
 from app.bus.streams import ensure_stream
-from app.log.batcher import MSG_ID_HEADER, Batcher, Pending
+from app.log.batcher import MSG_ID_HEADER, Batcher
+from app.log.pending import Pending, PendingWrites
 from app.log.snapshots import LogBounds
+from app.log.user import LogUser
 from app.storage.diskspace import guard as disk_guard
 from app.supervise import supervisor
 
 log = logging.getLogger("fleetmate.log")
 
 C = TypeVar("C")
-C_contra = TypeVar("C_contra", contravariant=True)
 
 
 class _StreamState(msgspec.Struct):
@@ -75,12 +75,6 @@ def log_id(info: StreamInfo) -> str:
     return info.created.isoformat() if info.created else ""
 
 
-class Machine(Protocol[C_contra]):
-    """A deterministic state machine: apply one command, return (result, events)."""
-
-    def apply(self, cmd: C_contra) -> tuple[Any, list[Any]]: ...
-
-
 DEADLINE_SWEEP_S = 0.05
 COMMIT_INTERVAL_S = 0.1
 COMMIT_MAX_EVENTS = 20_000
@@ -111,25 +105,18 @@ class SharedLog(Generic[C]):
         subject: str,
         replicas: int,
         node_id: str,
-        machine: Machine[C],
-        encode: Callable[[Sequence[C]], bytes],
-        decode: Callable[[bytes], Sequence[C]],
-        commit: Callable[[int, list[Any]], None],
-        on_applied: Callable[[list[Any]], None],
-        applied_seq: int,
+        user: LogUser[C],
+        applied_seq: int = 0,
     ) -> None:
         self.bus = bus
         self.stream = stream
         self.subject = subject
         self.replicas = replicas
-        self.machine = machine
-        self.decode = decode
-        self.commit = commit
-        self.on_applied = on_applied
+        self.user = user
         self.applied_seq = applied_seq
         self.failed: str | None = None
-        self._pending: dict[str, Pending] = {}
-        self.batcher: Batcher[C] = Batcher(bus.nc, subject, encode, self._pending, node_id)
+        self._pending = PendingWrites()
+        self.batcher: Batcher[C] = Batcher(bus.nc, subject, user.encode, self._pending, node_id)
         self._inbox: Mailbox[Msg] = Mailbox()
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
@@ -222,9 +209,7 @@ class SharedLog(Generic[C]):
         while self._pending or self.batcher.queued:
             await asyncio.sleep(DEADLINE_SWEEP_S)
             now = time.monotonic()
-            for pending in list(self._pending.values()):
-                if pending.due <= now:
-                    pending.expire(now)
+            self._pending.expire(now)
             self.batcher.expire(now)
 
     # ---- apply --------------------------------------------------------------------------------
@@ -243,10 +228,7 @@ class SharedLog(Generic[C]):
                 # The supervisor logs it with its traceback and ends the process: a restart
                 # restores a snapshot (LogTrimmed) or replays from the last commit.
                 self.failed = f"applier stopped at sequence {self.applied_seq + 1}: {exc!r}"
-                for pending in self._pending.values():
-                    for fut in pending.futures:
-                        if not fut.done():
-                            fut.set_exception(LogFailed(self.failed))
+                self._pending.fail_all(LogFailed(self.failed))
                 raise
 
     def _apply_batch(self, batch: list[Msg]) -> None:
@@ -254,6 +236,8 @@ class SharedLog(Generic[C]):
         answered: list[tuple[Pending, list[Any]]] = []
         all_events: list[Any] = []
         last = self.applied_seq
+        user = self.user
+        apply = user.apply
         for msg in batch:
             seq = stream_seq(msg)
             if seq <= last:
@@ -264,14 +248,14 @@ class SharedLog(Generic[C]):
                 raise LogTrimmed(f"entry {last + 1} is gone (next in the log: {seq}); restart to restore a snapshot")
             failpoints.hit("log.apply")
             try:
-                commands = self.decode(msg.data)
+                commands = user.decode(msg.data)
             except Exception as exc:  # every replica skips the same undecodable entry
                 log.error("skipping an undecodable log entry", extra={"seq": seq, "error": str(exc)})
                 commands = ()
             results = []
             for cmd in commands:
                 try:
-                    result, events = self.machine.apply(cmd)
+                    result, events = apply(cmd)
                 except Exception as exc:  # a machine must not raise; if it does, only this command fails
                     log.exception("a command failed to apply", extra={"seq": seq})
                     result, events = ApplyFailed(f"{type(cmd).__name__} could not be applied: {exc!r}"), []
@@ -282,7 +266,7 @@ class SharedLog(Generic[C]):
             self.applied_commands += len(commands)
             msg_id = (msg.headers or {}).get(MSG_ID_HEADER)
             if msg_id is not None:
-                pending = self._pending.pop(msg_id, None)
+                pending = self._pending.take(msg_id)
                 if pending is not None:
                     answered.append((pending, results))
         if last == self.applied_seq:
@@ -291,11 +275,9 @@ class SharedLog(Generic[C]):
         self.applied_seq = last
         self._schedule_commit()
         for pending, results in answered:
-            for fut, result in zip(pending.futures, results, strict=False):
-                if not fut.done():
-                    fut.set_result(result)
+            pending.answer(results)
         if all_events:
-            self.on_applied(all_events)
+            user.applied(all_events)
         while self._waiters and self._waiters[0][0] <= last:
             _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
@@ -321,7 +303,7 @@ class SharedLog(Generic[C]):
         if self.applied_seq > self.committed_seq:
             events = self._uncommitted_events
             try:
-                self.commit(self.applied_seq, events)
+                self.user.commit(self.applied_seq, events)
             except (OSError, sqlite3.Error) as exc:
                 # A full or failing disk: the applied state stays in memory (the log holds it too),
                 # nothing is dropped, client writes are refused until there is room, and the

@@ -21,7 +21,7 @@ from app.bus.micro import HandlerError, call, serve_every_subscriber
 from app.config import RegistryConfig, SnapshotConfig
 from app.log.batcher import AppendError, UnencodableCommand
 from app.log.engine import ApplyFailed, LogFailed, SharedLog
-from app.log.snapshots import Image, Snapshotter
+from app.log.host import LogEngine, SnapshotPolicy
 from app.services.registry import paths
 from app.services.registry.errors import (
     BadArguments,
@@ -44,7 +44,6 @@ from app.services.registry.messages import (
     Created,
     Delete,
     Deleted,
-    Entry,
     Event,
     KeepaliveReply,
     KeepaliveRequest,
@@ -58,6 +57,7 @@ from app.services.registry.messages import (
     Stat,
     Updated,
 )
+from app.services.registry.replicated import RegistryLog
 from app.services.registry.sessions import SessionKeeper
 from app.services.registry.state import RegistryState, SessionRecord, Znode
 from app.services.registry.store import RegistryStore
@@ -69,23 +69,12 @@ from app.storage.snapshots.memory import MemorySnapshotStore
 
 log = logging.getLogger("fleetmate.registry")
 
-_entry_enc = msgspec.msgpack.Encoder()
-_entry_dec = msgspec.msgpack.Decoder(Entry)
-
 MultiOp = Create | SetData | Delete | Check
 SNAPSHOT_SERVICE = "registry"
 
 
 async def _no_peers() -> list[int]:
     return []
-
-
-def _encode(commands: Sequence[Command]) -> bytes:
-    return _entry_enc.encode(Entry(list(commands)))
-
-
-def _decode(data: bytes) -> list[Command]:
-    return _entry_dec.decode(data).commands
 
 
 def _now_ms() -> int:
@@ -122,6 +111,7 @@ class RegistryService(RegistryView):
         snapshot_store: SnapshotStore | None = None,
         snapshot_cfg: SnapshotConfig | None = None,
         peers_applied: Callable[[], Awaitable[list[int]]] | None = None,
+        engine: LogEngine | None = None,
     ) -> None:
         self.bus = bus
         self.cfg = cfg
@@ -129,53 +119,31 @@ class RegistryService(RegistryView):
         self._state = RegistryState()
         self._store = RegistryStore(data_dir / "registry.sqlite", cfg.event_history)
         self._watches = WatchHub(cfg.event_history)
-        self._log: SharedLog[Command] = SharedLog(
-            bus,
+        self.engine = engine or LogEngine(bus, node_id)
+        opened = self.engine.add(
+            SNAPSHOT_SERVICE,
+            RegistryLog(self._state, self._store, self._watches),
             stream=subjects.REGISTRY_STREAM,
             subject=subjects.REGISTRY_LOG,
             replicas=cfg.stream_replicas,
-            node_id=node_id,
-            machine=self._state,
-            encode=_encode,
-            decode=_decode,
-            commit=lambda seq, evs: self._store.commit(self._state, seq, evs),
-            on_applied=self._watches.publish,
-            applied_seq=0,
+            snapshots=SnapshotPolicy(
+                snapshot_store or MemorySnapshotStore(),
+                snapshot_cfg or SnapshotConfig(),
+                is_leader=lambda: self._keeper.leading,
+                peers_applied=peers_applied or _no_peers,
+            ),
         )
+        self._log: SharedLog[Command] = opened.log
+        self.snapshots = opened.snapshots
         self._keeper = SessionKeeper(self._state, self._append_raw, node_id, reap_every_s=cfg.container_check_interval)
         self._keepalives: NatsSubscription | None = None
-        self.snapshots = Snapshotter(
-            snapshot_store or MemorySnapshotStore(),
-            snapshot_cfg or SnapshotConfig(),
-            service=SNAPSHOT_SERVICE,
-            node_id=node_id,
-            image=self._image,
-            applied_seq=lambda: self._log.applied_seq,
-            is_leader=lambda: self._keeper.leading,
-            peers_applied=peers_applied or _no_peers,
-            trim=self._log.trim,
-        )
-
-    def _image(self) -> Image:
-        self._log.flush_commit()  # the image is the file: bring it up to what is applied
-        seq, revision, data = self._store.image()
-        return Image(seq, revision, data)
 
     async def start(self) -> None:
         """Restore a snapshot if this replica needs one, catch up with the log, start snapshotting.
 
         Leading comes later, from the lease (become_leader).
         """
-        bounds = await self._log.prepare()
-        # A snapshot when the log was trimmed past us or we have nothing; when the log lost what
-        # the newest snapshot (or this file) covers, that state and the stream moved past it.
-        recovery = await self.snapshots.recover(self._store, bounds, self._log.trim)
-        applied_seq, events = self._store.load(self._state)
-        self._watches.load(events, self._state.revision)
-        self._log.applied_seq = self._log.committed_seq = applied_seq
-        await self._log.start()
-        await self._log.barrier(timeout=60)
-        self.snapshots.start(take_now=bool(recovery.continued_at))
+        await self.engine.start(SNAPSHOT_SERVICE)
         log.info(
             "registry ready",
             extra={
@@ -205,10 +173,7 @@ class RegistryService(RegistryView):
     async def stop(self) -> None:
         """Stop leading, snapshotting, appending and applying; a snapshot if ahead of the store; close the store."""
         await self.stop_leading()
-        await self.snapshots.stop()
-        await self._log.stop()
-        if not self._log.failed:
-            await self.snapshots.take_at_stop(self.snapshots.cfg.on_stop_timeout)
+        await self.engine.close(SNAPSHOT_SERVICE)
         self._store.close()
 
     @property
