@@ -233,7 +233,7 @@ def ha_routes(node: Node) -> list[BaseRouteHandler]:
         """Stream topology changes as JSON: first {"type": "ready", "revision", "clusters": [ClusterView]},
         then "primary", "instance", "instance_removed", "history", "cluster" and "removed" messages
         as the leader records them (`?cluster=NAME` for one cluster). Not in the OpenAPI schema
-        (WebSocket routes are not); see the README."""
+        (WebSocket routes are not); see docs/ha.md."""
         await socket.accept()
         only = socket.query_params.get("cluster")
         try:
