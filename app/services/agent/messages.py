@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from app.config.schema import LogRule as LogRule  # noqa: PLC0414  (re-exported: the agent imports it from here)
+
 Proto = Literal["tcp", "udp"]
 Family = Literal["ipv4", "ipv6"]
 
@@ -124,24 +126,7 @@ class EngineScan(msgspec.Struct, frozen=True):
 
 # ---- log cleanup ----------------------------------------------------------------------------------
 
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # what a signed 64-bit field holds
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
-
-
-class LogRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A retention rule; a file goes when ANY set limit says so; a rule with no limit deletes nothing.
-
-    pattern is a glob relative to directory ("*.log", "**/*.log.*"). keep_days removes files
-    modified longer ago than that; keep_newest keeps only the N newest matching files;
-    keep_total_bytes removes the oldest files until the matching files add up to no more.
-    """
-
-    directory: str
-    pattern: str = "*"
-    keep_days: NonNegativeFloat | None = None
-    keep_total_bytes: NonNegativeInt | None = None
-    keep_newest: NonNegativeInt | None = None
-    name: str = ""
+# LogRule is also the schema of the agent.log_rules key, so it lives with the configuration.
 
 
 class LogFile(msgspec.Struct, frozen=True):
