@@ -253,7 +253,7 @@ TestMembershipVsModel.settings = settings(
 
 
 def test_forgettable_nodes_are_silent_and_unrecorded() -> None:
-    from app.services.membership.service import Heard, forgettable
+    from app.services.membership.heard import Heard, forgettable
 
     heard = {
         "gone": Heard(10.0, "agent", {}, 1),  # silent, record removed: forgotten

@@ -15,6 +15,7 @@ from app.errors import Unavailable
 from app.services.membership.errors import AgentFailed, AgentTimeout, BadNodeRequest, NoSuchNode
 from app.services.membership.messages import AgentRequest
 
+RELAY_TIMEOUT_S = 5.0  # how long a request relayed to an agent (or a facts request) waits
 _enc = msgspec.json.Encoder()
 
 

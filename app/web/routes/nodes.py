@@ -23,8 +23,9 @@ from app.errors import FleetmateError, Unavailable
 from app.node import Node
 from app.services.membership.errors import BadNodeRequest
 from app.services.membership.messages import CleanRequest, FreePortsRequest
+from app.services.membership.queries import NodeDetail, NodeView
 from app.services.membership.records import ROOT, node_id_of, state_path
-from app.services.membership.service import MembershipService, NodeDetail, NodeView
+from app.services.membership.service import MembershipService
 from app.services.membership.state import State
 from app.services.registry.messages import Event
 from app.web.errors import ErrorBody
