@@ -58,8 +58,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.services.ha.messages import Credentials
-from app.services.ha.postgresql import PostgresAdaptor
+from app.adaptors.postgresql import PostgresAdaptor
+from app.adaptors.types import Credentials
 from bench import patroni_peer
 from bench.common import RESULTS, percentile, progress, write_result
 from bench.patroni_peer import PatroniPeer

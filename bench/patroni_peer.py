@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
-from app.services.ha.messages import Address, Credentials
+from app.adaptors.types import Address, Credentials
 from bench.common import progress
 from tests.harness import free_port, wait_for
 from tests.servers import PG_BIN, PG_USER, _ensure_pg_user, _tail

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from app.services.ha.messages import Address, Credentials
+from app.adaptors.types import Address, Credentials
 from tests.harness import free_port, wait_for
 from tests.servers import _binary, _listening, _tail
 

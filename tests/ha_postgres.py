@@ -1,7 +1,7 @@
 """A real PostgreSQL 15 streaming-replication set for HA tests: one primary, n-1 standbys, free ports, temp dirs.
 
 Each standby's application_name is its own address, `127.0.0.1:<port>` (the naming convention
-app/services/ha/postgresql.py documents), so the primary's pg_stat_replication names every
+app/adaptors/postgresql.py documents), so the primary's pg_stat_replication names every
 standby's address and synchronous_standby_names quotes it: `FIRST 1 ("127.0.0.1:5433")`.
 The servers run as the unprivileged `fleetmate-test` user (tests/servers.py) with fsync on.
 """
@@ -22,8 +22,8 @@ from typing import Literal
 
 import psutil
 
-from app.services.ha.messages import Address, Credentials
-from app.services.ha.postgresql import format_conninfo
+from app.adaptors.conninfo import format_conninfo
+from app.adaptors.types import Address, Credentials
 from tests.harness import free_port, wait_for
 from tests.servers import PG_BIN, PG_USER, _ensure_pg_user, _stop, _tail
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from app.adaptors.types import Address
 from app.services.agent.messages import (
     Interface,
     InterfaceAddress,
@@ -12,7 +13,6 @@ from app.services.agent.messages import (
     NetStatus,
 )
 from app.services.ha.agents import agents_serving
-from app.services.ha.messages import Address
 
 
 def _facts(sockets: list[tuple[str, int]], addresses: list[str]) -> dict[str, bytes]:

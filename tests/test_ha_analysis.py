@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app.adaptors.types import Address, InstanceStatus, ReplicationLink
 from app.services.ha.analysis import Candidate, NoCandidate, analyse, choose_candidate
-from app.services.ha.messages import Address, InstanceStatus, ReplicationLink
 
 P, R1, R2 = Address("10.0.0.1", 3306), Address("10.0.0.2", 3306), Address("10.0.0.3", 3306)
 MARIADB = "10.11.6-MariaDB-0+deb12u1-log"

@@ -16,11 +16,12 @@ import asyncmy
 import pytest
 from asyncmy import errors
 
-from app.services.ha.adaptor import AdaptorError
+from app.adaptors.base import AdaptorError
+from app.adaptors.mysql import MySQLAdaptor
+from app.adaptors.positions import gtid_covers, mariadb_gtids, mysql_gtids
+from app.adaptors.types import Address, Credentials, InstanceStatus
 from app.services.ha.credentials import parse_seed
 from app.services.ha.errors import BadClusterRequest
-from app.services.ha.messages import Address, Credentials, InstanceStatus
-from app.services.ha.mysql import MySQLAdaptor, gtid_covers, mariadb_gtids, mysql_gtids
 from tests.ha_mariadb import MariaDBReplicaSet
 from tests.harness import free_port
 

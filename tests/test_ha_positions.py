@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.services.ha.positions import Lsn, MariaDBGtidPos, MySQLGtidSet, PositionError, parse
+from app.adaptors.positions import Lsn, MariaDBGtidPos, MySQLGtidSet, PositionError, parse
 
 UUIDS = ["3e11fa47-71ca-11e1-9e33-c80aa9429562", "4a6f1c2e-0000-11e1-9e33-c80aa9429562"]
 

@@ -15,9 +15,11 @@ from typing import TypeVar
 import asyncpg
 import pytest
 
-from app.services.ha.adaptor import AdaptorError
-from app.services.ha.messages import Address, Credentials, InstanceStatus
-from app.services.ha.postgresql import PostgresAdaptor, format_conninfo, lsn_value, parse_conninfo
+from app.adaptors.base import AdaptorError
+from app.adaptors.conninfo import format_conninfo, parse_conninfo
+from app.adaptors.positions import lsn_value
+from app.adaptors.postgresql import PostgresAdaptor
+from app.adaptors.types import Address, Credentials, InstanceStatus
 from tests.ha_postgres import PostgresReplicaSet
 from tests.harness import free_port
 from tests.servers import PG_BIN, PG_USER

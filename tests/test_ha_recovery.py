@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from app.adaptors.types import Address, InstanceStatus, ReplicationLink
 from app.services.ha.analysis import Analysis
-from app.services.ha.messages import Address, InstanceStatus, ReplicationLink
 from app.services.ha.recovery import Blocked, ClusterPolicy, RecoveryPlan, Step, plan_recovery
 
 P, R1, R2 = Address("10.0.0.1", 5432), Address("10.0.0.2", 5432), Address("10.0.0.3", 5432)

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import asyncmy  # type: ignore[import-untyped]
 import pytest
 
-from app.services.ha.messages import Address
+from app.adaptors.types import Address
 from tests import netns
 from tests.ha_mariadb import MariaDBReplicaSet
 from tests.harness import Fleetmate, running, wait_for

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import psutil
 
+from app.adaptors import registry as adaptors
+from app.adaptors.base import AdaptorError
+from app.adaptors.types import Address, Credentials
 from app.services.agent.messages import PgRejoinReport, PgRejoinRequest
 from app.services.agent.ports import listening_ports
-from app.services.ha.adaptor import AdaptorError
-from app.services.ha.messages import Address, Credentials
 
 STOP_TIMEOUT_S = 60.0
 LOG_NAME = "fleetmate-rejoin.log"  # in the data directory: what the restarted postmaster prints
@@ -132,8 +133,6 @@ async def start_postmaster(pm: Postmaster, run_as: str | None, timeout: float) -
 
 async def rejoin(req: PgRejoinRequest) -> PgRejoinReport:
     """Stop the local postmaster on req.port, rewind it onto req.source, start it as a standby."""
-    from app.services.ha.postgresql import PostgresAdaptor  # asyncpg is loaded only when needed
-
     try:
         address, source = Address.parse(req.address), Address.parse(req.source)
     except ValueError as exc:
@@ -145,7 +144,7 @@ async def rejoin(req: PgRejoinRequest) -> PgRejoinReport:
     run_as = pm.user if os.geteuid() == 0 and pm.user != "root" else None
     login = Credentials(req.user, req.password, req.database)
     replication = Credentials(req.replication_user or req.user, req.replication_password)
-    adaptor = PostgresAdaptor(login, req.connect_timeout, replication=replication)
+    adaptor = adaptors.create("postgresql", login, replication, req.connect_timeout)  # loads asyncpg now
     await stop_postmaster(pm)
     try:
         await adaptor.rejoin(

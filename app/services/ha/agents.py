@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
+from app.adaptors.types import Address
 from app.bus import subjects
 from app.bus.connection import Bus
 from app.bus.micro import HandlerError, call
 from app.services.agent.messages import ListeningPorts, NetStatus, PgRejoinReport, PgRejoinRequest
-from app.services.ha.messages import Address
 
 WILDCARDS = frozenset({"0.0.0.0", "::", "*", ""})
 

@@ -12,8 +12,9 @@ from typing import Literal
 
 import msgspec
 
-from app.services.ha.messages import Address, InstanceStatus, PromotionRule
-from app.services.ha.positions import MariaDBGtidPos, MySQLGtidSet, Position, PositionError, parse
+from app.adaptors.positions import MariaDBGtidPos, MySQLGtidSet, Position, PositionError, parse
+from app.adaptors.types import Address, InstanceStatus
+from app.services.ha.messages import PromotionRule
 
 AnalysisKind = Literal[
     "DeadPrimary",  # failover: unreachable and every reachable replica lost it

@@ -9,9 +9,9 @@ import tomllib
 import urllib.parse
 from pathlib import Path
 
+from app.adaptors.types import Address, Credentials, Engine
 from app.config import HaConfig
 from app.services.ha.errors import BadClusterRequest
-from app.services.ha.messages import Address, Credentials, Engine
 
 SCHEMES: dict[str, Engine] = {
     "mysql": "mysql",

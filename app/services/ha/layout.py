@@ -13,7 +13,8 @@ from typing import Literal
 
 import msgspec
 
-from app.services.ha.messages import Engine, InstanceStatus, PromotionRule
+from app.adaptors.types import Engine, InstanceStatus
+from app.services.ha.messages import PromotionRule
 
 ROOT = "/fleet/clusters"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

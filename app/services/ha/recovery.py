@@ -13,8 +13,9 @@ from typing import Literal
 
 import msgspec
 
+from app.adaptors.types import Address, InstanceStatus
 from app.services.ha.analysis import FAILOVER_KINDS, Analysis, Candidate, NoCandidate, choose_candidate, replicas_of
-from app.services.ha.messages import Address, InstanceStatus, PromotionRule
+from app.services.ha.messages import PromotionRule
 
 StepKind = Literal["wait_applied", "promote", "repoint", "publish_primary", "fence_old_primary"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Literal, Protocol
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}(:[^,]*)?$")
 
@@ -213,3 +213,53 @@ def parse(engine: str, flavor: str, text: str) -> Position:
     if flavor == "mariadb":
         return MariaDBGtidPos.parse(text)
     return MySQLGtidSet.parse(text)
+
+
+def lsn_value(lsn: str) -> int:
+    """A WAL position 'X/Y' (hex) as one comparable integer."""
+    high, sep, low = lsn.partition("/")
+    if not sep:
+        raise ValueError(f"{lsn!r} is not an LSN")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+# --- GTID text as the MySQL adaptor reads it -------------------------------------------------------
+
+
+def compact(gtids: str) -> str:
+    """A GTID set without the line breaks and spaces MySQL puts after its commas."""
+    return "".join(gtids.split())
+
+
+def mariadb_gtids(text: str) -> dict[int, tuple[int, int]]:
+    """A MariaDB GTID position ('0-1-100,1-2-7') as domain -> (server_id, seq_no); ValueError if malformed."""
+    return MariaDBGtidPos.parse(compact(text)).domains
+
+
+def mariadb_local_gtids(binlog_pos: str, slave_pos: str, server_id: str) -> str:
+    """On a MariaDB replica: the GTIDs it wrote itself past what it replicated (errant ones), as text.
+
+    A domain's last binlogged GTID carrying the replica's own server_id with a seq_no beyond the
+    replicated position is a local write its source never had (MySQL needs the source's
+    gtid_executed for this, so there the HA service compares the two).
+    """
+    applied = mariadb_gtids(slave_pos)
+    own = int(server_id) if server_id.isdigit() else -1
+    found = [
+        f"{domain}-{server}-{seq}"
+        for domain, (server, seq) in sorted(mariadb_gtids(binlog_pos).items())
+        if server == own and seq > applied.get(domain, (0, 0))[1]
+    ]
+    return ",".join(found)
+
+
+def mysql_gtids(text: str) -> dict[str, list[tuple[int, int]]]:
+    """A MySQL GTID set ('uuid:1-5:7,uuid2[:tag]:1-3') as source -> merged closed intervals."""
+    return MySQLGtidSet.parse(compact(text)).sets
+
+
+def gtid_covers(flavor: Literal["mariadb", "mysql"], have: str, want: str) -> bool:
+    """Whether position `have` contains every transaction of position `want`."""
+    if flavor == "mariadb":
+        return MariaDBGtidPos.parse(compact(have)).covers(MariaDBGtidPos.parse(compact(want)))
+    return MySQLGtidSet.parse(compact(have)).covers(MySQLGtidSet.parse(compact(want)))

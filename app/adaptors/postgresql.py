@@ -23,17 +23,17 @@ import asyncio
 import contextlib
 import os
 import pwd
-import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, ClassVar
 
 import asyncpg
 
-from app.services.ha.adaptor import Adaptor, AdaptorError
-from app.services.ha.messages import Address, Credentials, InstanceStatus, ReplicationLink
+from app.adaptors.base import Adaptor, AdaptorError
+from app.adaptors.conninfo import format_conninfo, parse_conninfo
+from app.adaptors.positions import lsn_value
+from app.adaptors.types import Address, Credentials, Engine, InstanceStatus, ReplicationLink
 
 # One round trip for the instance itself. pg_is_in_recovery() is read in every CASE so that a
 # function valid only on one role (pg_current_wal_lsn on a primary, pg_is_wal_replay_paused on a
@@ -85,51 +85,9 @@ SELECT NOT pg_is_in_recovery() AND (SELECT timeline_id FROM pg_control_checkpoin
 # Keys of primary_conninfo that name the source or the login: replaced by repoint, kept otherwise.
 _SOURCE_KEYS = frozenset({"host", "hostaddr", "port", "user", "password", "service", "dbname"})
 _SYNC_COMMITS = frozenset({"on", "remote_write", "remote_apply"})
-# libpq's keyword/value form: key = value, the value bare or '-quoted, with \-escapes in both.
-_CONNINFO_PAIR = re.compile(r"\s*([^=\s]+)\s*=\s*(?:'((?:[^'\\]|\\.)*)'|((?:[^\s'\\]|\\.)*))\s*")
-_UNESCAPE = re.compile(r"\\(.)")
 
 
 SYNC_ANY = "ANY 1 (*)"  # what a promoted standby of a synchronous primary waits for
-
-
-def lsn_value(lsn: str) -> int:
-    """A WAL position 'X/Y' (hex) as one comparable integer."""
-    high, sep, low = lsn.partition("/")
-    if not sep:
-        raise ValueError(f"{lsn!r} is not an LSN")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def parse_conninfo(text: str) -> dict[str, str]:
-    """A libpq connection string, `key=value ...` (values optionally '-quoted) or a postgresql:// URI."""
-    text = text.strip()
-    params: dict[str, str] = {}
-    if text.startswith(("postgresql://", "postgres://")):
-        url = urlsplit(text)
-        params.update(parse_qsl(url.query))
-        if url.hostname:
-            params.setdefault("host", unquote(url.hostname))
-        if url.port:  # ValueError for a bad or multi-host port list
-            params.setdefault("port", str(url.port))
-        if url.username:
-            params.setdefault("user", unquote(url.username))
-        return params
-    pos = 0
-    while pos < len(text):
-        match = _CONNINFO_PAIR.match(text, pos)
-        if match is None:
-            raise ValueError(f"malformed connection string at character {pos}")
-        key, quoted, bare = match.groups()
-        params[key] = _UNESCAPE.sub(r"\1", quoted if quoted is not None else bare)
-        pos = match.end()
-    return params
-
-
-def format_conninfo(params: Mapping[str, str]) -> str:
-    """A libpq `key='value'` connection string (quotes and backslashes escaped)."""
-    quoted = (v.replace("\\", "\\\\").replace("'", "\\'") for v in params.values())
-    return " ".join(f"{k}='{v}'" for k, v in zip(params, quoted, strict=True))
 
 
 def _sql_literal(text: str) -> str:
@@ -141,7 +99,7 @@ def _sql_literal(text: str) -> str:
 class PostgresAdaptor(Adaptor):
     """HA primitives for PostgreSQL 13+ streaming replication (physical standbys)."""
 
-    engine = "postgresql"
+    engine: ClassVar[Engine] = "postgresql"
 
     def __init__(
         self,
@@ -151,22 +109,18 @@ class PostgresAdaptor(Adaptor):
         replication: Credentials | None = None,
         members: Mapping[str, Address] | None = None,
         statement_timeout: float = 10.0,
+        promote_timeout: float = 60.0,
+        repoint_timeout: float = 30.0,
     ) -> None:
-        super().__init__(credentials, connect_timeout)
-        self.replication = replication or credentials  # what standbys log in to their source with
+        # replication: what standbys log in to their source with (primary_conninfo).
+        super().__init__(credentials, connect_timeout, replication, statement_timeout)
         self.members = dict(members or {})
-        self.statement_timeout = statement_timeout
+        self.promote_timeout = promote_timeout
+        self.repoint_timeout = repoint_timeout
 
     # --- connections and errors -------------------------------------------------------------
 
-    def _scrub(self, message: str) -> str:
-        for secret in {self.credentials.password, self.replication.password} - {""}:
-            message = message.replace(secret, "***")
-        return message
-
-    def _error(self, address: Address, what: str, exc: BaseException) -> AdaptorError:
-        if isinstance(exc, AdaptorError):
-            return exc
+    def _describe(self, what: str, exc: BaseException) -> str:
         if isinstance(exc, TimeoutError):
             detail = "timed out waiting for an answer"
         elif isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
@@ -179,7 +133,7 @@ class PostgresAdaptor(Adaptor):
             detail = f"cannot connect: {exc}"
         else:
             detail = f"{exc.__class__.__name__}: {exc}"
-        return AdaptorError(address, self._scrub(f"{what}: {detail}" if what else detail))
+        return f"{what}: {detail}" if what else detail
 
     @contextlib.asynccontextmanager
     async def _session(self, address: Address, what: str) -> AsyncIterator[Any]:
@@ -196,11 +150,11 @@ class PostgresAdaptor(Adaptor):
                 server_settings={"application_name": "fleetmate-ha"},
             )
         except _CLIENT_ERRORS as exc:
-            raise self._error(address, what, exc) from None
+            raise self.error(address, what, exc) from None
         try:
             yield conn
         except _CLIENT_ERRORS as exc:
-            raise self._error(address, what, exc) from None
+            raise self.error(address, what, exc) from None
         finally:
             try:
                 await asyncio.wait_for(conn.close(), 1.0)
@@ -217,27 +171,18 @@ class PostgresAdaptor(Adaptor):
 
     # --- probe ------------------------------------------------------------------------------
 
-    async def probe(self, address: Address) -> InstanceStatus:
-        """One instance's state; reachable False with the reason when it cannot be read."""
-        started = time.time()
-        for attempt in range(2):
-            try:
-                async with (
-                    asyncio.timeout(self.connect_timeout + self.statement_timeout),
-                    self._session(address, "") as conn,
-                ):
-                    return await self._probe(conn, address, started)
-            except AdaptorError as exc:
-                # A promotion between two pg_is_in_recovery() reads of one query: read again.
-                if attempt == 0 and "recovery is not in progress" in str(exc):
-                    continue
-                return InstanceStatus(address, "postgresql", False, started, error=str(exc))
-            except Exception as exc:  # a probe reports every failure (timeouts included), never raises
-                error = self._error(address, "", exc)
-                return InstanceStatus(address, "postgresql", False, started, error=str(error))
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _probe(self, address: Address, started: float) -> InstanceStatus:
+        try:
+            async with self._session(address, "") as conn:
+                return await self._read_status(conn, address, started)
+        except AdaptorError as exc:
+            # A promotion between two pg_is_in_recovery() reads of one query: read again.
+            if "recovery is not in progress" not in str(exc):
+                raise
+        async with self._session(address, "") as conn:
+            return await self._read_status(conn, address, started)
 
-    async def _probe(self, conn: Any, address: Address, started: float) -> InstanceStatus:
+    async def _read_status(self, conn: Any, address: Address, started: float) -> InstanceStatus:
         row = await conn.fetchrow(_INSTANCE_SQL)
         if row["version_num"] < 130000:
             raise AdaptorError(address, f"PostgreSQL 13 or later is needed, this is {row['version']}")
@@ -325,7 +270,7 @@ class PostgresAdaptor(Adaptor):
 
     # --- recovery steps ---------------------------------------------------------------------
 
-    async def wait_applied(self, address: Address, timeout: float) -> InstanceStatus:
+    async def _wait_applied(self, address: Address, timeout: float) -> InstanceStatus:
         """Wait until a standby has replayed all the WAL it received (a primary: at once); its probe after."""
         deadline = time.monotonic() + timeout
         async with self._session(address, "wait for replay") as conn:
@@ -347,7 +292,7 @@ class PostgresAdaptor(Adaptor):
             raise AdaptorError(address, status.error)
         return status
 
-    async def promote(self, address: Address, synchronous: bool = False, timeout: float = 60.0) -> None:
+    async def _promote(self, address: Address, synchronous: bool) -> None:
         """pg_promote() and wait until the instance is out of recovery (a primary already: nothing to do).
 
         synchronous: unless the standby already names synchronous standbys, it gets
@@ -355,6 +300,7 @@ class PostgresAdaptor(Adaptor):
         it returns before some standby has it (strict, as Patroni's synchronous_mode_strict:
         with no standby left, commits wait until one replicates from it).
         """
+        timeout = self.promote_timeout
         async with self._session(address, "promote") as conn:
             if not await conn.fetchval("SELECT pg_is_in_recovery()"):
                 return
@@ -372,13 +318,14 @@ class PostgresAdaptor(Adaptor):
             if not done or await conn.fetchval("SELECT pg_is_in_recovery()"):
                 raise AdaptorError(address, f"promote: still in recovery after {timeout:g} s")
 
-    async def repoint(self, address: Address, source: Address, timeout: float = 30.0) -> None:
+    async def _repoint(self, address: Address, source: Address) -> None:
         """Make a standby stream from source: primary_conninfo + reload (PostgreSQL 13+ needs no restart).
 
         The standby keeps its application_name (the name synchronous_standby_names and the primary
         know it by). A new timeline on source is followed because recovery_target_timeline
-        defaults to 'latest'. Returns once the WAL receiver streams from source.
+        defaults to 'latest'. Returns once the WAL receiver streams from source (within repoint_timeout).
         """
+        timeout = self.repoint_timeout
         async with self._session(address, f"repoint to {source}") as conn:
             row = await conn.fetchrow(
                 "SELECT pg_is_in_recovery() AS in_recovery, current_setting('primary_conninfo') AS conninfo,"
@@ -415,7 +362,7 @@ class PostgresAdaptor(Adaptor):
                     raise AdaptorError(address, f"repoint to {source}: not streaming after {timeout:g} s ({state})")
                 await asyncio.sleep(0.05)
 
-    async def set_read_only(self, address: Address, read_only: bool) -> None:
+    async def _set_read_only(self, address: Address, read_only: bool) -> None:
         """ALTER SYSTEM SET default_transaction_read_only + reload.
 
         This fences well-behaved clients only: a session may still `SET default_transaction_read_only
@@ -433,18 +380,17 @@ class PostgresAdaptor(Adaptor):
                     raise AdaptorError(address, f"set read_only {value}: the reload did not take effect")
                 await asyncio.sleep(0.02)
 
-    async def rejoin(
+    async def _rejoin(
         self,
         address: Address,
         source: Address,
-        data_dir: str | os.PathLike[str],
-        *,
-        run_as: str | None = None,
-        bin_dir: str | os.PathLike[str] | None = None,
-        application_name: str | None = None,
-        timeout: float = 300.0,
+        data: Path,
+        run_as: str | None,
+        bin_dir: str | os.PathLike[str] | None,
+        application_name: str | None,
+        timeout: float,
     ) -> None:
-        """Turn a stopped former primary into a standby of source: pg_rewind, standby.signal, primary_conninfo.
+        """pg_rewind, standby.signal, primary_conninfo.
 
         Runs where the data directory is (the agent's job on a real host; tests run it locally),
         as the data directory's owner (`run_as` when called as root). pg_rewind (13+) first
@@ -454,7 +400,6 @@ class PostgresAdaptor(Adaptor):
         set_read_only goes). The caller starts postgres afterwards; it then streams from
         source as `application_name` (default: its address, the naming convention above).
         """
-        data = Path(data_dir)
         pg_rewind = str(Path(bin_dir) / "pg_rewind") if bin_dir else "pg_rewind"
         login = {
             "host": source.host,
@@ -485,7 +430,7 @@ class PostgresAdaptor(Adaptor):
                 user=run_as,
             )
         except OSError as exc:
-            raise self._error(address, "rejoin: cannot run pg_rewind", exc) from None
+            raise self.error(address, "rejoin: cannot run pg_rewind", exc) from None
         try:
             output, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
@@ -494,7 +439,7 @@ class PostgresAdaptor(Adaptor):
             raise AdaptorError(address, f"rejoin: pg_rewind did not finish within {timeout:g} s") from None
         if proc.returncode != 0:
             tail = " | ".join(output.decode(errors="replace").strip().splitlines()[-3:])
-            raise AdaptorError(address, self._scrub(f"rejoin: pg_rewind exited {proc.returncode}: {tail}"))
+            raise AdaptorError(address, self.scrub(f"rejoin: pg_rewind exited {proc.returncode}: {tail}"))
 
         params = {
             "host": source.host,

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from app.services.ha.adaptor import Adaptor, AdaptorError
-from app.services.ha.messages import Address, Credentials, Engine, InstanceStatus, ReplicationLink, Role
-from app.services.ha.positions import MariaDBGtidPos, MySQLGtidSet
-
-Flavor = Literal["mariadb", "mysql"]
-Row = dict[str, Any]
+from app.adaptors._mysql import Row, Session
+from app.adaptors._mysql import text as _text
+from app.adaptors.base import Adaptor, AdaptorError
+from app.adaptors.positions import compact, gtid_covers, mariadb_local_gtids
+from app.adaptors.types import Address, Credentials, Engine, InstanceStatus, ReplicationLink, Role
 
 _CANNOT_CONNECT = (2002, 2003, 2005)  # CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR, CR_UNKNOWN_HOST
 _CONNECTION_LOST = (2006, 2013, 2055)  # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
@@ -62,154 +61,6 @@ _VARIABLES = (
 )
 
 
-_MARIADB_WORDS = {"Source": "Master", "Replica": "Slave", "source": "master", "replica": "slave"}
-
-
-def _mariadb_name(name: str) -> str:
-    """MySQL 8's Source/Replica names as MariaDB's Master/Slave ones (MariaDB names pass unchanged)."""
-    return "_".join(_MARIADB_WORDS.get(word, word) for word in name.split("_"))
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes | bytearray):
-        return value.decode(errors="replace")
-    return str(value)
-
-
-def _compact(gtids: str) -> str:
-    """A GTID set without the line breaks and spaces MySQL puts after its commas."""
-    return "".join(gtids.split())
-
-
-# --- GTID positions (pure) ---------------------------------------------------------------------
-
-
-def mariadb_gtids(text: str) -> dict[int, tuple[int, int]]:
-    """A MariaDB GTID position ('0-1-100,1-2-7') as domain -> (server_id, seq_no); ValueError if malformed."""
-    return MariaDBGtidPos.parse(_compact(text)).domains
-
-
-def mariadb_local_gtids(binlog_pos: str, slave_pos: str, server_id: str) -> str:
-    """On a MariaDB replica: the GTIDs it wrote itself past what it replicated (errant ones), as text.
-
-    A domain's last binlogged GTID carrying the replica's own server_id with a seq_no beyond the
-    replicated position is a local write its source never had (MySQL needs the source's
-    gtid_executed for this, so there the HA service compares the two).
-    """
-    applied = mariadb_gtids(slave_pos)
-    own = int(server_id) if server_id.isdigit() else -1
-    found = [
-        f"{domain}-{server}-{seq}"
-        for domain, (server, seq) in sorted(mariadb_gtids(binlog_pos).items())
-        if server == own and seq > applied.get(domain, (0, 0))[1]
-    ]
-    return ",".join(found)
-
-
-def mysql_gtids(text: str) -> dict[str, list[tuple[int, int]]]:
-    """A MySQL GTID set ('uuid:1-5:7,uuid2[:tag]:1-3') as source -> merged closed intervals."""
-    return MySQLGtidSet.parse(_compact(text)).sets
-
-
-def gtid_covers(flavor: Flavor, have: str, want: str) -> bool:
-    """Whether position `have` contains every transaction of position `want` (see positions.py)."""
-    if flavor == "mariadb":
-        return MariaDBGtidPos.parse(_compact(have)).covers(MariaDBGtidPos.parse(_compact(want)))
-    return MySQLGtidSet.parse(_compact(have)).covers(MySQLGtidSet.parse(_compact(want)))
-
-
-# --- one connection to one instance --------------------------------------------------------------
-
-
-class _Session:
-    """One autocommit connection to one instance, its flavor known; every failure an AdaptorError."""
-
-    def __init__(self, conn: Any, address: Address, flavor: Flavor, adaptor: MySQLAdaptor) -> None:
-        self.conn = conn
-        self.address = address
-        self.flavor = flavor
-        self.adaptor = adaptor
-        self.real_names: dict[str, str] = {}
-
-    @property
-    def mariadb(self) -> bool:
-        return self.flavor == "mariadb"
-
-    async def rows(self, sql: str, params: tuple[Any, ...] | None = None, timeout: float | None = None) -> list[Row]:
-        """Run one statement; its rows as dicts with MariaDB-style column names."""
-        from asyncmy import errors
-        from asyncmy.cursors import DictCursor
-
-        limit = self.adaptor.statement_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(limit):
-                cursor: Any = self.conn.cursor(DictCursor)
-                async with cursor as cur:
-                    await cur.execute(sql, params)
-                    fetched = await cur.fetchall()
-        except TimeoutError:
-            raise AdaptorError(self.address, f"no answer within {limit:g}s to {_verb(sql)}") from None
-        except (errors.MySQLError, OSError) as exc:
-            raise self.adaptor.error(self.address, _verb(sql), exc) from None
-        return [{_mariadb_name(k): v for k, v in row.items()} for row in fetched or ()]
-
-    async def execute(self, sql: str, params: tuple[Any, ...] | None = None) -> None:
-        await self.rows(sql, params)
-
-    async def value(self, sql: str, params: tuple[Any, ...] | None = None, timeout: float | None = None) -> str:
-        found = await self.rows(sql, params, timeout)
-        return _text(next(iter(found[0].values()))) if found and found[0] else ""
-
-    async def variables(self, names: Iterable[str]) -> dict[str, str]:
-        """Global variables by (MariaDB-style) name; a variable this server lacks is simply absent."""
-        wanted = sorted({*names, *(n.replace("slave", "replica").replace("master", "source") for n in names)})
-        marks = ", ".join(["%s"] * len(wanted))
-        found = await self.rows(f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({marks})", tuple(wanted))
-        return {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in found}
-
-    async def semi_sync(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Semi-sync variables and status counters (both sides), MariaDB-style names.
-
-        Also remembers each variable's real name (MySQL: rpl_semi_sync_source_* or, with the
-        older plugin, rpl_semi_sync_master_*) for a later SET GLOBAL.
-        """
-        names = await self.rows("SHOW GLOBAL VARIABLES LIKE 'rpl_semi_sync%%'", ())
-        counters = await self.rows("SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync%%'", ())
-        self.real_names.update({_mariadb_name(_text(r["Variable_name"])): _text(r["Variable_name"]) for r in names})
-        return (
-            {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in names},
-            {_mariadb_name(_text(r["Variable_name"])): _text(r["Value"]) for r in counters},
-        )
-
-    async def replica_status(self) -> Row | None:
-        """The replication row (default channel/connection), None when replication is not configured."""
-        found = await self.rows("SHOW SLAVE STATUS" if self.mariadb else "SHOW REPLICA STATUS")
-        if not found or not _text(found[0].get("Master_Host")):
-            return None  # never configured, or RESET SLAVE ALL
-        return found[0]
-
-    async def replica_hosts(self) -> list[Row]:
-        return await self.rows("SHOW SLAVE HOSTS" if self.mariadb else "SHOW REPLICAS")
-
-    async def stop_replication(self) -> None:
-        """Stop both replication threads if either runs (stopping stopped ones only earns a note)."""
-        found = await self.rows("SHOW SLAVE STATUS" if self.mariadb else "SHOW REPLICA STATUS")
-        if found and (
-            _text(found[0].get("Slave_IO_Running")) != "No" or _text(found[0].get("Slave_SQL_Running")) != "No"
-        ):
-            await self.execute("STOP SLAVE" if self.mariadb else "STOP REPLICA")
-
-    async def start_replication(self) -> None:
-        await self.execute("START SLAVE" if self.mariadb else "START REPLICA")
-
-
-def _verb(sql: str) -> str:
-    """The first words of a statement, for error messages (never its arguments)."""
-    return " ".join(sql.split()[:3]).rstrip(",")
-
-
 def _link_error(row: Row) -> str:
     errors = []
     for side in ("IO", "SQL"):
@@ -222,7 +73,8 @@ def _link_error(row: Row) -> str:
 class MySQLAdaptor(Adaptor):
     """MySQL 8.0.23+ and MariaDB 10.6+ with GTID replication, through asyncmy."""
 
-    engine: Engine = "mysql"
+    engine: ClassVar[Engine] = "mysql"
+    min_secret_length = 4
 
     def __init__(
         self,
@@ -232,41 +84,25 @@ class MySQLAdaptor(Adaptor):
         statement_timeout: float = 10.0,
         repoint_timeout: float = 10.0,
     ) -> None:
-        super().__init__(credentials, connect_timeout)
-        # What replicas log in to their source with (CHANGE MASTER TO MASTER_USER/PASSWORD);
-        # fleetmate's own credentials when not given.
-        self.replication = replication or credentials
-        self.statement_timeout = statement_timeout
+        # replication: what replicas log in to their source with (CHANGE MASTER TO MASTER_USER/PASSWORD).
+        super().__init__(credentials, connect_timeout, replication, statement_timeout)
         self.repoint_timeout = repoint_timeout
 
-    # --- errors ---------------------------------------------------------------------------------
-
-    def scrub(self, text: str) -> str:
-        """text with every password this adaptor holds replaced by ***."""
-        for secret in {self.credentials.password, self.replication.password}:
-            # Very short secrets would mangle ordinary words; the driver never echoes them anyway.
-            if len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
-
-    def error(self, address: Address, what: str, exc: BaseException) -> AdaptorError:
-        """A driver error as an AdaptorError naming the instance and the step, never a password."""
+    def _describe(self, what: str, exc: BaseException) -> str:
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         text = _text(exc.args[1]) if len(exc.args) > 1 else str(exc) or type(exc).__name__
         if code == 1045:
-            message = f"access denied for user {self.credentials.user!r}: check the credentials ({text})"
-        elif code in _CANNOT_CONNECT or (code is None and isinstance(exc, OSError)):
-            message = f"cannot connect: {text}"
-        elif code in _CONNECTION_LOST:
-            message = f"connection lost during {what}: {text}"
-        else:
-            message = f"{what} failed: ({code}) {text}" if code else f"{what} failed: {text}"
-        return AdaptorError(address, self.scrub(message))
+            return f"access denied for user {self.credentials.user!r}: check the credentials ({text})"
+        if code in _CANNOT_CONNECT or (code is None and isinstance(exc, OSError)):
+            return f"cannot connect: {text}"
+        if code in _CONNECTION_LOST:
+            return f"connection lost during {what}: {text}"
+        return f"{what} failed: ({code}) {text}" if code else f"{what} failed: {text}"
 
     # --- connections -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _session(self, address: Address) -> AsyncIterator[_Session]:
+    async def _session(self, address: Address) -> AsyncIterator[Session]:
         import asyncmy
         from asyncmy import errors
 
@@ -298,28 +134,17 @@ class MySQLAdaptor(Adaptor):
                 conn.close()
             raise self.error(address, "connect", exc) from None
         try:
-            yield _Session(conn, address, "mariadb" if "mariadb" in version.lower() else "mysql", self)
+            yield Session(conn, address, "mariadb" if "mariadb" in version.lower() else "mysql", self)
         finally:
             conn.close()
 
     # --- probe ---------------------------------------------------------------------------------
 
-    async def probe(self, address: Address) -> InstanceStatus:
-        started = time.time()
-        limit = self.connect_timeout + self.statement_timeout
-        try:
-            async with asyncio.timeout(limit):
-                async with self._session(address) as session:
-                    return await self._probe(session, started)
-        except AdaptorError as exc:
-            error = str(exc)
-        except TimeoutError:
-            error = f"{address}: probe got no answer within {limit:g}s"
-        except Exception as exc:  # a probe never raises: anything unexpected is its error
-            error = self.scrub(f"{address}: probe failed: {type(exc).__name__}: {exc}")
-        return InstanceStatus(address, self.engine, reachable=False, probed_at=started, error=error)
+    async def _probe(self, address: Address, started: float) -> InstanceStatus:
+        async with self._session(address) as session:
+            return await self._read_status(session, started)
 
-    async def _probe(self, s: _Session, started: float) -> InstanceStatus:
+    async def _read_status(self, s: Session, started: float) -> InstanceStatus:
         var = await s.variables(_VARIABLES)
         semi_vars, semi_status = await s.semi_sync()
         row = await s.replica_status()
@@ -334,7 +159,7 @@ class MySQLAdaptor(Adaptor):
                 if name in var:
                     extra[name] = var[name]
         else:
-            position = _compact(var.get("gtid_executed", ""))
+            position = compact(var.get("gtid_executed", ""))
             server_id = var.get("server_uuid", "")
             read_only = var.get("read_only", "OFF") != "OFF" or var.get("super_read_only", "OFF") != "OFF"
             extra["server_id"] = var.get("server_id", "")
@@ -354,9 +179,9 @@ class MySQLAdaptor(Adaptor):
                 applying=_text(row.get("Slave_SQL_Running")) == "Yes",
                 last_error=self.scrub(_link_error(row)),
                 lag_seconds=None if lag is None or _text(lag) == "" else float(lag),
-                received_position=_compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set"))),
+                received_position=compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set"))),
                 applied_position=(
-                    var.get("gtid_slave_pos", "") if s.mariadb else _compact(_text(row.get("Executed_Gtid_Set")))
+                    var.get("gtid_slave_pos", "") if s.mariadb else compact(_text(row.get("Executed_Gtid_Set")))
                 ),
             )
             extra["io_state"] = _text(row.get("Slave_IO_State"))
@@ -413,17 +238,17 @@ class MySQLAdaptor(Adaptor):
 
     # --- waiting, promotion, repointing ---------------------------------------------------------
 
-    async def wait_applied(self, address: Address, timeout: float) -> InstanceStatus:
+    async def _wait_applied(self, address: Address, timeout: float) -> InstanceStatus:
         deadline = time.monotonic() + timeout
         async with self._session(address) as s:
             row = await s.replica_status()
             if row is not None:
-                received = _compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set")))
+                received = compact(_text(row.get("Gtid_IO_Pos" if s.mariadb else "Retrieved_Gtid_Set")))
                 if received:
                     await self._wait_position(s, received, deadline, timeout)
         return await self.probe(address)
 
-    async def _wait_position(self, s: _Session, received: str, deadline: float, timeout: float) -> None:
+    async def _wait_position(self, s: Session, received: str, deadline: float, timeout: float) -> None:
         # Short waits in a loop rather than one long one, so that a stopped SQL thread (which
         # would never get there) is reported at once with its error.
         wait = "SELECT MASTER_GTID_WAIT(%s, %s)" if s.mariadb else "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)"
@@ -444,7 +269,7 @@ class MySQLAdaptor(Adaptor):
                     s.address, f"relay log not applied within {timeout:g}s (received {received}, still applying)"
                 )
 
-    async def promote(self, address: Address, synchronous: bool = False) -> None:
+    async def _promote(self, address: Address, synchronous: bool) -> None:
         async with self._session(address) as s:
             var = await s.variables(("log_bin", "log_slave_updates", "gtid_mode"))
             if var.get("log_bin") != "ON":
@@ -473,9 +298,9 @@ class MySQLAdaptor(Adaptor):
                 # again loses nothing acknowledged. (Off on replicas: with wait_no_slave a
                 # master side without replicas would hold every commit for its whole timeout.)
                 await s.execute(f"SET GLOBAL {s.real_names['rpl_semi_sync_master_enabled']} = ON")
-            await self._set_read_only(s, False)
+            await self._apply_read_only(s, False)
 
-    async def _check_binlog_covers_applied(self, s: _Session) -> None:
+    async def _check_binlog_covers_applied(self, s: Session) -> None:
         # With gtid_strict_mode, a new primary's own transactions must continue each domain's
         # sequence after everything it applied: its binlog has to hold what it applied, or the
         # replicas repointed to it would be refused. log_slave_updates gives that; this checks it.
@@ -489,7 +314,7 @@ class MySQLAdaptor(Adaptor):
                 f"({applied}); replication restarted",
             )
 
-    async def repoint(self, address: Address, source: Address) -> None:
+    async def _repoint(self, address: Address, source: Address) -> None:
         if address == source:
             raise AdaptorError(address, "cannot replicate from itself")
         repl = self.replication
@@ -523,7 +348,7 @@ class MySQLAdaptor(Adaptor):
             await s.start_replication()
             await self._verify_connected(s, source)
 
-    async def _verify_connected(self, s: _Session, source: Address) -> None:
+    async def _verify_connected(self, s: Session, source: Address) -> None:
         """Wait until both threads run and the source has started sending its binlog (which it does
         only after accepting our GTID position); an error or the deadline raises AdaptorError."""
         deadline = time.monotonic() + self.repoint_timeout
@@ -568,11 +393,11 @@ class MySQLAdaptor(Adaptor):
                 )
             await asyncio.sleep(0.05)
 
-    async def set_read_only(self, address: Address, read_only: bool) -> None:
+    async def _set_read_only(self, address: Address, read_only: bool) -> None:
         async with self._session(address) as s:
-            await self._set_read_only(s, read_only)
+            await self._apply_read_only(s, read_only)
 
-    async def _set_read_only(self, s: _Session, read_only: bool) -> None:
+    async def _apply_read_only(self, s: Session, read_only: bool) -> None:
         # Turning read_only on waits for running writes and table locks: bound that wait
         # (lock_wait_timeout, seconds) rather than the server's default of a year.
         await s.execute("SET SESSION lock_wait_timeout = %s", (max(1, int(self.statement_timeout)),))
