@@ -7,12 +7,13 @@ import os
 import platform
 import socket
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Protocol
 
 from app import __version__
 
 if TYPE_CHECKING:
-    from app.zk.server import ZkServer
+    from app.node import Node
 
 ALL_WORDS = ("ruok", "srvr", "stat", "mntr", "conf", "envi", "cons", "wchs", "dirs")
 
@@ -24,6 +25,48 @@ VERSION = f"{ZOOKEEPER_PROTOCOL}-fleetmate-{__version__}"
 BUILT = f"{VERSION}, built on fleetmate {__version__} (ZooKeeper {ZOOKEEPER_PROTOCOL} protocol)"
 
 
+class ClientFacts(Protocol):
+    """What cons and stat print of one connection."""
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def received(self) -> int: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def session_id(self) -> int: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def timeout_ms(self) -> int: ...
+
+
+class ServerFacts(Protocol):
+    """What the words read of the listener (ZkServer has it): its node, ports, limits and counters."""
+
+    @property
+    def node(self) -> Node: ...
+    @property
+    def received(self) -> int: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def connections(self) -> Collection[ClientFacts]: ...
+    @property
+    def client_port(self) -> int: ...
+    @property
+    def secure_port(self) -> int: ...
+    @property
+    def max_client_cnxns(self) -> int: ...
+    @property
+    def max_packet(self) -> int: ...
+
+    def latency_text(self) -> str: ...
+
+    def latency_avg_ms(self) -> float: ...
+
+
 class FourLetterWords:
     """Answers the whitelisted words; any other known word gets ZooKeeper's refusal line."""
 
@@ -31,7 +74,7 @@ class FourLetterWords:
         self.whitelist = frozenset(whitelist)
         self.known = frozenset(w.encode() for w in ALL_WORDS)
 
-    def answer(self, word: str, server: ZkServer) -> bytes:
+    def answer(self, word: str, server: ServerFacts) -> bytes:
         """The text to send back before closing the connection."""
         if word not in self.whitelist:
             return f"{word} is not executed because it is not in the whitelist.\n".encode()
@@ -39,17 +82,17 @@ class FourLetterWords:
         return text.encode()
 
     @staticmethod
-    def _ruok(server: ZkServer) -> str:
+    def _ruok(server: ServerFacts) -> str:
         return "imok"
 
     @staticmethod
-    def _mode(server: ZkServer) -> str:
+    def _mode(server: ServerFacts) -> str:
         lead = server.node.leadership
         if lead is None:
             return "standalone"
         return "leader" if lead.leading else "follower"
 
-    def _srvr(self, server: ZkServer) -> str:
+    def _srvr(self, server: ServerFacts) -> str:
         registry = server.node.registry
         figures = registry.stats() if registry else None
         nodes = figures.nodes if figures else 0
@@ -66,14 +109,14 @@ class FourLetterWords:
             f"Node count: {nodes}\n"
         )
 
-    def _stat(self, server: ZkServer) -> str:
+    def _stat(self, server: ServerFacts) -> str:
         clients = "".join(
             f" /{c.peer}[1](queued=0,recved={c.received},sent={c.sent},sid=0x{c.session_id:x})\n"
             for c in sorted(server.connections, key=lambda c: c.started)
         )
         return self._srvr(server).replace("Latency", f"Clients:\n{clients}\nLatency", 1)
 
-    def _cons(self, server: ZkServer) -> str:
+    def _cons(self, server: ServerFacts) -> str:
         return (
             "".join(
                 f" /{c.peer}[1](queued=0,recved={c.received},sent={c.sent},sid=0x{c.session_id:x},to={c.timeout_ms})\n"
@@ -82,7 +125,7 @@ class FourLetterWords:
             + "\n"
         )
 
-    def _mntr(self, server: ZkServer) -> str:
+    def _mntr(self, server: ServerFacts) -> str:
         registry = server.node.registry
         figures = registry.stats() if registry else None
         rows = [
@@ -105,7 +148,7 @@ class FourLetterWords:
         ]
         return "".join(f"{k}\t{v}\n" for k, v in rows)
 
-    def _conf(self, server: ZkServer) -> str:
+    def _conf(self, server: ServerFacts) -> str:
         cfg = server.node.cfg
         return (
             f"clientPort={server.client_port}\n"
@@ -121,7 +164,7 @@ class FourLetterWords:
             f"fleetmate.version={__version__}\n"
         )
 
-    def _envi(self, server: ZkServer) -> str:
+    def _envi(self, server: ServerFacts) -> str:
         return (
             "Environment:\n"
             f"zookeeper.version={BUILT}\n"
@@ -136,12 +179,12 @@ class FourLetterWords:
             f"user.dir={os.getcwd()}\n"
         )
 
-    def _wchs(self, server: ZkServer) -> str:
+    def _wchs(self, server: ServerFacts) -> str:
         registry = server.node.registry
         count = registry.stats().watches if registry else 0
         return f"{len(server.connections)} connections watching\nTotal watches:{count}\n"
 
-    def _dirs(self, server: ZkServer) -> str:
+    def _dirs(self, server: ServerFacts) -> str:
         path = server.node.cfg.data_path / "registry.sqlite"
         size = path.stat().st_size if path.exists() else 0
         return f"datadir_size: {size}\nlogdir_size: 0\n"

@@ -186,6 +186,12 @@ class ZkServer:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(listener.wait_closed(), 2)
 
+    def four_letter(self, word: bytes) -> bytes | None:
+        """The answer to a four-letter word (ruok, srvr, ...); None when `word` is not one."""
+        if word not in self.four_letter_words.known:
+            return None
+        return self.four_letter_words.answer(word.decode(), self)
+
     def encoded(self, event: Event) -> bytes:
         """The notification packet for an event, encoded once for all the connections it goes to."""
         if event is not self._last_event:

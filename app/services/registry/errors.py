@@ -77,6 +77,14 @@ class NoAuth(RegistryError):
     status = 403
 
 
+class NoWatcher(RegistryError):
+    """removeWatches/checkWatches found no such watch."""
+
+    code = "NoWatcher"
+    zk_code = -121
+    status = 404
+
+
 class BadVersion(RegistryError):
     """The expected version does not match the node's."""
 

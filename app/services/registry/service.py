@@ -10,43 +10,43 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 
-from app.bus import codec, subjects
+from app.bus import subjects
 from app.bus.connection import Bus
-from app.bus.micro import HandlerError, call, serve_every_subscriber
+from app.bus.micro import serve_every_subscriber
 from app.config import RegistryConfig, SnapshotConfig
 from app.log.batcher import AppendError, UnencodableCommand
 from app.log.engine import ApplyFailed, LogFailed, SharedLog
 from app.log.host import LogEngine, SnapshotPolicy
-from app.services.registry import paths
+from app.services.registry import keepalive, paths
+from app.services.registry.commands import MultiOp as MultiOp  # noqa: PLC0414 - re-exported for HA and membership
+from app.services.registry.commands import (
+    build_create,
+    build_delete,
+    build_multi,
+    build_set,
+    build_set_acl,
+    multi_size,
+    now_ms,
+    version_in_range,
+)
 from app.services.registry.errors import (
     BadArguments,
     DiskFull,
-    InvalidACL,
-    NodeExists,
     OperationTimeout,
     RegistryError,
     SessionExpired,
 )
 from app.services.registry.messages import (
-    INT32_MAX,
     INT64_MAX,
-    OPEN_ACL_UNSAFE,
     Acl,
-    Check,
     CloseSession,
     Command,
     Create,
     Created,
     Delete,
     Deleted,
-    Event,
-    KeepaliveReply,
-    KeepaliveRequest,
     Multi,
     MultiDone,
     OpenSession,
@@ -57,28 +57,24 @@ from app.services.registry.messages import (
     Stat,
     Updated,
 )
+from app.services.registry.reads import LocalReads
 from app.services.registry.replicated import RegistryLog
 from app.services.registry.sessions import SessionKeeper
-from app.services.registry.state import RegistryState, SessionRecord, Znode
+from app.services.registry.state import RegistryState
 from app.services.registry.store import RegistryStore
 from app.services.registry.view import RegistryStats, RegistryView
-from app.services.registry.watches import OneShotKind, Subscription, WatchHub
+from app.services.registry.watches import WatchHub
 from app.storage.diskspace import guard as disk_guard
 from app.storage.snapshots.base import SnapshotStore
 from app.storage.snapshots.memory import MemorySnapshotStore
 
 log = logging.getLogger("fleetmate.registry")
 
-MultiOp = Create | SetData | Delete | Check
 SNAPSHOT_SERVICE = "registry"
 
 
 async def _no_peers() -> list[int]:
     return []
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _session_bound(session_id: int) -> None:
@@ -94,7 +90,7 @@ def new_session_id() -> int:
             return sid
 
 
-class RegistryService(RegistryView):
+class RegistryService(LocalReads, RegistryView):
     """One replica's registry: every write goes through the log; reads come from applied state.
 
     Other modules use its commands, its async reads and RegistryView (local reads, figures,
@@ -259,11 +255,17 @@ class RegistryService(RegistryView):
             raise RegistryError(str(result))
         return result
 
-    def submit_set(self, path: str, data: bytes | None, version: int = -1) -> asyncio.Future[Any]:
-        """set() without waiting: the future settles to Updated (data None: ZooKeeper's null)."""
-        self._path(path)
-        size = self._data(data, path)
-        return self._submit(SetData(path, data, self._version(version, path), _now_ms()), size + 48)
+    def submit_set(self, cmd: SetData) -> asyncio.Future[Any]:
+        """Append a built SetData (commands.build_set) without waiting: the future settles to Updated."""
+        return self._submit(cmd, len(cmd.data or b"") + 48)
+
+    def submit_delete(self, cmd: Delete) -> asyncio.Future[Any]:
+        """Append a built Delete (commands.build_delete) without waiting: the future settles to Deleted."""
+        return self._submit(cmd, 64)
+
+    def submit_create(self, cmd: Create) -> asyncio.Future[Any]:
+        """Append a built Create (commands.build_create) without waiting: the future settles to Created."""
+        return self._submit(cmd, len(cmd.data or b"") + len(cmd.path) + 32)
 
     async def _wait(self, fut: asyncio.Future[Any]) -> Any:
         try:  # noqa: SIM105 - contextlib.suppress() builds an object per write on the hottest path
@@ -271,85 +273,6 @@ class RegistryService(RegistryView):
         except Exception:
             pass  # settle() raises it, translated
         return self.settle(fut)
-
-    def submit_delete(self, path: str, version: int = -1, recursive: bool = False) -> asyncio.Future[Any]:
-        """delete() without waiting: the future settles to Deleted."""
-        self._path(path, allow_root=False)
-        return self._submit(Delete(path, self._version(version, path), recursive), 64)
-
-    def submit_create(
-        self,
-        path: str,
-        data: bytes | None = b"",
-        *,
-        session_id: int = 0,
-        sequential: bool = False,
-        container: bool = False,
-        parents: bool = False,
-        acl: tuple[Acl, ...] | None = None,
-        ttl_ms: int = 0,
-    ) -> asyncio.Future[Any]:
-        """create() without waiting: the future settles to Created."""
-        cmd = self._create_cmd(
-            path,
-            data,
-            session_id=session_id,
-            sequential=sequential,
-            container=container,
-            parents=parents,
-            acl=acl,
-            now=_now_ms(),
-            ttl_ms=ttl_ms,
-        )
-        return self._submit(cmd, len(data or b"") + len(path) + 32)
-
-    def _path(self, path: str, *, allow_root: bool = True) -> str:
-        return paths.validate(path, self.cfg.max_path_bytes, allow_root=allow_root)
-
-    def _data(self, data: bytes | None, path: str) -> int:
-        """Check data (None is ZooKeeper's null); returns its size."""
-        if data is None:
-            return 0
-        if not isinstance(data, bytes):
-            raise BadArguments("data must be bytes or None", path)
-        if len(data) > self.cfg.max_data_bytes:
-            raise BadArguments(f"data is {len(data)} bytes; the limit is {self.cfg.max_data_bytes}", path)
-        return len(data)
-
-    @staticmethod
-    def _version(version: int, path: str) -> int:
-        if not -1 <= version <= INT32_MAX:
-            raise BadArguments(f"version must be -1 (any) or 0..{INT32_MAX} (ZooKeeper's int32), not {version}", path)
-        return version
-
-    def _create_cmd(
-        self,
-        path: str,
-        data: bytes | None,
-        *,
-        session_id: int,
-        sequential: bool,
-        container: bool,
-        parents: bool,
-        acl: tuple[Acl, ...] | None,
-        now: int,
-        ttl_ms: int = 0,
-    ) -> Create:
-        if path == paths.ROOT:
-            raise NodeExists("the root node always exists", path)
-        self._path(path + "0" if sequential else path)
-        self._data(data, path)
-        if container and (session_id or sequential):
-            raise BadArguments("a container node cannot be ephemeral or sequential", path)
-        if not 0 <= session_id <= INT64_MAX:
-            raise BadArguments(f"session_id must be 0..{INT64_MAX} (ZooKeeper's int64), not {session_id}", path)
-        if acl is not None and not acl:
-            raise InvalidACL("an ACL needs at least one entry", path)
-        if not 0 <= ttl_ms <= INT64_MAX:
-            raise BadArguments(f"ttl_ms must be 0..{INT64_MAX}, not {ttl_ms}", path)
-        if ttl_ms and (session_id or container):
-            raise BadArguments("a TTL node is persistent (not ephemeral nor a container), with a positive TTL", path)
-        return Create(path, data, session_id, sequential, container, parents, acl or OPEN_ACL_UNSAFE, now, ttl_ms)
 
     async def create(
         self,
@@ -367,7 +290,8 @@ class RegistryService(RegistryView):
 
         Returns the actual path and stat.
         """
-        fut = self.submit_create(
+        cmd = build_create(
+            self.cfg,
             path,
             data,
             session_id=session_id,
@@ -376,29 +300,31 @@ class RegistryService(RegistryView):
             parents=parents,
             acl=acl,
             ttl_ms=ttl_ms,
+            now=now_ms(),
         )
-        result = await self._wait(fut)
+        result = await self._wait(self.submit_create(cmd))
         assert isinstance(result, Created)
         return result
 
     async def set(self, path: str, data: bytes | None, version: int = -1) -> Updated:
         """Replace a node's data if its version matches (-1: any)."""
-        result = await self._wait(self.submit_set(path, data, version))
+        result = await self._wait(self.submit_set(build_set(self.cfg, path, data, version, now_ms())))
         assert isinstance(result, Updated)
         return result
 
     async def delete(self, path: str, version: int = -1, recursive: bool = False) -> Deleted:
         """Delete a node (and, recursive, its subtree)."""
-        result = await self._wait(self.submit_delete(path, version, recursive))
+        result = await self._wait(self.submit_delete(build_delete(self.cfg, path, version, recursive)))
         assert isinstance(result, Deleted)
         return result
 
     async def set_acl(self, path: str, acl: tuple[Acl, ...], version: int = -1) -> Updated:
         """Replace a node's ACL if its aversion matches (-1: any)."""
-        self._path(path)
-        if not acl:
-            raise InvalidACL("an ACL needs at least one entry", path)
-        result = await self._append(SetAcl(path, acl, self._version(version, path)))
+        return await self.append_set_acl(build_set_acl(self.cfg, path, acl, version))
+
+    async def append_set_acl(self, cmd: SetAcl) -> Updated:
+        """Append a built SetAcl (commands.build_set_acl) and wait for its result."""
+        result = await self._append(cmd)
         assert isinstance(result, Updated)
         return result
 
@@ -408,46 +334,11 @@ class RegistryService(RegistryView):
         A leader's duty passes its lease term: the multi is then refused with StaleTerm once a
         newer leader has been elected, so a deposed leader cannot overwrite its successor.
         """
-        if not ops:
-            raise BadArguments("multi needs at least one operation")
-        now = _now_ms()
-        checked: list[MultiOp] = []
-        size = 32
-        for index, op in enumerate(ops):
-            try:
-                match op:
-                    case Create():
-                        checked.append(
-                            self._create_cmd(
-                                op.path,
-                                op.data,
-                                session_id=op.session_id,
-                                sequential=op.sequential,
-                                container=op.container,
-                                parents=op.parents,
-                                acl=op.acl,
-                                now=now,
-                                ttl_ms=op.ttl_ms,
-                            )
-                        )
-                        size += len(op.data or b"")
-                    case SetData():
-                        self._path(op.path)
-                        size += self._data(op.data, op.path)
-                        checked.append(SetData(op.path, op.data, self._version(op.version, op.path), now))
-                    case Delete() | Check():
-                        self._path(op.path, allow_root=isinstance(op, Check))
-                        self._version(op.version, op.path)
-                        checked.append(op)
-                    case _:
-                        raise BadArguments(f"unknown operation {type(op).__name__}")
-            except RegistryError as err:
-                err.failed_index = index
-                raise
-            size += len(op.path) + 16
-        if size > self.cfg.max_data_bytes + (64 << 10):
-            raise BadArguments(f"multi is {size} bytes; the limit is {self.cfg.max_data_bytes} plus 64 KiB")
-        result = await self._append(Multi(tuple(checked), now, term), size)
+        return await self.append_multi(build_multi(self.cfg, ops, now_ms(), term))
+
+    async def append_multi(self, cmd: Multi) -> MultiDone:
+        """Append a built Multi (commands.build_multi or assemble_multi) and wait for its result."""
+        result = await self._append(cmd, multi_size(cmd.ops))
         assert isinstance(result, MultiDone)
         return result
 
@@ -461,6 +352,9 @@ class RegistryService(RegistryView):
             raise OperationTimeout("the log did not answer the read barrier in time") from None
         except LogFailed as exc:
             raise OperationTimeout(str(exc)) from None
+
+    def _path(self, path: str) -> str:
+        return paths.validate(path, self.cfg.max_path_bytes)
 
     async def _read_point(self, linearizable: bool) -> None:
         if linearizable:
@@ -487,7 +381,7 @@ class RegistryService(RegistryView):
     async def check(self, path: str, version: int, linearizable: bool = True) -> Stat:
         """Raise unless the node exists at this version (-1: any)."""
         self._path(path)
-        self._version(version, path)
+        version_in_range(version, path)
         await self._read_point(linearizable)
         return self.check_version(path, version)
 
@@ -497,49 +391,6 @@ class RegistryService(RegistryView):
         await self._read_point(linearizable)
         stat = self._state.stat(path)
         return self._state.nodes[path].acl, stat
-
-    # ---- local reads (RegistryView): the applied state at once, no read barrier -----------------
-
-    def exists(self, path: str) -> bool:
-        """True when the node exists."""
-        return path in self._state.nodes
-
-    def node(self, path: str) -> Znode | None:
-        """The node as stored (data, stat fields and ACL); None when absent."""
-        return self._state.nodes.get(path)
-
-    def read(self, path: str) -> tuple[bytes | None, Stat]:
-        """Data and stat; raises NoNode."""
-        return self._state.get(path)
-
-    def stat_of(self, path: str) -> Stat:
-        """The node's stat; raises NoNode."""
-        return self._state.stat(path)
-
-    def check_version(self, path: str, version: int) -> Stat:
-        """The stat when the node is at version (-1: any); raises NoNode or BadVersion."""
-        return self._state.check(Check(path, version)).stat
-
-    def child_names(self, path: str) -> list[str]:
-        """Sorted child names; raises NoNode."""
-        return self._state.child_names(path)
-
-    def count_descendants(self, path: str) -> int:
-        """Nodes below path (not path itself); raises NoNode."""
-        self._state.stat(path)
-        return len(self._state.descendants(path))
-
-    def has_session(self, session_id: int) -> bool:
-        """True while the session is open."""
-        return session_id in self._state.sessions
-
-    def session_record(self, session_id: int) -> SessionRecord | None:
-        """The open session; None when it does not exist."""
-        return self._state.sessions.get(session_id)
-
-    def ephemerals(self, session_id: int) -> list[str]:
-        """The session's ephemeral nodes, sorted (empty for an unknown session)."""
-        return sorted(self._state.ephemerals.get(session_id, ()))
 
     def stats(self) -> RegistryStats:
         """This replica's figures (cost grows with sessions, not nodes)."""
@@ -562,32 +413,6 @@ class RegistryService(RegistryView):
             apply_seconds=counts["apply_seconds"],
         )
 
-    def data_bytes(self) -> int:
-        """Bytes of node data (a walk over every node: for diagnostics, not hot paths)."""
-        return sum(len(n.data or b"") for n in self._state.nodes.values())
-
-    # ---- watches (RegistryView) -----------------------------------------------------------------
-
-    def subscribe(
-        self,
-        path: str,
-        recursive: bool,
-        since: int | None = None,
-        callback: Callable[[Event], None] | None = None,
-    ) -> Subscription:
-        """A persistent watch on path (its subtree when recursive); with `since`, retained events
-        from that revision first. Events go to `callback` while the log applies, else to the
-        subscription's queue. Raises Compacted for a `since` older than the history."""
-        return self._watches.subscribe(path, recursive, since, callback)
-
-    def watch_once(self, path: str, kind: OneShotKind, callback: Callable[[Event], None]) -> int:
-        """A one-shot watch (ZooKeeper's getData/exists/getChildren); returns a handle for cancel_once()."""
-        return self._watches.watch_once(path, kind, callback)
-
-    def cancel_once(self, path: str, kind: OneShotKind, handle: int) -> bool:
-        """Remove a one-shot watch that has not fired; False when it fired or never existed."""
-        return self._watches.cancel_once(path, kind, handle)
-
     # ---- sessions -----------------------------------------------------------------------------
 
     def negotiate_timeout(self, timeout_ms: int) -> int:
@@ -598,7 +423,7 @@ class RegistryService(RegistryView):
         """Open a session; its ephemeral nodes live until it is closed or expires."""
         if timeout_ms <= 0:
             raise BadArguments("timeout_ms must be positive")
-        cmd = OpenSession(new_session_id(), self.negotiate_timeout(timeout_ms), _now_ms(), password or os.urandom(16))
+        cmd = OpenSession(new_session_id(), self.negotiate_timeout(timeout_ms), now_ms(), password or os.urandom(16))
         result = await self._append(cmd)
         assert isinstance(result, SessionOpened)
         return result
@@ -621,43 +446,7 @@ class RegistryService(RegistryView):
             if timeout is None:
                 raise SessionExpired(f"session 0x{session_id:x} does not exist")
             return timeout
-        # A few short tries: a leader that was just paused or replaced may still hold the
-        # subscription for a moment, and the next try reaches the one that answers.
-        for attempt in range(4):
-            idle_ms = min(2**31 - 1, max(0, int((time.monotonic() - last_active) * 1000)))
-            payload = codec.encode(KeepaliveRequest(session_id, idle_ms))
-            try:
-                reply = await call(self.bus.nc, subjects.REGISTRY_KEEPALIVE, payload, timeout=0.5)
-                return codec.decode(reply, KeepaliveReply).timeout_ms
-            except HandlerError as exc:
-                if exc.code == "404":
-                    raise SessionExpired(exc.description) from None
-                raise OperationTimeout(f"keepalive failed: {exc.description}") from None
-            except (TimeoutError, NoRespondersError, NatsTimeout):
-                await asyncio.sleep(0.1 * attempt)
-        raise OperationTimeout("no registry leader answered the keepalive")
+        return await keepalive.ask_leader(self.bus.nc, session_id, last_active)
 
     async def _on_keepalive(self, data: bytes) -> bytes:
-        try:
-            req = codec.decode(data, KeepaliveRequest)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise HandlerError("400", f"bad KeepaliveRequest: {exc}") from None
-        timeout = self._keeper.touch(req.session_id, req.idle_ms / 1000)
-        if timeout is None:
-            raise HandlerError("404", f"session 0x{req.session_id:x} does not exist")
-        return codec.encode(KeepaliveReply(req.session_id, timeout))
-
-    def session(self, session_id: int) -> tuple[SessionRecord, list[str]]:
-        """A session and its ephemeral nodes (local state)."""
-        record = self._state.sessions.get(session_id)
-        if record is None:
-            raise SessionExpired(f"session 0x{session_id:x} does not exist")
-        return record, sorted(self._state.ephemerals.get(session_id, ()))
-
-    def sessions(self) -> list[SessionRecord]:
-        """Every open session (local state)."""
-        return sorted(self._state.sessions.values(), key=lambda r: r.session_id)
-
-    def events_since(self, revision: int) -> list[Event]:
-        """Retained events with revision >= revision (for tests and diagnostics)."""
-        return [e for e in self._watches.history if e.revision >= revision]
+        return keepalive.answer(self._keeper, data)
