@@ -23,9 +23,11 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
 from app.cli.shell_client import RegistryClient
-from app.cli.shell_commands import SPECS, UsageError, java_date, parse, split_commands
+from app.cli.shell_commands import SPECS
 from app.cli.shell_complete import ShellCompleter
+from app.cli.shell_node_commands import java_date
 from app.cli.shell_paths import InvalidPath, path_problem, resolve
+from app.cli.shell_syntax import UsageError, parse, split_commands
 from tests.harness import ROOT, Fleetmate, running, wait_for
 
 TOKEN = "shell-admin-token-1"

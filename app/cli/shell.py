@@ -22,8 +22,9 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from app.cli.api import tls_context
 from app.cli.shell_args import DEFAULT_ADDR
 from app.cli.shell_client import RegistryClient, Session
-from app.cli.shell_commands import Commands, Status
+from app.cli.shell_commands import Commands
 from app.cli.shell_complete import ShellCompleter
+from app.cli.shell_syntax import Status
 from app.tls import TlsFileError
 
 HISTORY_FILE = "~/.fleetmate_history"
