@@ -14,6 +14,19 @@ from app.config import Token
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def bearer_token(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None when absent, another scheme or empty.
+
+    Every bearer check (the guard, the lean path, the watch socket) parses the header here.
+    """
+    if not header:
+        return None
+    kind, _, presented = header.partition(" ")
+    if kind.lower() != "bearer":
+        return None
+    return presented.strip() or None
+
+
 class TokenGuard:
     """A Litestar guard: routes marked opt={"public": True} are open; others need read or admin."""
 
@@ -28,17 +41,21 @@ class TokenGuard:
                 found = token.scope
         return found
 
+    def scope_of_header(self, header: str | None) -> str | None:
+        """The scope an Authorization header grants; None when it carries no known bearer token."""
+        presented = bearer_token(header)
+        return None if presented is None else self.scope_of(presented)
+
     def __call__(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if handler.opt.get("public") or not connection.scope["path"].startswith("/api/"):
             return
-        header = connection.headers.get("authorization", "")
-        kind, _, presented = header.partition(" ")
-        if kind.lower() != "bearer" or not presented.strip():
+        presented = bearer_token(connection.headers.get("authorization"))
+        if presented is None:
             raise NotAuthorizedException(
                 "an API token is required: send 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        scope = self.scope_of(presented.strip())
+        scope = self.scope_of(presented)
         if scope is None:
             raise NotAuthorizedException("the API token is not valid", headers={"WWW-Authenticate": "Bearer"})
         method = connection.scope.get("method", "GET")

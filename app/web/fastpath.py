@@ -2,9 +2,9 @@
 
 Profiles put a third of each request in framework work (routing, parameter parsing, dependency
 resolution, response building). A GET or PUT of `/api/v1/registry/nodes/<path>` in its plain form
-is answered here with the same RegistryService calls and the same msgspec bodies; anything else
-(other query parameters, a body that does not decode, a missing or refused token, a failed read)
-goes on to Litestar unchanged, which answers it, errors included, as before.
+is answered here by the same handler functions the Litestar routes call (routes/registry_nodes.py),
+errors rendered as Litestar's handler renders them; anything else (other query parameters, a body
+that does not decode, a missing or refused token) goes on to Litestar unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from app.node import Node
 from app.web.auth import TokenGuard
 from app.web.errors import fleetmate_error_parts
 from app.web.metrics import RequestFigures
-from app.web.routes.registry_models import NodeView, SetBody, StatView, decode_data, encode_data
+from app.web.routes.registry_models import SetBody
+from app.web.routes.registry_nodes import get_node, set_node
 from app.web.routes.watch import WATCH_PATH, WatchSocket
 
 PREFIX = "/api/v1/registry/nodes"
@@ -69,12 +70,7 @@ class FastPath:
     def _allowed(self, authorization: str | None, write: bool) -> bool:
         if self.guard is None:
             return True
-        if authorization is None:
-            return False
-        kind, _, presented = authorization.partition(" ")
-        if kind.lower() != "bearer":
-            return False
-        granted = self.guard.scope_of(presented.strip())
+        granted = self.guard.scope_of_header(authorization)
         return granted == "admin" or (granted == "read" and not write)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,13 +96,11 @@ class FastPath:
         if method == "GET":
             serializable = _READ_QUERIES.get(query)
             if serializable is not None and self._allowed(authorization, write=False):
-                try:
-                    data, stat = await registry.get(node_path, linearizable=not serializable)
-                except FleetmateError:
-                    return None  # Litestar reads again and renders the error
-                text, used = encode_data(data, None)
                 self.figures.fast += 1
-                return Answer(200, _enc.encode(NodeView(node_path, text, used, stat)))
+                try:
+                    return Answer(200, _enc.encode(await get_node(registry, node_path, serializable)))
+                except FleetmateError as exc:
+                    return _error(exc)
         elif method == "PUT" and not query and self._allowed(authorization, write=True):
             try:
                 req = _set_dec.decode(await body.read())
@@ -114,9 +108,13 @@ class FastPath:
                 return None
             self.figures.fast += 1
             try:
-                updated = await registry.set(node_path, decode_data(req.data, req.encoding), req.version)
+                return Answer(200, _enc.encode(await set_node(registry, node_path, req)))
             except FleetmateError as exc:
-                err, headers = fleetmate_error_parts(exc)
-                return Answer(exc.status, _enc.encode(err), headers)
-            return Answer(200, _enc.encode(StatView(updated.path, updated.stat)))
+                return _error(exc)
         return None
+
+
+def _error(exc: FleetmateError) -> Answer:
+    """A FleetmateError answered as Litestar's handler answers it (app/web/errors.py)."""
+    err, headers = fleetmate_error_parts(exc)
+    return Answer(exc.status, _enc.encode(err), headers)

@@ -28,6 +28,7 @@ from app.services.registry.messages import (
     Updated,
 )
 from app.services.registry.service import RegistryService
+from app.web.routes import registry_nodes as nodes
 from app.web.routes.registry_models import (
     AclBody,
     AclEntry,
@@ -56,7 +57,6 @@ from app.web.routes.registry_models import (
     SetBody,
     StatView,
     decode_data,
-    encode_data,
 )
 
 
@@ -132,10 +132,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
         serializable: Serializable = False,
     ) -> NodeView:
         """Data in UTF-8 when it is valid UTF-8 (or asked), else base64; `encoding` says which."""
-        path = _node_path(scope, NODES)
-        data, stat = await reg().get(path, linearizable=not serializable)
-        text, used = encode_data(data, encoding)
-        return NodeView(path, text, used, stat)
+        return await nodes.get_node(reg(), _node_path(scope, NODES), serializable, encoding)
 
     @post(NODE_PATHS, tags=["registry"], summary="Create a node", status_code=HTTP_201_CREATED)
     async def create_node(data: Annotated[CreateBody, CREATE_EXAMPLES], scope: Scope) -> StatView:
@@ -156,8 +153,7 @@ def registry_routes(node: Node) -> list[HTTPRouteHandler]:
     @put(NODE_PATHS, tags=["registry"], summary="Set a node's data (compare-and-set with version)")
     async def set_node(data: Annotated[SetBody, SET_EXAMPLES], scope: Scope) -> StatView:
         """Replace data when the version matches (-1: any); 412 BadVersion otherwise."""
-        updated = await reg().set(_node_path(scope, NODES), decode_data(data.data, data.encoding), data.version)
-        return StatView(updated.path, updated.stat)
+        return await nodes.set_node(reg(), _node_path(scope, NODES), data)
 
     @delete(NODE_PATHS, tags=["registry"], summary="Delete a node", status_code=HTTP_200_OK)
     async def delete_node(scope: Scope, version: QueryVersion = -1, recursive: bool = False) -> DeletedView:

@@ -242,8 +242,7 @@ class WatchSocket:
             return True
         for name, value in scope["headers"]:
             if name == b"authorization":
-                kind, _, presented = value.decode("latin-1").partition(" ")
-                return kind.lower() == "bearer" and self.guard.scope_of(presented.strip()) is not None
+                return self.guard.scope_of_header(value.decode("latin-1")) is not None
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
