@@ -6,7 +6,11 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
+from app.web.auth import bearer_token
 from tests.harness import Fleetmate, running
 
 READ = "read-token-1234"
@@ -54,6 +58,18 @@ def test_tokens_guard_api_routes(tmp_path: Path) -> None:
             assert READ not in shown.text
             assert ADMIN not in shown.text
 
+        # The lean path (a node's GET and PUT) and the watch socket check the same tokens.
+        node = "/api/v1/registry/nodes/auth-probe"
+        assert fm.get(node).status_code == 401
+        assert (
+            httpx.put(fm.url + node, json={"data": "x"}, headers={"Authorization": f"Bearer {READ}"}).status_code == 403
+        )
+        watch = fm.url.replace("http", "ws", 1) + "/api/v1/watch?path=/&recursive=true"
+        with pytest.raises(InvalidStatus):
+            connect(watch, open_timeout=5).close()
+        with connect(watch, open_timeout=5, additional_headers={"Authorization": f"Bearer {READ}"}):
+            pass
+
         # Unknown routes stay 404 JSON (routing comes before the guard).
         assert fm.get("/api/v1/nothing", token=READ).json()["error"] == "not_found"
         assert fm.stop() == 0
@@ -73,3 +89,10 @@ def test_public_bind_with_token_starts(tmp_path: Path) -> None:
         r = httpx.get(f"http://127.0.0.1:{port}/api/v1/cluster", headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 200
         assert fm.stop() == 0
+
+
+def test_bearer_token_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer  abc ") == "abc"
+    for header in (None, "", "Bearer", "Bearer   ", "Basic Zm9vOmJhcg==", "abc"):
+        assert bearer_token(header) is None, header
