@@ -26,7 +26,7 @@ from app.bus.streams import ensure_stream
 from app.config import Config
 from app.log.engine import log_id, stream_config, stream_seq
 from app.log.lease import registry as lease_backends
-from app.services.registry.store import RegistryStore, image_position, rebase_image
+from app.services.registry import files as registry_files
 from app.storage import datadir
 from app.storage.snapshots import registry as snapshot_stores
 from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotStore, make_meta
@@ -329,11 +329,7 @@ async def _restore(
         local = []
         for path in files:
             if path.exists():
-                reg = RegistryStore(path, cfg.registry.event_history)
-                try:
-                    local.append(reg.position())
-                finally:
-                    reg.close()
+                local.append(registry_files.position(path, cfg.registry.event_history))
         newest = metas[0]
         tail_from = max(first, newest.seq + 1)
         print(f"the log {STREAM} holds sequences {first}-{last}; counting the writes after the newest snapshot ...")
@@ -351,12 +347,12 @@ async def _restore(
         blob = await store.load(chosen)
         try:
             raw = await asyncio.to_thread(zlib.decompress, blob)
-            seq, _ = image_position(raw)
+            seq, _ = registry_files.image_position(raw)
         except (zlib.error, ValueError) as exc:
             raise SnapshotCorrupt(f"{chosen.name}: {exc}") from exc
         if seq != chosen.seq:
             raise SnapshotCorrupt(f"{chosen.name}: the image says sequence {seq}, the meta {chosen.seq}")
-        image = await asyncio.to_thread(rebase_image, raw, base, revision)
+        image = await asyncio.to_thread(registry_files.rebase_image, raw, base, revision)
         packed = await asyncio.to_thread(zlib.compress, image, 6)
         meta = make_meta(SERVICE, base, revision, time.time(), f"restore of {chosen.name}", packed, lid)
         await store.save(meta, packed)
@@ -365,12 +361,7 @@ async def _restore(
             # Killed from here on, the store's newest snapshot is past the log: a replica refuses to
             # start (LogConflict), or continues an empty log from it, until this command is run again.
             failpoints.hit("snapshot.restore")
-            reg = RegistryStore(path, cfg.registry.event_history)
-            try:
-                await asyncio.to_thread(reg.install, image)
-                reg.set_log_id(lid)
-            finally:
-                reg.close()
+            await asyncio.to_thread(registry_files.install, path, cfg.registry.event_history, image, lid)
             print(f"installed in {path}")
         await bus.js.purge_stream(STREAM, seq=base + 1)
         after = await bus.js.stream_info(STREAM)
