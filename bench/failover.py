@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ensure_debian_package, progress, run_wrk, summary, write_result
 from bench.registry import KEY_NAMES, KEYS, VALUES, b64, lua_script
 from tests.harness import Fleetmate, NatsServer, ReplicaSet, free_port, wait_for
-from tests.natscluster import REGISTRY_STREAM, nats_cluster, replica_env
+from tests.harness.natscluster import REGISTRY_STREAM, nats_cluster, replica_env
 
 
 class Writer(threading.Thread):

@@ -9,7 +9,7 @@ mariadb     One fleetmate (recovery_block_seconds 0, poll_interval 0.5 s) watche
             the registry's /fleet/clusters/<name>/primary changed. The old primary is restarted as a
             replica, fenced by fleetmate.
 postgresql  The same fleetmate settings watching a PostgreSQL 15 primary with two streaming standbys
-            (tests/ha_postgres.py), synchronous_commit on with one synchronous standby (`FIRST 1` at
+            (tests/harness/postgres.py), synchronous_commit on with one synchronous standby (`FIRST 1` at
             first; afterwards what fleetmate's promotion sets). Key = the registry's primary key, as
             above. The old primary is rewound (PostgresAdaptor.rejoin: pg_rewind, standby.signal,
             primary_conninfo) and started as a standby of the new primary between rounds.
@@ -63,10 +63,10 @@ from app.adaptors.types import Credentials
 from bench import patroni_peer
 from bench.common import RESULTS, percentile, progress, write_result
 from bench.patroni_peer import PatroniPeer
-from tests.ha_mariadb import MariaDBReplicaSet
-from tests.ha_postgres import PostgresReplicaSet
 from tests.harness import Fleetmate, wait_for
-from tests.servers import PG_BIN, PG_USER
+from tests.harness.mariadb import MariaDBReplicaSet
+from tests.harness.postgres import PostgresReplicaSet
+from tests.harness.servers import PG_BIN, PG_USER
 from tests.test_ha_service import _write
 
 CLUSTER = "bench"

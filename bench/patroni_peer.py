@@ -22,12 +22,12 @@ import psutil
 from app.adaptors.types import Address, Credentials
 from bench.common import progress
 from tests.harness import free_port, wait_for
-from tests.servers import PG_BIN, PG_USER, _ensure_pg_user, _tail
+from tests.harness.servers import PG_BIN, PG_USER, _ensure_pg_user, _tail
 
 PACKAGES = ("patroni", "etcd-server", "python3-etcd")  # python3-etcd: Patroni's etcd3 DCS imports `etcd`
 SYSTEM_PYTHON = "/usr/bin/python3"  # Patroni runs on the system Python, not the benchmark's venv
 
-# The PostgreSQL settings tests/ha_postgres.py gives the servers fleetmate watches, so both run
+# The PostgreSQL settings tests/harness/postgres.py gives the servers fleetmate watches, so both run
 # the same servers; listen_addresses and the ports are Patroni's to set.
 PG_PARAMETERS: dict[str, Any] = {
     "wal_level": "replica",

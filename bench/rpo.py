@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import progress, write_result
 from tests.harness import Fleetmate, NatsServer
-from tests.natscluster import NatsCluster, replica_env
+from tests.harness.natscluster import NatsCluster, replica_env
 
 WRITERS = 2
 
@@ -136,7 +136,7 @@ def _cluster(workdir: Path) -> Iterator[dict[str, Any]]:
 def _store_server(store: str) -> Callable[[Path], contextlib.AbstractContextManager[dict[str, Any]]]:
     @contextlib.contextmanager
     def run(_: Path) -> Iterator[dict[str, Any]]:
-        from tests.servers import MariaDB, Postgres, SeaweedS3
+        from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
         tag = f"rpo{random.randrange(10**8)}"
         if store == "s3":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import NatsServer
-from tests.servers import MariaDB, Postgres, SeaweedS3
+from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
 
 @pytest.fixture

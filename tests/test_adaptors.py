@@ -1,7 +1,7 @@
 """The engine adaptor contract, one suite for every engine: discovery, probes, errors, read_only, repoint,
 wait_applied, and a failover (kill -9 the primary) that loses no acknowledged row and fences the old one.
 
-Each engine is a kit: a real replica set of 3 (tests/ha_mariadb.py: GTID + semi-sync; tests/ha_postgres.py:
+Each engine is a kit: a real replica set of 3 (tests/harness/mariadb.py: GTID + semi-sync; tests/harness/postgres.py:
 streaming, `FIRST 1` synchronous commit on standby 1), started once for the module, plus the few steps
 that differ by engine (a client, blocking the applier, bringing the old primary back). Adaptors come
 from app.adaptors.registry by engine name. The failover changes a set for good and so runs last.
@@ -28,10 +28,10 @@ from app.adaptors import registry
 from app.adaptors.base import Adaptor, AdaptorError
 from app.adaptors.positions import Position, parse
 from app.adaptors.types import Address, Credentials, InstanceStatus
-from tests.ha_mariadb import MariaDBReplicaSet
-from tests.ha_postgres import PostgresReplicaSet
 from tests.harness import free_port, wait_for
-from tests.servers import PG_BIN, PG_USER
+from tests.harness.mariadb import MariaDBReplicaSet
+from tests.harness.postgres import PostgresReplicaSet
+from tests.harness.servers import PG_BIN, PG_USER
 
 pytestmark = pytest.mark.slow
 

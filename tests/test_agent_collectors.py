@@ -335,7 +335,7 @@ def test_log_cleanup_deletes_nothing_when_it_cannot_see_every_process() -> None:
     # to such a user (no exec: the interpreter lives under /root, which that user cannot enter).
     import pwd
 
-    from tests.servers import PG_USER, _ensure_pg_user
+    from tests.harness.servers import PG_USER, _ensure_pg_user
 
     _ensure_pg_user()
     user = pwd.getpwnam(PG_USER)

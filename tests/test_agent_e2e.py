@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.agentproc import INTERVAL, Agent
 from tests.harness import Fleetmate, free_port, running, wait_for
+from tests.harness.agent import INTERVAL, Agent
 
 SUSPECT_AFTER = 2  # missed heartbeats
 DOWN_AFTER = 3.0  # seconds

@@ -39,8 +39,8 @@ from app.services.agent.messages import (
     NetStatus,
     NodeFacts,
 )
-from tests.agentproc import INTERVAL, Agent, agent_running
 from tests.harness import ROOT, Fleetmate, NatsServer, free_port, running, wait_for
+from tests.harness.agent import INTERVAL, Agent, agent_running
 
 TOKEN = "agent-test-token-1"
 MARIADBD = os.path.realpath("/usr/sbin/mariadbd")

@@ -10,9 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import natscluster
-from tests.harness import Fleetmate, ReplicaSet, wait_for
-from tests.natscluster import REGISTRY_STREAM, NatsCluster, replica_env
+from tests.harness import Fleetmate, ReplicaSet, natscluster, wait_for
+from tests.harness.natscluster import REGISTRY_STREAM, NatsCluster, replica_env
 
 # NATS Raft (server/raft.go): a follower calls an election after 4-9 s without a leader; allow a margin.
 RAFT_ELECTION_MAX_S = 9.0

@@ -23,7 +23,7 @@ import pytest
 
 from app.failpoints import ENV
 from tests.harness import NatsServer, ReplicaSet, wait_for
-from tests.history_check import Workload
+from tests.harness.history import Workload
 
 # The action of each point: on which hit r1 is killed, so that it dies a second or two into the load.
 POINTS = {

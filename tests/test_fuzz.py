@@ -23,7 +23,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from websockets.sync.client import connect
 
 from tests.harness import Fleetmate, running
-from tests.zkwire import WireClient, split_addr
+from tests.harness.zkwire import WireClient, split_addr
 
 EXAMPLES_PER_OPERATION = 60
 # Operations that reach outside fleetmate (an HA cluster's database, an agent) are fuzzed too, but

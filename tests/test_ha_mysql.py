@@ -21,7 +21,7 @@ from app.adaptors.positions import gtid_covers, mariadb_gtids, mysql_gtids
 from app.adaptors.types import Address, Credentials, InstanceStatus
 from app.services.ha.credentials import parse_seed
 from app.services.ha.errors import BadClusterRequest
-from tests.ha_mariadb import MariaDBReplicaSet
+from tests.harness.mariadb import MariaDBReplicaSet
 
 pytestmark = pytest.mark.slow
 

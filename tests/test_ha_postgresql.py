@@ -20,7 +20,7 @@ from app.adaptors.conninfo import format_conninfo, parse_conninfo
 from app.adaptors.positions import lsn_value
 from app.adaptors.postgresql import PostgresAdaptor
 from app.adaptors.types import Address, InstanceStatus
-from tests.ha_postgres import PostgresReplicaSet
+from tests.harness.postgres import PostgresReplicaSet
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """HA end to end on real MariaDB: register by discovery, kill -9 the primary, automatic failover, fencing.
 
-A fleetmate process and a MariaDB primary with two semi-sync GTID replicas (tests/ha_mariadb.py);
+A fleetmate process and a MariaDB primary with two semi-sync GTID replicas (tests/harness/mariadb.py);
 a writer records every commit the primary acknowledged; nothing acknowledged may be lost.
 """
 
@@ -19,8 +19,8 @@ import asyncmy  # type: ignore[import-untyped]
 import httpx
 import pytest
 
-from tests.ha_mariadb import MariaDBReplicaSet
 from tests.harness import ROOT, Fleetmate, running, wait_for
+from tests.harness.mariadb import MariaDBReplicaSet
 
 CLUSTERS = "/api/v1/ha/clusters"
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"

@@ -1,7 +1,7 @@
 """HA end to end on real PostgreSQL: discovery from a standby, kill -9 of the primary, automatic failover, rejoin.
 
 A fleetmate process, a fleetmate agent on the same host, and a PostgreSQL 15 primary with two
-streaming standbys, synchronous commit on the first (tests/ha_postgres.py); a writer records
+streaming standbys, synchronous commit on the first (tests/harness/postgres.py); a writer records
 every commit the primary acknowledged. The killed primary, started again, comes back writable:
 fleetmate sets it read-only and the agent rewinds it (pg_rewind) into a standby of the new one.
 """
@@ -20,10 +20,10 @@ import asyncpg
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.agentproc import Agent, agent_running
-from tests.ha_postgres import PostgresReplicaSet
 from tests.harness import Fleetmate, free_port, running, wait_for
-from tests.servers import PG_BIN, PG_USER
+from tests.harness.agent import Agent, agent_running
+from tests.harness.postgres import PostgresReplicaSet
+from tests.harness.servers import PG_BIN, PG_USER
 
 CLUSTERS = "/api/v1/ha/clusters"
 

@@ -3,9 +3,9 @@
 Holistic failure detection says a primary that fleetmate cannot reach while its replicas still
 receive from it is UnreachablePrimary, never DeadPrimary. This checks it end to end:
 
-- a MariaDB primary and two semi-sync GTID replicas (tests/ha_mariadb.py), each bound to its own
+- a MariaDB primary and two semi-sync GTID replicas (tests/harness/mariadb.py), each bound to its own
   address on the root side of a veth pair, reported and replicated through that address;
-- a fleetmate process inside a network namespace (tests/netns.py) at the other end of the veth,
+- a fleetmate process inside a network namespace (tests/harness/netns.py) at the other end of the veth,
   so every instance address it learns goes through the veth;
 - the cut is made inside the namespace only, for the primary's address only: the replicas, in the
   root namespace, keep replicating from it and a writer in the root namespace keeps committing
@@ -31,10 +31,9 @@ import asyncmy  # type: ignore[import-untyped]
 import pytest
 
 from app.adaptors.types import Address
-from tests import netns
-from tests.ha_mariadb import MariaDBReplicaSet
-from tests.harness import Fleetmate, running, wait_for
-from tests.netns import NetNamespace
+from tests.harness import Fleetmate, netns, running, wait_for
+from tests.harness.mariadb import MariaDBReplicaSet
+from tests.harness.netns import NetNamespace
 
 WHY_NOT = netns.unavailable()
 pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=f"needs a network namespace: {WHY_NOT}")

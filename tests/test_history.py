@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import natscluster
-from tests.harness import ReplicaSet
-from tests.history_check import Workload
-from tests.natscluster import REGISTRY_STREAM, NatsCluster, replica_env
+from tests.harness import ReplicaSet, natscluster
+from tests.harness.history import Workload
+from tests.harness.natscluster import REGISTRY_STREAM, NatsCluster, replica_env
 
 ROUNDS = 6  # 3 stream-leader and 3 other NATS kills (both others), a leader replica kill in each
 DOWN_S = 1.0  # how long a killed process stays dead

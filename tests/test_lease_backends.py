@@ -26,7 +26,7 @@ from app.log.lease.sql import SqlLease
 from app.storage.s3client import ObjectStoreError
 from app.storage.sqldb import SqlError
 from tests.harness import ROOT, Fleetmate, NatsServer, free_port, running, wait_for
-from tests.servers import MariaDB, Postgres, SeaweedS3
+from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
 TTL = 2.0
 RENEW = 0.4

@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from bench.zkserver import ZooKeeper, zookeeper_classpath
 from tests.harness import Fleetmate, NatsServer, ReplicaSet, running, wait_for
-from tests.zkwire import WireClient, pack_string
+from tests.harness.zkwire import WireClient, pack_string
 
 TIMEOUT_MS = 6000  # within ZooKeeper's default bounds (2 and 20 ticks of 2 s)
 ACTIVE_S = 3.0  # the client is busy this long, a request every PACE_S, then silent

@@ -17,7 +17,7 @@ from app.storage.snapshots.base import SnapshotCorrupt, SnapshotMeta, SnapshotSt
 from app.storage.snapshots.mysql import MySQLSnapshotStore
 from app.storage.snapshots.postgresql import PostgreSQLSnapshotStore
 from app.storage.snapshots.s3 import S3SnapshotStore
-from tests.servers import MariaDB, Postgres, SeaweedS3
+from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
 MIB = 1 << 20
 STORES = ["s3", "mysql", "postgresql", "file", "memory"]

@@ -25,8 +25,8 @@ from kazoo.handlers.threading import KazooTimeoutError
 from app.cli.shell_client import RegistryClient, WatchMessage
 from bench.zkserver import ZooKeeper, four_letter, zookeeper_classpath
 from tests.harness import ROOT, Fleetmate, free_port, run_cli, running, wait_for
+from tests.harness.tlscerts import CertAuthority, Pair, have_openssl
 from tests.test_curator import RESULT, SCENARIOS, Classes, curator_check  # noqa: F401  (a fixture, used below)
-from tests.tlscerts import CertAuthority, Pair, have_openssl
 
 pytestmark = pytest.mark.skipif(not have_openssl(), reason="the openssl command makes the test certificates")
 

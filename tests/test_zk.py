@@ -26,7 +26,7 @@ from kazoo.exceptions import (
 from kazoo.security import make_acl, make_digest_acl
 
 from tests.harness import Fleetmate, NatsServer, running, wait_for
-from tests.zkwire import WireClient, four_letter, pack_string, split_addr
+from tests.harness.zkwire import WireClient, four_letter, pack_string, split_addr
 
 
 @pytest.fixture(scope="module")

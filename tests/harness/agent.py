@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.harness import ROOT, wait_for
+from tests.harness.fleetmate import ROOT
+from tests.harness.wait import wait_for
 
 INTERVAL = 0.5  # heartbeat interval the tests' agents use, in seconds
 

@@ -1,4 +1,4 @@
-"""Test harness: real nats-server and fleetmate processes on free ports in temporary directories."""
+"""Real nats-server and fleetmate processes on free ports in temporary directories."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import httpx
 import psutil
 
 from app.bus.embedded import find_binary
+from tests.harness.wait import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -29,21 +30,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll predicate() until it returns a truthy value; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class NatsServer:

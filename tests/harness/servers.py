@@ -18,7 +18,8 @@ from pathlib import Path
 
 from minio import Minio
 
-from tests.harness import free_port, wait_for
+from tests.harness.fleetmate import free_port
+from tests.harness.wait import wait_for
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "fleetmate-test"  # postgres refuses to run as root

@@ -3,7 +3,7 @@
 Each standby's application_name is its own address, `127.0.0.1:<port>` (the naming convention
 app/adaptors/postgresql.py documents), so the primary's pg_stat_replication names every
 standby's address and synchronous_standby_names quotes it: `FIRST 1 ("127.0.0.1:5433")`.
-The servers run as the unprivileged `fleetmate-test` user (tests/servers.py) with fsync on.
+The servers run as the unprivileged `fleetmate-test` user (tests/harness/servers.py) with fsync on.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import psutil
 
 from app.adaptors.conninfo import format_conninfo
 from app.adaptors.types import Address, Credentials
-from tests.harness import free_port, wait_for
-from tests.servers import PG_BIN, PG_USER, _ensure_pg_user, _stop, _tail
+from tests.harness.fleetmate import free_port
+from tests.harness.servers import PG_BIN, PG_USER, _ensure_pg_user, _stop, _tail
+from tests.harness.wait import wait_for
 
 # Appended to the primary's postgresql.conf before the base backups copy it to the standbys.
 _CONFIG = """

@@ -20,7 +20,7 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
 
-from tests.harness import wait_for
+from tests.harness.wait import wait_for
 
 WRITERS = 4
 KEYS_PER_WRITER = 4

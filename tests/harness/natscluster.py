@@ -18,7 +18,8 @@ import httpx
 import nats
 
 from app.bus.embedded import find_binary
-from tests.harness import free_port, wait_for
+from tests.harness.fleetmate import free_port
+from tests.harness.wait import wait_for
 
 CLUSTER_NAME = "fmtest"
 META_LEADER_TIMEOUT_S = 30.0

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from app.adaptors.types import Address, Credentials
-from tests.harness import free_port, wait_for
-from tests.servers import _binary, _listening, _tail
+from tests.harness.fleetmate import free_port
+from tests.harness.servers import _binary, _listening, _tail
+from tests.harness.wait import wait_for
 
 T = TypeVar("T")
 
