@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import asyncmy
 import asyncpg
@@ -28,27 +28,14 @@ from app.adaptors import registry
 from app.adaptors.base import Adaptor, AdaptorError
 from app.adaptors.positions import Position, parse
 from app.adaptors.types import Address, Credentials, InstanceStatus
-from tests.harness import free_port, wait_for
+from tests.harness import eventually, free_port, wait_for
 from tests.harness.mariadb import MariaDBReplicaSet
 from tests.harness.postgres import PostgresReplicaSet
 from tests.harness.servers import PG_BIN, PG_USER
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 Insert = Callable[[int], Awaitable[bool]]  # True: the commit was acknowledged; False: refused as read-only
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    """Await check() until it returns a truthy value; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def pos(status: InstanceStatus, text: str) -> Position:

@@ -23,8 +23,8 @@ import pytest
 from nats.aio.client import Client
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.harness import Fleetmate, free_port, run_cli, running
-from tests.test_membership import DOWN_AFTER, MARGIN_S, TIMINGS, Agent, until
+from tests.harness import Fleetmate, eventually, free_port, run_cli, running
+from tests.test_membership import DOWN_AFTER, MARGIN_S, TIMINGS, Agent
 
 ADMIN, READ = "audit-admin-1", "audit-read-1"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -122,7 +122,7 @@ async def wait_state(http: httpx.AsyncClient, node_id: str, state: str, timeout:
     async def reached() -> bool:
         return await state_of(http, node_id) == state
 
-    await until(reached, timeout, f"{node_id} {state}")
+    await eventually(reached, timeout, f"{node_id} {state}")
 
 
 async def logged(fm: Fleetmate, msg: str, node_id: str, **fields: str) -> list[str]:
@@ -150,13 +150,13 @@ async def test_an_operators_request_is_audited_with_the_trace_id_it_came_with(
         history = (await http.get("/api/v1/nodes/db-op")).json()["history"]
         assert [(h["state"], h["trace_id"]) for h in history][-1] == ("maintenance", CALLER_TRACE)
         assert HEX32.match(history[0]["trace_id"]), history  # the registration: the leader's round
-        assert await until(lambda: logged(fm, "node state set", "db-op"), 5, "the log line") == [CALLER_TRACE]
+        assert await eventually(lambda: logged(fm, "node state set", "db-op"), 5, "the log line") == [CALLER_TRACE]
 
         # The request's span went to the collector under the caller's trace.
         async def exported() -> bool:
             return CALLER_TRACE in collector.traces_of("PUT /api/v1/nodes/{node_id}/maintenance")
 
-        await until(exported, 5, "the request's span at the collector")
+        await eventually(exported, 5, "the request's span at the collector")
         # A request without a traceparent gets a trace of its own, recorded the same way.
         resp = await http.put("/api/v1/nodes/db-op/maintenance", json={"on": False})
         assert resp.status_code == 200, resp.text
@@ -188,13 +188,13 @@ async def test_a_node_gone_silent_is_audited_with_the_trace_of_the_round_that_ju
     assert down in same_round
     assert {e["at"] for e in same_round} == {down["at"]}
     # The decision's log line and the round's exported span carry the same trace id.
-    changed = await until(lambda: logged(fm, "node state changed", "db-quiet", to="down"), 5, "the log line")
+    changed = await eventually(lambda: logged(fm, "node state changed", "db-quiet", to="down"), 5, "the log line")
     assert changed == [down["trace_id"]]
 
     async def exported() -> bool:
         return down["trace_id"] in collector.traces_of("membership.judge")
 
-    await until(exported, 5, "the judging round's span at the collector")
+    await eventually(exported, 5, "the judging round's span at the collector")
 
 
 async def test_filters_and_limits(fm: Fleetmate, http: httpx.AsyncClient) -> None:

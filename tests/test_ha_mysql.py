@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -21,11 +21,11 @@ from app.adaptors.positions import gtid_covers, mariadb_gtids, mysql_gtids
 from app.adaptors.types import Address, Credentials, InstanceStatus
 from app.services.ha.credentials import parse_seed
 from app.services.ha.errors import BadClusterRequest
+from tests.harness import eventually
 from tests.harness.mariadb import MariaDBReplicaSet
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 TABLE = "app.acked"
 
 
@@ -44,18 +44,6 @@ def rs() -> Iterator[MariaDBReplicaSet]:
 
 def adaptor_for(rs: MariaDBReplicaSet, **kw: Any) -> MySQLAdaptor:
     return MySQLAdaptor(rs.admin, replication=rs.replication, **kw)
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    """Await check() until it returns a truthy value; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 # --- pure helpers ------------------------------------------------------------------------------

@@ -8,10 +8,7 @@ on standby 1) serves this module.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,11 +17,10 @@ from app.adaptors.conninfo import format_conninfo, parse_conninfo
 from app.adaptors.positions import lsn_value
 from app.adaptors.postgresql import PostgresAdaptor
 from app.adaptors.types import Address, InstanceStatus
+from tests.harness import eventually
 from tests.harness.postgres import PostgresReplicaSet
 
 pytestmark = pytest.mark.slow
-
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +36,6 @@ def pgset() -> Iterator[PostgresReplicaSet]:
 
 def adaptor_for(pgset: PostgresReplicaSet) -> PostgresAdaptor:
     return PostgresAdaptor(pgset.admin, replication=pgset.replication)
-
-
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
-    """Await check() until it returns a truthy value; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 # --- pure helpers ------------------------------------------------------------------------------

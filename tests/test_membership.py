@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.harness import Fleetmate, NatsServer, ReplicaSet, run_cli
+from tests.harness import Fleetmate, NatsServer, ReplicaSet, eventually, run_cli
 
 INTERVAL, SUSPECT_AFTER, DOWN_AFTER = 0.5, 2, 3.0
 SUSPECT_S = INTERVAL * SUSPECT_AFTER
@@ -33,21 +33,6 @@ TIMINGS = {
 }
 ENV = {**TIMINGS, "FLEETMATE_AUTH_TOKENS": f"read:{READ},admin:{ADMIN}"}
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-
-
-async def until(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Await predicate() until truthy; fail naming `what` after timeout (the event loop keeps running)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await predicate()
-            if last:
-                return last
-        except Exception as exc:
-            last = exc
-        await asyncio.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class Agent:
@@ -148,7 +133,7 @@ async def wait_state(http: httpx.AsyncClient, node_id: str, state: str, timeout:
     async def reached() -> bool:
         return await node_state(http, node_id) == state
 
-    await until(reached, timeout, f"{node_id} {state}")
+    await eventually(reached, timeout, f"{node_id} {state}")
     return time.time()
 
 
@@ -188,12 +173,12 @@ async def test_an_agent_registers_online_with_labels_and_facts(nc: Client, http:
             r = await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/ports")
             return r.status_code == 200 and json.loads(r.json()["data"]) == ports
 
-        await until(facts_in_registry, 5, "ports under /fleet/nodes/db-1")
+        await eventually(facts_in_registry, 5, "ports under /fleet/nodes/db-1")
 
         async def every_fact() -> bool:
             return bool((await http.get("/api/v1/nodes/db-1")).json()["facts"] == expected)
 
-        await until(every_fact, 5, "every fact of db-1 via /api/v1/nodes/db-1")
+        await eventually(every_fact, 5, "every fact of db-1 via /api/v1/nodes/db-1")
         labels = (await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/labels")).json()
         assert json.loads(labels["data"]) == {"rack": "r7", "zone": "z1"}
         children = (await http.get("/api/v1/registry/children/fleet/nodes/db-1")).json()["children"]
@@ -214,7 +199,7 @@ async def test_an_agent_registers_online_with_labels_and_facts(nc: Client, http:
             r = await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/ports")
             return len(json.loads(r.json()["data"])["ports"]) == 2
 
-        await until(new_ports, 5, "the changed ports")
+        await eventually(new_ports, 5, "the changed ports")
         # Labels follow the heartbeat.
         agent.labels = {"zone": "z2"}
 
@@ -222,7 +207,7 @@ async def test_an_agent_registers_online_with_labels_and_facts(nc: Client, http:
             r = await http.get("/api/v1/nodes")
             return any(n["node_id"] == "db-1" and n["labels"] == {"zone": "z2"} for n in r.json())
 
-        await until(new_labels, 5, "the changed labels")
+        await eventually(new_labels, 5, "the changed labels")
         metrics = (await http.get("/metrics")).text
         assert 'fleetmate_node_state{node="db-1",state="online"} 1.0' in metrics
         assert 'fleetmate_node_state{node="t1",state="online"} 1.0' in metrics
@@ -499,7 +484,9 @@ async def test_states_survive_a_restart(tmp_path: Path) -> None:
         client = await nats.connect(nats_url(fm))  # the embedded server came back (its port may differ)
         # The agent is heard again only after the new leader has judged for a while: without a
         # grace period its first tick would find db-keep silent since before the restart.
-        await until(lambda: asyncio.sleep(0, fm.logged("judging node states")), 10, "the restarted replica to lead")
+        await eventually(
+            lambda: asyncio.sleep(0, fm.logged("judging node states")), 10, "the restarted replica to lead"
+        )
         await asyncio.sleep(SUSPECT_S / 2)
         keeper = Agent(client, "db-keep").start()
         async with httpx.AsyncClient(base_url=fm.url, timeout=10) as http:
@@ -536,7 +523,7 @@ async def test_a_leader_change_does_not_flap_nodes(tmp_path: Path) -> None:
             async def took_over() -> bool:
                 return bool((await http.get("/api/v1/cluster")).json()["role"] == "leader")
 
-            await until(took_over, 15, f"{other} to lead")
+            await eventually(took_over, 15, f"{other} to lead")
             # The stopped replica goes suspect, then down; the agent and the survivor stay online.
             await wait_state(http, leader, "down", DOWN_AFTER + 2 * MARGIN_S + 2)
             assert await history(http, "db-6") == [(None, "online")]

@@ -2,7 +2,7 @@
 
 - `fleetmate`: nats-server and fleetmate processes (`NatsServer`, `Fleetmate`, `ReplicaSet`),
   `free_port`, `run_cli`, `running`
-- `wait`: `wait_for`, polling a condition with a deadline
+- `wait`: `wait_for` and its async twin `eventually`, polling a condition with a deadline
 - `natscluster`: a 3-server NATS cluster with JetStream
 - `servers`: MariaDB, PostgreSQL 15 and SeaweedFS S3 servers
 - `mariadb`, `postgres`: replica sets of those engines for the HA tests
@@ -16,6 +16,6 @@ The names most tests use are importable from `tests.harness` itself.
 """
 
 from tests.harness.fleetmate import ROOT, Fleetmate, NatsServer, ReplicaSet, free_port, run_cli, running
-from tests.harness.wait import wait_for
+from tests.harness.wait import eventually, wait_for
 
-__all__ = ["ROOT", "Fleetmate", "NatsServer", "ReplicaSet", "free_port", "run_cli", "running", "wait_for"]
+__all__ = ["ROOT", "Fleetmate", "NatsServer", "ReplicaSet", "eventually", "free_port", "run_cli", "running", "wait_for"]

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -329,14 +328,14 @@ class PostgresReplicaSet:
 
     def wait_row(self, i: int, query: str, expected: str, timeout: float = 20) -> None:
         """Poll a query on node i until its output is `expected`."""
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                last = self.sql(i, query)
-            except AssertionError as exc:
-                last = str(exc)
-            if last == expected:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.nodes[i].name}: {query!r} gave {last!r}, not {expected!r} within {timeout}s")
+
+        outputs = [""]
+
+        def matches() -> bool:
+            outputs[0] = self.sql(i, query)
+            return outputs[0] == expected
+
+        try:
+            wait_for(matches, timeout, f"{self.nodes[i].name}: {query!r} to give {expected!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; it last gave {outputs[0]!r}") from None
