@@ -207,7 +207,8 @@ def test_a_disk_filled_to_the_last_byte_under_load_loses_nothing_acknowledged(tm
             wait_for(lambda: len(acked) >= 200 or None, 30, "writes before the disk fills")
             filler = fill(disk, leave=0)
             wait_for(lambda: refused.get("DiskFull", 0) >= 5 or None, 30, "writes refused on a full disk")
-            time.sleep(2)
+            refused_so_far = refused["DiskFull"]
+            wait_for(lambda: refused["DiskFull"] >= refused_so_far + 30, 30, "writes still refused on a full disk")
             assert fm.alive
             assert fm.get("/api/v1/ready").json()["ready"] is True
             some = next(iter(acked))

@@ -25,7 +25,7 @@ from app.log.lease.s3 import S3Lease
 from app.log.lease.sql import SqlLease
 from app.storage.s3client import ObjectStoreError
 from app.storage.sqldb import SqlError
-from tests.harness import ROOT, Fleetmate, NatsServer, free_port, running, wait_for
+from tests.harness import ROOT, Fleetmate, NatsServer, eventually, free_port, running, wait_for
 from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
 TTL = 2.0
@@ -156,6 +156,16 @@ class Contenders:
             await asyncio.sleep(0.02)
         assert len(seen) == 1, f"the lead moved without cause: {seen}"
         return seen.pop()
+
+    async def all_see(self, holder: str, timeout: float) -> None:
+        """Until every live contender's last round found `holder` holding the lease."""
+
+        async def seen() -> bool:
+            self.check()
+            live = [loop for name, loop in self.loops.items() if name not in self.dead]
+            return all(loop.holder is not None and loop.holder.holder == holder for loop in live)
+
+        await eventually(seen, timeout, f"every contender to see {holder} holding the lease")
 
     def kill(self, name: str) -> None:
         """Stop a loop dead, without releasing: as if its process vanished."""
@@ -310,7 +320,7 @@ async def test_takeover_after_the_holder_process_is_killed(env: LeaseEnv, conten
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert line.strip() == b"leading", line
         contenders.start("b", "c")
-        await asyncio.sleep(2 * RENEW)  # the contenders have seen the lease held
+        await contenders.all_see("proc", 10)
         assert contenders.leaders() == []
         proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()

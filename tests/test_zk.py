@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -160,7 +159,11 @@ def test_one_shot_watches_fire_once(fm: Fleetmate) -> None:
         zk.set("/w", b"2")  # the data watch already fired: no second event
         zk.create("/w/later")
         wait_for(lambda: data_events and child_events and exist_events, 5, "three watch events")
-        time.sleep(0.3)
+        # Events reach the session in order: once a later watch fired, any stray second event has too.
+        sentinel: list[Any] = []
+        zk.exists("/sentinel", watch=sentinel.append)
+        zk.create("/sentinel")
+        wait_for(lambda: sentinel, 5, "the sentinel's watch event")
         assert [(e.type, e.path) for e in data_events] == [("CHANGED", "/w")]
         assert [(e.type, e.path) for e in child_events] == [("CHILD", "/w")]
         assert [(e.type, e.path) for e in exist_events] == [("CREATED", "/w/later")]
@@ -201,7 +204,7 @@ def test_lock_election_barrier_counter_recipes(fm: Fleetmate) -> None:
 
         t = threading.Thread(target=take_b)
         t.start()
-        time.sleep(0.5)
+        wait_for(lambda: len(lock_a.contenders()) == 2, 5, "b queued behind a for the lock")
         assert order == []  # b waits for a
         order.append("a")
         lock_a.release()
