@@ -140,7 +140,12 @@ def test_stream_leader_killed_writes_resume_nothing_lost(nats_cluster: NatsClust
             limit + 5,
             "a write acknowledged through every replica after the kill",
         )
-        time.sleep(1)
+        so_far = {name: len(w.acked) for name, w in writers.items()}
+        wait_for(
+            lambda: all(len(w.acked) >= so_far[name] + 5 for name, w in writers.items()),
+            20,
+            "more writes acknowledged through every replica",
+        )
     finally:
         for w in writers.values():
             w.stop.set()

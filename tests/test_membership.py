@@ -186,8 +186,13 @@ async def test_an_agent_registers_online_with_labels_and_facts(nc: Client, http:
 
         # The same facts again, and more heartbeats, write nothing; changed facts are written.
         stat = (await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/ports")).json()["stat"]
+        heard = (await http.get("/api/v1/nodes/db-1")).json()["node"]["last_seen"]
         await agent.publish_facts(ports=ports, engines=engines, network={"interfaces": []}, logs=[])
-        await asyncio.sleep(3 * INTERVAL)
+
+        async def heard_three_more() -> bool:
+            return bool((await http.get("/api/v1/nodes/db-1")).json()["node"]["last_seen"] >= heard + 3 * INTERVAL)
+
+        await eventually(heard_three_more, 5, "three more heartbeats from db-1 heard")
         again = (await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/ports")).json()["stat"]
         assert again["mzxid"] == stat["mzxid"]
         state_stat = (await http.get("/api/v1/registry/nodes/fleet/nodes/db-1/state")).json()["stat"]

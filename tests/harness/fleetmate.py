@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -271,7 +270,8 @@ class ReplicaSet:
             if found != "exited":
                 fm.url = found
                 continue
-            time.sleep(0.2)  # let the reader take the last lines
+            if fm._reader:
+                fm._reader.join(2)  # it ends at the exited process's EOF, having read the last lines
             errors = [line for line in fm.raw if '"level":"error"' in line or '"level":"critical"' in line]
             self.startup_failures.append((name, errors or fm.raw[-6:]))
             if not retry_failed_start:
