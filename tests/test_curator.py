@@ -65,7 +65,7 @@ def curator_check(tmp_path_factory: pytest.TempPathFactory) -> Classes:
     """CuratorCheck compiled once per session (installing Java and the jars first when missing)."""
     _install()
     if missing := _missing():
-        pytest.skip(f"missing {', '.join(missing)}: install Debian's {' '.join(PACKAGES)} (make test-deps does)")
+        pytest.fail(f"missing {', '.join(missing)}: install Debian's {' '.join(PACKAGES)} (make test-deps does)")
     out = tmp_path_factory.mktemp("curator-check")
     jars = ":".join(str(JAVA_DIR / jar) for jar in JARS)
     javac = subprocess.run(
@@ -136,7 +136,7 @@ def curator_run(
     if server == "zookeeper":
         classpath = zookeeper_classpath()
         if classpath is None:
-            pytest.skip("no ZooKeeper 3.8 to compare with: install Debian's zookeeper package (make test-deps does)")
+            pytest.fail("no ZooKeeper 3.8 to compare with: install Debian's zookeeper package (make test-deps does)")
         zk = ZooKeeper(classpath)
         try:
             zk.start()

@@ -43,7 +43,7 @@ def test_kazoo_suite(server: str, tmp_path: Path) -> None:
         from bench.zkserver import zookeeper_classpath
 
         if zookeeper_classpath() is None:
-            pytest.skip("no ZooKeeper: Debian's zookeeper package and a JRE (make test-deps)")
+            pytest.fail("no ZooKeeper: Debian's zookeeper package and a JRE are needed (make test-deps installs them)")
     with server_under_test(server, tmp_path / server) as address:
         run = run_suite(address, tmp_path / "kazoo", timeout=SUITE_TIMEOUT, workers=WORKERS)
     print(run.summary())

@@ -53,7 +53,7 @@ def _server(kind: str, tmp_path: Path) -> Iterator[str]:
     if kind == "zookeeper":
         classpath = zookeeper_classpath()
         if classpath is None:
-            pytest.skip("Debian's zookeeper package and a JRE are needed (make test-deps)")
+            pytest.fail("Debian's zookeeper package and a JRE are needed (make test-deps installs them)")
         zk = ZooKeeper(classpath)
         zk.start()
         try:

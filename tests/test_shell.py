@@ -264,9 +264,9 @@ def test_stat_prints_zkclis_fields(fm: Fleetmate, api: httpx.Client) -> None:
     assert (fields["ephemeralOwner"], fields["dataLength"], fields["numChildren"]) == ("0x0", "3", "0")
 
 
-@pytest.mark.skipif(not ZKCLI.exists(), reason=f"{ZKCLI} is missing: `make test-deps` installs Debian's zookeeper")
 def test_stat_and_path_refusals_read_as_zkclis(fm: Fleetmate, api: httpx.Client) -> None:
     """The same commands through ZooKeeper's own zkCli.sh (on the ZooKeeper port) and the shell (REST)."""
+    assert ZKCLI.exists(), f"{ZKCLI} is missing: `make test-deps` installs Debian's zookeeper"
     api.post("/registry/nodes/zkstat/n", json={"data": "abc", "parents": True})
     api.post("/registry/nodes/zkstat/n/child", json={"data": ""})
     api.put("/registry/nodes/zkstat/n", json={"data": "abcd"})

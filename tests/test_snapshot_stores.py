@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 import uuid
@@ -21,9 +20,6 @@ from tests.harness.servers import MariaDB, Postgres, SeaweedS3
 
 MIB = 1 << 20
 STORES = ["s3", "mysql", "postgresql", "file", "memory"]
-HAVE_LOCAL = {
-    name: importlib.util.find_spec(f"app.storage.snapshots.{name}") is not None for name in ("file", "memory")
-}
 
 
 @dataclass
@@ -117,8 +113,6 @@ async def case(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     """An opened store of the parametrized kind, with tables or prefixes nobody else uses."""
     kind: str = request.param
     tag = uuid.uuid4().hex[:10]
-    if kind in HAVE_LOCAL and not HAVE_LOCAL[kind]:
-        pytest.skip(f"app/storage/snapshots/{kind}.py is not there yet")
     if kind == "s3":
         made = await _open_s3(request, tag)
     elif kind in ("mysql", "postgresql"):

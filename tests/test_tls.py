@@ -142,7 +142,7 @@ def serving(kind: str, certs: Certs, workdir: Path, client_auth: bool) -> Iterat
     if kind == "zookeeper":
         classpath = zookeeper_tls_classpath()
         if classpath is None:
-            pytest.skip("no ZooKeeper 3.8 with Netty: install Debian's zookeeper package (make test-deps does)")
+            pytest.fail("no ZooKeeper 3.8 with Netty: install Debian's zookeeper package (make test-deps does)")
         zk = ZooKeeperTls(classpath, certs, "need" if client_auth else "none")
         try:
             zk.start()
