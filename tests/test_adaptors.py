@@ -2,11 +2,12 @@
 wait_applied, and a failover (kill -9 the primary) that loses no acknowledged row and fences the old one.
 
 Each engine is a kit: a real replica set of 3 (tests/harness/mariadb.py: GTID + semi-sync; tests/harness/postgres.py:
-streaming, `FIRST 1` synchronous commit on standby 1), started once for the module, plus the few steps
-that differ by engine (a client, blocking the applier, bringing the old primary back). Adaptors come
-from app.adaptors.registry by engine name. The failover changes a set for good and so runs last.
+streaming, `FIRST 1` synchronous commit on standby 1), started once per session in tests/conftest.py and
+shared with the engine-only tests, plus the few steps that differ by engine (a client, blocking the
+applier, bringing the old primary back). Adaptors come from app.adaptors.registry by engine name.
+The failover changes a set for good and so runs after every other test (breaks_replica_set).
 Engine-only cases stay in tests/test_ha_mysql.py and tests/test_ha_postgresql.py. A new engine is an
-adaptor module, a registry entry and a kit here.
+adaptor module, a registry entry, a kit here and its replica set in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 import asyncmy
@@ -72,16 +73,10 @@ class MariaDBKit(Kit):
     not_applied = r"relay log not applied within 1s \(received \d+-\d+-\d+"
     TABLE = "app.acked"
 
-    def start(self) -> None:
-        self.rs = MariaDBReplicaSet(3, semi_sync=True)
-        self.rs.start()
-        self.rs.sql(0, f"CREATE TABLE {self.TABLE} (id BIGINT PRIMARY KEY, step VARCHAR(20) NOT NULL)")
-        self.rs.wait_replicated()
-        self.admin, self.replication = self.rs.admin, self.rs.replication
-        self.addresses = self.rs.addresses
-
-    def stop(self) -> None:
-        self.rs.stop()
+    def __init__(self, rs: MariaDBReplicaSet) -> None:
+        self.rs = rs
+        self.admin, self.replication = rs.admin, rs.replication
+        self.addresses = rs.addresses
 
     def check_discovered(self, by_address: dict[Address, InstanceStatus]) -> None:
         primary, *replicas = self.addresses
@@ -186,16 +181,10 @@ class PostgresKit(Kit):
     denied = r"login refused: password authentication failed"
     not_applied = r"has not reached .* within 1 s \(replay is paused\)"
 
-    def start(self) -> None:
-        self.pg = PostgresReplicaSet(3, synchronous="first")
-        self.pg.start()
-        self.pg.sql(0, "CREATE TABLE acked (id bigint PRIMARY KEY)")
-        self.pg.wait_streaming()
-        self.admin, self.replication = self.pg.admin, self.pg.replication
-        self.addresses = self.pg.addresses
-
-    def stop(self) -> None:
-        self.pg.stop()
+    def __init__(self, pg: PostgresReplicaSet) -> None:
+        self.pg = pg
+        self.admin, self.replication = pg.admin, pg.replication
+        self.addresses = pg.addresses
 
     def check_discovered(self, by_address: dict[Address, InstanceStatus]) -> None:
         primary, sync, potential = self.addresses
@@ -284,18 +273,12 @@ class PostgresKit(Kit):
         assert by_address[old].extra["application_name"] == str(old)
 
 
-KITS: dict[str, type[MariaDBKit] | type[PostgresKit]] = {"mariadb": MariaDBKit, "postgresql": PostgresKit}
-
-
-@pytest.fixture(scope="module", params=sorted(KITS))
-def kit(request: pytest.FixtureRequest) -> Iterator[Kit]:
-    """One engine's replica set for the whole module (pytest runs all of one engine's tests, then the next's)."""
-    found = KITS[request.param]()
-    found.start()
-    try:
-        yield found
-    finally:
-        found.stop()
+@pytest.fixture(params=["mariadb", "postgresql"])
+def kit(request: pytest.FixtureRequest) -> Kit:
+    """One engine's kit around the session's replica set of that engine (tests/conftest.py)."""
+    if request.param == "mariadb":
+        return MariaDBKit(request.getfixturevalue("mariadb_replicas"))
+    return PostgresKit(request.getfixturevalue("postgres_replicas"))
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -469,9 +452,10 @@ async def test_wait_applied_times_out_while_the_replica_cannot_apply_then_return
     assert set(range(-1000, -900)) <= kit.ids(2)
 
 
-# --- failover: kill -9 the primary, nothing acknowledged lost, old primary fenced (runs last) -----
+# --- failover: kill -9 the primary, nothing acknowledged lost, old primary fenced (breaks the set) --
 
 
+@pytest.mark.breaks_replica_set(1)
 async def test_failover_loses_no_acknowledged_row_and_fences_the_old_primary(kit: Kit) -> None:
     adaptor = kit.adaptor()
     old, a, b = kit.addresses

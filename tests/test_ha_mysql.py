@@ -2,15 +2,15 @@
 positions, semi-sync on repoint, a refused replication user, a stopped SQL thread, errant GTIDs.
 
 The contract every adaptor keeps (discovery, probes, errors, read_only, repoint, wait_applied,
-failover) is tests/test_adaptors.py. One set (primary 0, replicas 1 and 2) serves this module; the
-errant-GTID case breaks a replica for good and so runs last.
+failover) is tests/test_adaptors.py. Both share the session's set (tests/conftest.py: primary 0,
+replicas 1 and 2, table app.acked); the errant-GTID case breaks a replica for good and so runs after
+every other test, the contract suite's failover included (breaks_replica_set).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,17 +29,10 @@ pytestmark = pytest.mark.slow
 TABLE = "app.acked"
 
 
-@pytest.fixture(scope="module")
-def rs() -> Iterator[MariaDBReplicaSet]:
-    """Primary 0, replicas 1 and 2, GTID strict mode and semi-sync on every instance."""
-    replica_set = MariaDBReplicaSet(3, semi_sync=True)
-    replica_set.start()
-    try:
-        replica_set.sql(0, f"CREATE TABLE {TABLE} (id INT PRIMARY KEY, step VARCHAR(20) NOT NULL)")
-        replica_set.wait_replicated()
-        yield replica_set
-    finally:
-        replica_set.stop()
+@pytest.fixture
+def rs(mariadb_replicas: MariaDBReplicaSet) -> MariaDBReplicaSet:
+    """The session's set (tests/conftest.py): primary 0, replicas 1 and 2, GTID strict mode and semi-sync."""
+    return mariadb_replicas
 
 
 def adaptor_for(rs: MariaDBReplicaSet, **kw: Any) -> MySQLAdaptor:
@@ -133,6 +126,7 @@ async def test_wait_applied_fails_at_once_on_a_stopped_sql_thread(rs: MariaDBRep
 # --- errant GTIDs (breaks a replica: last) -------------------------------------------------------
 
 
+@pytest.mark.breaks_replica_set(2)
 async def test_an_errant_transaction_on_a_replica_is_reported_and_repoint_refuses_it(rs: MariaDBReplicaSet) -> None:
     adaptor = adaptor_for(rs, repoint_timeout=5)
     topology = await adaptor.discover(rs.addresses[0])

@@ -2,13 +2,12 @@
 standbys (members mapping), quorum commit, refusing to repoint a primary.
 
 The contract every adaptor keeps (discovery, probes, errors, read_only, repoint, wait_applied, a
-failover with rejoin) is tests/test_adaptors.py. One set (primary + 2 standbys, synchronous commit
-on standby 1) serves this module.
+failover with rejoin) is tests/test_adaptors.py. Both share the session's set (tests/conftest.py:
+primary + 2 standbys, synchronous commit on standby 1); the contract suite's failover runs after
+these tests.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,15 +22,10 @@ from tests.harness.postgres import PostgresReplicaSet
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pgset() -> Iterator[PostgresReplicaSet]:
-    """Primary 0, standbys 1 and 2; `FIRST 1 (standby 1)` with synchronous_commit on."""
-    replica_set = PostgresReplicaSet(3, synchronous="first")
-    replica_set.start()
-    try:
-        yield replica_set
-    finally:
-        replica_set.stop()
+@pytest.fixture
+def pgset(postgres_replicas: PostgresReplicaSet) -> PostgresReplicaSet:
+    """The session's set (tests/conftest.py): primary 0, standbys 1 and 2; `FIRST 1 (standby 1)`."""
+    return postgres_replicas
 
 
 def adaptor_for(pgset: PostgresReplicaSet) -> PostgresAdaptor:
