@@ -106,6 +106,7 @@ def test_a_20_mb_body_is_answered_413_on_both_paths(fm: Fleetmate) -> None:
     lean = api.put(f"{NODES}/big", content=body, headers=json_type)  # the lean path's route
     _refusal(lean, 413, "payload_too_large", "http.max_body_bytes")
     assert lean.json()["detail"]["limit"] == 8 * MiB
+    assert lean.headers["connection"] == "close"  # its body may be unread: the client takes a new connection
     bridged = api.post(f"{NODES}/big-new", content=body, headers=json_type)  # Litestar's route
     _refusal(bridged, 413, "payload_too_large", "http.max_body_bytes")
 
@@ -115,6 +116,7 @@ def test_a_20_mb_body_is_answered_413_on_both_paths(fm: Fleetmate) -> None:
 
     chunked = api.put(f"{NODES}/big", content=pieces(), headers=json_type)
     _refusal(chunked, 413, "payload_too_large", "http.max_body_bytes")
+    assert chunked.headers["connection"] == "close"
     chunked = api.post(f"{NODES}/big-new", content=pieces(), headers=json_type)
     _refusal(chunked, 413, "payload_too_large", "http.max_body_bytes")
     assert api.get(f"{NODES}/big").json()["data"] == "small"  # nothing changed

@@ -26,6 +26,7 @@ from app.web.rsgi import HttpReceive, HttpSend, asgi_scope, serve_websocket
 
 _OPEN = frozenset({"/api/v1/health", "/api/v1/ready"})
 _JSON = ("content-type", "application/json")
+_CLOSE = ("connection", "close")
 CLIENT_GONE = 499  # the figures' status for a request whose client left before it was answered (nginx's)
 
 
@@ -149,7 +150,10 @@ class Observe:
                     route = inner.get("path_template") or "unmatched"
         except RequestRefused as exc:
             status = exc.status
-            proto.response_bytes(status, [_JSON], error_body(exc))
+            # A refused body may not have been read to its end (the drain is bounded): the
+            # connection cannot carry another request, so the client is told not to reuse it.
+            out = [_JSON, _CLOSE] if status == 413 else [_JSON]
+            proto.response_bytes(status, out, error_body(exc))
         except (ProtocolError, ProtocolClosed):
             status = CLIENT_GONE  # the client went away mid-request (e.g. before its body arrived)
         finally:

@@ -114,6 +114,8 @@ class HttpSend:
                 raise RuntimeError("the response has already started")
             self.status = message["status"]
             self._headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())]
+            if self.status == 413:  # a refused body may be unread: not for another request (as observe.py)
+                self._headers.append(("connection", "close"))
         elif kind == "http.response.body":
             if not self.status:
                 raise RuntimeError("a response body before its start")
