@@ -47,6 +47,15 @@ def free(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def ballast(path: Path, size: int) -> Path:
+    """The filler file, made before a server runs on `path` and holding `size` bytes, so that freeing
+    it later gives that much room back even if the server itself filled the rest of the disk."""
+    filler = path / "filler"
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * size)
+    return filler
+
+
 def fill(path: Path, leave: int) -> Path:
     """Write a file under `path` until only `leave` bytes are free (0: to the last byte)."""
     filler = path / "filler"
@@ -178,6 +187,7 @@ def test_a_disk_filled_to_the_last_byte_under_load_loses_nothing_acknowledged(tm
     nats-server's store fail their writes. Every acknowledged write survives, through the refill and
     a restart; writes come back by themselves once space is freed."""
     with tmpfs(tmp_path / "disk", 96) as disk:
+        ballast(disk, 8 * MIB)  # made first: an open() on a full tmpfs can fail (ENOSPC) too
         fm = _replica(tmp_path, disk, min_free_mb=0)
         acked: dict[str, str] = {}
         refused: dict[str, int] = {}
@@ -205,6 +215,7 @@ def test_a_disk_filled_to_the_last_byte_under_load_loses_nothing_acknowledged(tm
             for t in threads:
                 t.start()
             wait_for(lambda: len(acked) >= 200 or None, 30, "writes before the disk fills")
+            print(f"free before filling: {free(disk)} bytes")  # shown if the test fails
             filler = fill(disk, leave=0)
             wait_for(lambda: refused.get("DiskFull", 0) >= 5 or None, 30, "writes refused on a full disk")
             refused_so_far = refused["DiskFull"]
