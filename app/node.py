@@ -28,6 +28,8 @@ from app.services.membership.service import MembershipService
 from app.services.metrics.messages import STREAM as METRICS_STREAM
 from app.services.metrics.service import MetricsService
 from app.services.registry.service import RegistryService
+from app.services.scheduler.leader import SchedulerLeader
+from app.services.scheduler.service import SchedulerService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
 from app.storage.datadir import DataDirLock
@@ -63,6 +65,8 @@ class Node:
         self.membership: MembershipService | None = None
         self.metrics: MetricsService | None = None
         self.ha: HaService | None = None
+        self.scheduler: SchedulerService | None = None
+        self.scheduler_leader: SchedulerLeader | None = None
         self.snapshot_store: SnapshotStore | None = None
         self.dir_lock = DataDirLock(cfg.data_path)
         self.stream_replicas = 1
@@ -141,6 +145,21 @@ class Node:
                 self.bus, cfg.metrics, self.node_id, cfg.data_path, replicas=self.stream_replicas
             )
             await self.metrics.start()
+        if cfg.scheduler.enabled:
+            self.phase = "catching up with the scheduler log"
+            self.scheduler = SchedulerService(
+                self.bus,
+                cfg.scheduler,
+                cfg.data_path,
+                self.node_id,
+                self.logs,
+                replicas=self.stream_replicas,
+                snapshot_store=self.snapshot_store,
+                snapshot_cfg=cfg.snapshot,
+                peers_applied=self._peers_applied_scheduler,
+            )
+            await self.scheduler.start()
+            self.scheduler_leader = SchedulerLeader(self.scheduler)
         if cfg.ha.enabled:
             membership = self.membership
             agents = AgentDirectory(
@@ -181,9 +200,13 @@ class Node:
             await self.membership.lead()
         if self.ha is not None:
             await self.ha.lead()
+        if self.scheduler_leader is not None:
+            await self.scheduler_leader.lead()
 
     async def _lose_lead(self) -> None:
-        """Leader duties stop: HA's first, then membership's, then the registry's."""
+        """Leader duties stop: the scheduler's and HA's first, then membership's, then the registry's."""
+        if self.scheduler_leader is not None:
+            await self.scheduler_leader.stop()
         if self.ha is not None:
             await self.ha.stop_leading()
         if self.membership is not None:
@@ -200,6 +223,8 @@ class Node:
         if self.bus is None or not self.cfg.nats.step_down_on_stop:
             return
         streams = [subjects.REGISTRY_STREAM, f"KV_{subjects.LEASE_BUCKET}"]
+        if self.scheduler is not None:
+            streams.append(subjects.SCHEDULER_STREAM)
         if self.metrics is not None:
             streams.append(METRICS_STREAM)
         await step_down_if_leading(self.bus.nc, streams, self.bus.server_name)
@@ -209,6 +234,11 @@ class Node:
         if self.system is None:
             return []
         return [r.applied_seq for r in await self.system.replicas() if r.node_id != self.node_id]
+
+    async def _peers_applied_scheduler(self) -> list[int]:
+        """The scheduler log is trimmed only behind its snapshots (replicas do not announce its sequence):
+        a replica behind a trimmed log restores the newest snapshot."""
+        return []
 
     def newest_applied_seq(self) -> int:
         """The highest applied sequence among this replica and the others' last announcements."""
@@ -256,6 +286,8 @@ class Node:
         assert self.bus is not None
         if self.registry is not None and self.registry.failed:
             return self.registry.failed
+        if self.scheduler is not None and self.scheduler.log.failed:
+            return self.scheduler.log.failed
         return await self.bus.jetstream_ok()
 
     async def stop(self) -> None:
@@ -269,6 +301,7 @@ class Node:
             ("lease backend", self.leadership.backend.close if self.leadership else None),
             ("ha", self.ha.stop if self.ha else None),
             ("metrics", self.metrics.stop if self.metrics else None),
+            ("scheduler", self.scheduler.stop if self.scheduler else None),
             ("membership", self.membership.stop if self.membership else None),
             ("registry", self.registry.stop if self.registry else None),
             ("system", self.system.stop if self.system else None),
@@ -281,7 +314,7 @@ class Node:
                 continue
             try:
                 # The registry's step may end with a snapshot, bounded by snapshot.on_stop_timeout.
-                extra = self.cfg.snapshot.on_stop_timeout if name == "registry" else 0.0
+                extra = self.cfg.snapshot.on_stop_timeout if name in ("registry", "scheduler") else 0.0
                 await asyncio.wait_for(step(), STOP_STEP_TIMEOUT_S + extra)
             except TimeoutError:
                 log.error("a shutdown step did not finish in time; going on", extra={"step": name})

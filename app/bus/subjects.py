@@ -19,6 +19,10 @@ REGISTRY_LOG = f"{PREFIX}.log.registry"
 # Keepalives go to the leader on this subject (no queue group: every leader subscribed answers).
 REGISTRY_KEEPALIVE = f"{PREFIX}.registry.keepalive"
 
+# The shard scheduler's log (its data nodes' subjects are in app/services/scheduler/protocol.py).
+SCHEDULER_STREAM = "FLEETMATE_SCHEDULER"
+SCHEDULER_LOG = f"{PREFIX}.log.scheduler"
+
 
 # KV bucket and key of the leader lease (nats backend).
 LEASE_BUCKET = "fleetmate_lease"

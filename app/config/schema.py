@@ -214,6 +214,15 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream_max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] = 1 << 30
 
 
+class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[scheduler]: the shard scheduler's leader rounds, assignment pushes and load records."""
+
+    enabled: bool = True
+    interval: Annotated[float, msgspec.Meta(ge=0.05, le=600)] = 1.0
+    push_interval: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 5.0
+    load_interval: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+
+
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing."""
 
@@ -246,6 +255,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     ha: HaConfig = msgspec.field(default_factory=HaConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
 
     @property
     def data_path(self) -> Path:
@@ -281,6 +291,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "agent": AgentConfig,
     "metrics": MetricsConfig,
     "ha": HaConfig,
+    "scheduler": SchedulerConfig,
 }
 SECRET_KEYS = frozenset(
     {"auth.tokens", "sql.dsn", "s3.secret_key", "nats.token", "ha.password", "ha.replication_password"}

@@ -24,6 +24,7 @@ from app.web.routes.metrics import MAX_BODY_BYTES as POINTS_MAX_BODY_BYTES
 from app.web.routes.metrics import metrics_routes
 from app.web.routes.nodes import node_routes
 from app.web.routes.registry import registry_routes
+from app.web.routes.scheduler import scheduler_routes
 from app.web.routes.system import SystemController
 from app.web.routes.watch import WatchSocket
 
@@ -51,6 +52,7 @@ def create_app(node: Node) -> Observe:
             *node_routes(node),
             *metrics_routes(node),
             *ha_routes(node),
+            *scheduler_routes(node),
             *audit_routes(node),
         ],
         state=State({"node": node}),
