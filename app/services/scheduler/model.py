@@ -84,6 +84,11 @@ class Step(msgspec.Struct):
     deadline_ms: int = 0
     done_ms: int = 0
 
+    @property
+    def started(self) -> bool:
+        """Whether its change was applied (its epoch is set then: started_ms may be 0 at time 0)."""
+        return self.epoch > 0
+
 
 class HistoryEntry(msgspec.Struct, array_like=True):
     """What happened to a procedure, when, and under which trace."""

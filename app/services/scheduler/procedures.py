@@ -316,7 +316,7 @@ def roll_back(cluster: Cluster, proc: Procedure, now_ms: int) -> set[str]:
     """Undo what a procedure ended early left half-done: learners it added go (their nodes drop them)."""
     changed: set[str] = set()
     for step in proc.steps:
-        if step.action != "add_learner" or not step.started_ms:
+        if step.action != "add_learner" or not step.started:
             continue
         shard = cluster.shards.get(step.shard)
         rep = shard.replica(step.node) if shard is not None else None

@@ -6,6 +6,8 @@ to check convergence, limits and the time a repair takes under the store limits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 
 from app.services.scheduler.messages import Advance, Expire, LeaderElected, Operator, Propose, Report
@@ -28,7 +30,7 @@ def acks_for(state: SchedulerState, proc: Procedure, now_ms: int) -> list[Report
     if c is None or proc.at < 0 or proc.finished:
         return []
     step = proc.steps[proc.at]
-    if not step.started_ms:
+    if not step.started:
         return []
     out: list[Report] = []
     for sid in (step.shard, step.other):
@@ -88,14 +90,24 @@ class Simulation:
                 break
         return steps
 
-    def run(self, cluster: str, tick_ms: int = 1000, max_rounds: int = 10_000) -> int:
+    def run(
+        self,
+        cluster: str,
+        tick_ms: int = 1000,
+        max_rounds: int = 10_000,
+        on_round: Callable[[int, list[Operator]], object] | None = None,
+    ) -> int:
         """Rounds (one a tick) until the schedulers emitted nothing and nothing ran for a minute (the store
-        limits' window: a node out of units gets more); the rounds taken up to the last operator."""
+        limits' window: a node out of units gets more); the rounds taken up to the last operator.
+
+        on_round(round, operators) is called after each round's proposals and advances (checks, progress)."""
         last_busy = 0
         quiet_ms = 0
         for rounds in range(1, max_rounds + 1):
             ops = self.propose(cluster)
             self.settle(cluster)
+            if on_round is not None:
+                on_round(rounds, ops)
             if ops or self.state.running(cluster):
                 last_busy, quiet_ms = rounds, 0
             else:

@@ -402,7 +402,8 @@ class SchedulerState:
         c = self.cluster(proc.cluster)
         if c.frozen and proc.op.source != "failover":
             raise Refused(f"cluster {proc.cluster} is frozen (deploy mode)")
-        if cmd.at != proc.at and not (cmd.at == -1 and proc.at == 0):
+        # at -1 starts a procedure (a retry of it is not the first step's completion)
+        if cmd.at != proc.at and not (cmd.at == -1 and proc.at == 0 and not proc.steps[0].started):
             raise StepNotReady(f"procedure {proc.id} is at step {proc.at}, not {cmd.at}")
         proc.at = max(proc.at, 0)
         if stale := self._stale_epoch(c, proc):
@@ -411,7 +412,7 @@ class SchedulerState:
             return proc.status
         step = proc.steps[proc.at]
         changed = set()
-        if step.started_ms:
+        if step.started:
             if not step_complete(c, step):
                 raise StepNotReady(f"step {proc.at} ({step.action}) of procedure {proc.id} is not acknowledged")
             step.done_ms = cmd.time_ms
@@ -437,7 +438,7 @@ class SchedulerState:
             status, why = "expired", "not started in time"
         else:
             step = proc.steps[proc.at]
-            if step.started_ms:
+            if step.started:
                 if cmd.time_ms < step.deadline_ms or step_complete(c, step):
                     raise StepNotReady(f"step {proc.at} of procedure {proc.id} is within its deadline")
                 status, why = "timeout", f"step {proc.at} ({step.action} {step.node}) was not acknowledged in time"
