@@ -157,13 +157,13 @@ def repair(c: Cluster, r: Round) -> str:
                 continue
         if dead and len(s.replicas) > 1 and good >= min(want, 1):
             acts += r.take(Operator("remove_replica", (s.id,), "repair", node_from=dead[0]), s)
-        elif good > want and len(s.replicas) > 1:
-            extra = (
-                draining[0]
-                if draining
-                else max(
-                    (x.node for x in s.replicas if x.role != "leader"), key=lambda n: (counts.get(n, 0), n), default=""
-                )
+        elif (good > want or (draining and good >= want)) and len(s.replicas) > 1:
+            # A surplus replica: a draining node's first, then one on a node not online (down, suspect:
+            # removing a live one would lower the live count), then the fullest node's.
+            extra = max(
+                (x.node for x in s.replicas if x.role != "leader"),
+                key=lambda n: (n in draining, c.nodes[n].state != "online", counts.get(n, 0), n),
+                default="",
             )
             if extra:
                 acts += r.take(Operator("remove_replica", (s.id,), "repair", node_from=extra), s)
