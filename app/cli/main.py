@@ -78,6 +78,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from app.cli import ha as ha_cli
 
     ha_cli.add_parser(sub)
+    from app.cli import sched as sched_cli
+
+    sched_cli.add_parser(sub)
     from app.cli import audit as audit_cli
 
     audit_cli.add_parser(sub)
@@ -154,6 +157,10 @@ def _run(args: argparse.Namespace) -> int:
         from app.cli.ha import run as run_ha
 
         return run_ha(args)
+    if args.command == "sched":
+        from app.cli.sched import run as run_sched
+
+        return run_sched(args)
     if args.command == "audit":
         from app.cli.audit import run as run_audit
 
