@@ -100,10 +100,12 @@ def test_placement_operators_drain_and_a_restart(fm: Fleetmate) -> None:
         proc = got.json()["id"]
         wait_for(lambda: fm.get(f"{BASE}/procedures/{proc}").json()["status"] == "success" or None, 30, "the move")
         after = next(s for s in _shards(fm, "kv") if s["id"] == s0["id"])
-        assert target in {r["node"] for r in after["replicas"]} and holder not in {r["node"] for r in after["replicas"]}
+        assert target in {r["node"] for r in after["replicas"]}
+        assert holder not in {r["node"] for r in after["replicas"]}
         assert after["epoch"] == s0["epoch"] + 3  # learner, promote, remove
         history = [h[1] for h in fm.get(f"{BASE}/procedures/{proc}").json()["history"]]
-        assert history[0] == "created by manual" and history[-1] == "success"
+        assert history[0] == "created by manual"
+        assert history[-1] == "success"
 
         # Drain: leaders, then replicas, leave the node.
         assert fm.post(f"{BASE}/clusters/kv/nodes/d/drain", {}).status_code == 200
@@ -232,7 +234,8 @@ def test_the_cli_drives_the_scheduler(fm: Fleetmate, tmp_path: Path) -> None:
     try:
         _register(fm, beats, "n1", "n2")
         wait_for(lambda: _settled(fm, "cli1") or None, 30, "placement")
-        assert "n1" in cli("nodes", "cli1") and "SHARD" in cli("shards", "cli1")
+        assert "n1" in cli("nodes", "cli1")
+        assert "SHARD" in cli("shards", "cli1")
         assert "shard" in cli("route", "cli1", "00000001")
         assert json.loads(cli("show", "cli1", "--json"))["placed"] is True
         assert "balance-leader" in cli("diagnose", "cli1")
@@ -248,7 +251,8 @@ def test_the_cli_drives_the_scheduler(fm: Fleetmate, tmp_path: Path) -> None:
         assert "success" in cli("procedures", "cli1", "--status", "success")
         assert "ETA" in cli("what-if", "cli1", "--add", "n3@z1")
         bad = run_cli(["sched", "show", "nope"], env, tmp_path)
-        assert bad.returncode == 1 and "no cluster named 'nope'" in bad.stderr
+        assert bad.returncode == 1
+        assert "no cluster named 'nope'" in bad.stderr
         assert "dropped" in cli("drop", "cli1")
     finally:
         beats.stop.set()
