@@ -80,9 +80,11 @@ class Simulation:
                 if ack:
                     for rep in acks_for(self.state, proc, self.now_ms):
                         self.state.apply(rep)
+                where = (proc.at, proc.status, proc.at >= 0 and proc.steps[proc.at].started)
                 result, _ = self.state.apply(Advance(proc.id, proc.at, self.term, self.now_ms))
                 if not isinstance(result, Exception):
-                    moved += 1
+                    # a step waiting for a store limit is applied but did not move: not counted
+                    moved += where != (proc.at, proc.status, proc.at >= 0 and proc.steps[proc.at].started)
                 else:
                     self.state.apply(Expire(proc.id, proc.at, self.term, self.now_ms))
             steps += moved
