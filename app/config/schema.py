@@ -221,6 +221,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: Annotated[float, msgspec.Meta(ge=0.05, le=600)] = 1.0
     push_interval: Annotated[float, msgspec.Meta(ge=0.5, le=3600)] = 5.0
     load_interval: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 10.0
+    balance_primaries: bool = False
+    primary_cooldown: Annotated[float, msgspec.Meta(ge=0, le=604800)] = 600.0
 
 
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -137,11 +137,11 @@ class SchedulerLeader:
                     await self._leases(c, trace_id)
                     await self._place(c, trace_id)
                     await self._loads(c)
-            await self._steps()
+            await self._steps(trace_id)
             if full:
                 for c in list(svc.state.clusters.values()):
                     await self._schedule(c, trace_id)
-                await self._steps()
+                await self._steps(trace_id)
 
     async def _send(self, commands: list[Command]) -> list[object]:
         """Append commands concurrently (the batcher puts them in few entries); refusals are returned."""
@@ -229,27 +229,28 @@ class SchedulerLeader:
         if sizes or load or c.sizes or c.load:
             await self._send([RecordLoad(name, sizes, load, self.svc.term, now_ms())])
 
-    def _due(self, c: Cluster, p: Procedure, now: int) -> Command | None:
+    def _due(self, c: Cluster, p: Procedure, now: int, trace_id: str) -> Command | None:
+        term = self.svc.term
         if p.at < 0 or p.status == "created":
             if c.frozen and p.op.source != "failover":
                 expire = now - p.created_ms >= c.limits.expire_s * 1000
-                return Expire(p.id, p.at, self.svc.term, now) if expire else None
-            return Advance(p.id, p.at, self.svc.term, now)
+                return Expire(p.id, p.at, term, now, trace_id) if expire else None
+            return Advance(p.id, p.at, term, now, trace_id)
         step = p.steps[p.at]
         if not step.started_ms or step_complete(c, step):
-            return Advance(p.id, p.at, self.svc.term, now)
+            return Advance(p.id, p.at, term, now, trace_id)
         if now >= step.deadline_ms:
-            return Expire(p.id, p.at, self.svc.term, now)
+            return Expire(p.id, p.at, term, now, trace_id)
         return None
 
-    async def _steps(self) -> None:
+    async def _steps(self, trace_id: str) -> None:
         """Finish every acknowledged step and start the next; end those past their deadline."""
         svc = self.svc
         now = now_ms()
         out: list[Command] = []
         for p in svc.state.running():
             c = svc.state.clusters.get(p.cluster)
-            if c is not None and (cmd := self._due(c, p, now)) is not None:
+            if c is not None and (cmd := self._due(c, p, now, trace_id)) is not None:
                 out.append(cmd)
         if out:
             failpoints.hit("scheduler.step")

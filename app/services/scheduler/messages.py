@@ -162,6 +162,7 @@ class Advance(msgspec.Struct, frozen=True, tag="advance", array_like=True):
     at: int
     term: int
     time_ms: int = 0
+    trace_id: str = ""
 
 
 class Expire(msgspec.Struct, frozen=True, tag="expire", array_like=True):
@@ -171,6 +172,7 @@ class Expire(msgspec.Struct, frozen=True, tag="expire", array_like=True):
     at: int
     term: int
     time_ms: int = 0
+    trace_id: str = ""
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel", array_like=True):
@@ -179,6 +181,7 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel", array_like=True):
     proc: int
     reason: str = "canceled by an operator"
     time_ms: int = 0
+    trace_id: str = ""
 
 
 class Report(msgspec.Struct, frozen=True, tag="report", array_like=True):

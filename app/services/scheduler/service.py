@@ -217,7 +217,7 @@ class SchedulerService:
     async def cancel(self, proc_id: int, reason: str = "") -> Procedure:
         """Cancel a procedure (what it added and nothing acknowledged is rolled back)."""
         self.state.procedure(proc_id)
-        await self.append(Cancel(proc_id, reason or "canceled by an operator", now_ms()))
+        await self.append(Cancel(proc_id, reason or "canceled by an operator", now_ms(), current_trace_id()))
         return self.state.procedure(proc_id)
 
     async def ack(self, ack: protocol.Ack) -> int:
