@@ -7,6 +7,7 @@
 - `servers`: MariaDB, PostgreSQL 15 and SeaweedFS S3 servers
 - `mariadb`, `postgres`: replica sets of those engines for the HA tests
 - `agent`: `fleetmate agent` as a subprocess
+- `datanode`: the scheduler's test data node program, `DataNode` and `DataNodes` (its processes)
 - `netns`: a network namespace and ways to cut links out of it
 - `zkwire`: a raw ZooKeeper wire client
 - `tlscerts`: a CA and certificates made with openssl
