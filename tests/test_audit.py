@@ -291,7 +291,7 @@ async def test_the_cli_and_the_shell_print_the_trace_id(fm: Fleetmate, http: htt
     assert "Error: BadArguments: audit: -l needs a number from 1 to 1000, not '0'" in err
     code, out, err = await asyncio.to_thread(cli, "shell", "-c", "help audit")
     assert code == 0, err
-    assert out.startswith("usage: audit [-t trace_id] [-s ha|node] [-n subject] [-l limit]\n")
+    assert out.startswith("usage: audit [-t trace_id] [-s ha|node|scheduler] [-n subject] [-l limit]\n")
 
 
 def test_a_decision_span_is_a_root_with_a_fresh_trace_id() -> None:

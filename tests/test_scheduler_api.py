@@ -106,6 +106,10 @@ def test_placement_operators_drain_and_a_restart(fm: Fleetmate) -> None:
         history = [h[1] for h in fm.get(f"{BASE}/procedures/{proc}").json()["history"]]
         assert history[0] == "created by manual"
         assert history[-1] == "success"
+        audit = fm.get("/api/v1/audit?source=scheduler&subject=kv&limit=1000").json()
+        mine = [e for e in audit if e["message"].startswith(f"procedure {proc} move")]
+        assert len(mine) == len(history)
+        assert all(len(e["trace_id"]) == 32 for e in mine)
 
         # Drain: leaders, then replicas, leave the node.
         assert fm.post(f"{BASE}/clusters/kv/nodes/d/drain", {}).status_code == 200

@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
         "audit", help="recorded decisions (HA steps, node state changes), newest first, with their trace ids"
     )
     p.add_argument("--trace-id", metavar="ID", help="only the decisions of this trace (32 hex digits)")
-    p.add_argument("--source", choices=SOURCES, help="only HA's or only membership's decisions")
+    p.add_argument("--source", choices=SOURCES, help="only HA's, membership's or the scheduler's decisions")
     p.add_argument("--subject", metavar="NAME", help="only this cluster name or node id")
     p.add_argument("--since", metavar="TIME", help="unix seconds, or an age such as 90s, 30m, 2h, 7d")
     p.add_argument("--limit", type=int, default=100, metavar="N", help=f"at most N (1..{MAX_LIMIT}, default 100)")
@@ -44,7 +44,7 @@ def table(entries: Iterable[AuditEntry]) -> list[str]:
     lines = [f"{'TIME':<19}  {'SOURCE':<6} {'SUBJECT':<20} {'KIND':<12} {'TRACE_ID':<32}  MESSAGE"]
     for e in entries:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
-        lines.append(f"{at:<19}  {e.source:<6} {e.subject:<20} {e.kind:<12} {e.trace_id or '-':<32}  {e.message}")
+        lines.append(f"{at:<19}  {e.source:<9} {e.subject:<20} {e.kind:<12} {e.trace_id or '-':<32}  {e.message}")
     return lines
 
 

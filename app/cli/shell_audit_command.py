@@ -9,11 +9,11 @@ from app.web.routes.audit_models import MAX_LIMIT
 
 AUDIT_SPECS: dict[str, Spec] = {
     "audit": Spec(
-        "audit [-t trace_id] [-s ha|node] [-n subject] [-l limit]",
+        "audit [-t trace_id] [-s ha|node|scheduler] [-n subject] [-l limit]",
         "recorded decisions (HA steps, node state changes), newest first, with their trace ids",
         (
             "-t  only the decisions of this trace (32 hex digits)",
-            "-s  only this source: ha or node",
+            "-s  only this source: ha, node or scheduler",
             "-n  only this cluster name or node id",
             "-l  at most this many (1..1000, default 20)",
         ),

@@ -8,8 +8,8 @@ from typing import Literal
 
 import msgspec
 
-Source = Literal["ha", "node"]
-SOURCES: tuple[Source, ...] = ("ha", "node")
+Source = Literal["ha", "node", "scheduler"]
+SOURCES: tuple[Source, ...] = ("ha", "node", "scheduler")
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
 SUBJECT_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # a node id or a cluster name
 MAX_LIMIT = 1000
