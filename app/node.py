@@ -29,6 +29,7 @@ from app.services.metrics.messages import STREAM as METRICS_STREAM
 from app.services.metrics.service import MetricsService
 from app.services.registry.service import RegistryService
 from app.services.scheduler.leader import SchedulerLeader
+from app.services.scheduler.primaries import PrimaryBalancer, agent_zones
 from app.services.scheduler.service import SchedulerService
 from app.services.system.messages import NodeInfo
 from app.services.system.service import SystemService
@@ -168,6 +169,9 @@ class Node:
                 cfg.membership.down_after,
             )
             self.ha = HaService(self.registry, cfg.ha, agents=agents)
+            if self.scheduler_leader is not None and cfg.scheduler.balance_primaries:
+                zones = agent_zones(agents.locate, lambda n: h.labels if (h := membership.heard.get(n)) else {})
+                self.scheduler_leader.primaries = PrimaryBalancer(self.ha, cfg.scheduler, zones)
         self.phase = "joining the leader election"
         backend = lease_backends.create(cfg, self.bus, self.stream_replicas)
         self.leadership = Leadership(

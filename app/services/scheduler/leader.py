@@ -30,6 +30,7 @@ from app.services.scheduler.messages import (
     SetNodeState,
 )
 from app.services.scheduler.model import Cluster, Event, Procedure
+from app.services.scheduler.primaries import PrimaryBalancer
 from app.services.scheduler.procedures import step_complete
 from app.services.scheduler.schedulers import operators, placement
 from app.services.scheduler.service import SchedulerService, now_ms
@@ -56,6 +57,9 @@ class SchedulerLeader:
         self._last_push_all = 0.0
         self._last_load: dict[str, float] = {}
         self.rounds = 0
+        # HA primaries balanced as a domain (scheduler.balance_primaries): kicked once per full
+        # round, it runs as its own task so a switchover never stalls the shard procedures.
+        self.primaries: PrimaryBalancer | None = None
 
     # ---- on and off -----------------------------------------------------------------------------
 
@@ -85,6 +89,8 @@ class SchedulerLeader:
         """Stop every duty at once."""
         svc = self.svc
         svc.leading = False
+        if self.primaries is not None:
+            self.primaries.stop()
         with contextlib.suppress(ValueError):
             svc.changes.listeners.remove(self._on_events)
         for task in (self._task, self._pusher):
@@ -142,6 +148,8 @@ class SchedulerLeader:
                 for c in list(svc.state.clusters.values()):
                     await self._schedule(c, trace_id)
                 await self._steps(trace_id)
+                if self.primaries is not None:
+                    self.primaries.kick()
 
     async def _send(self, commands: list[Command]) -> list[object]:
         """Append commands concurrently (the batcher puts them in few entries); refusals are returned."""
