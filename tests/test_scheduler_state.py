@@ -27,6 +27,7 @@ from app.services.scheduler.errors import (
     NoSuchDataNode,
     NoSuchProcedure,
     NoSuchShard,
+    NoSuchTable,
     Refused,
     SchedulerError,
     StaleTerm,
@@ -175,10 +176,19 @@ class SchedulerVsModel(RuleBasedStateMachine):
                     assert seen == (step.started_ms, step.epoch), f"step {i} of {p.id} started twice"
 
     def check_limits(self, cmd: Command, result: Any, spends: dict[tuple[str, str], list[Any]]) -> None:
-        if isinstance(cmd, Propose) and cmd.op.source != "manual" and not isinstance(result, Exception):
+        # Manual operators and failovers are not limited (procedures.check_limits); the rest are.
+        if (
+            isinstance(cmd, Propose)
+            and cmd.op.source not in ("manual", "failover")
+            and not isinstance(result, Exception)
+        ):
             c = self.a.clusters[cmd.cluster]
             klass = limit_class(cmd.op)
-            n = sum(1 for p in self.a.running(cmd.cluster) if limit_class(p.op) == klass)
+            n = sum(
+                1
+                for p in self.a.running(cmd.cluster)
+                if limit_class(p.op) == klass and p.op.source not in ("manual", "failover")
+            )
             assert n <= limit_of(c, klass), f"{n} {klass} procedures running, limit {limit_of(c, klass)}"
         for c in self.a.clusters.values():
             for node, entries in c.spend.items():
@@ -514,3 +524,31 @@ def test_operator_states(state: str) -> None:
     assert s.apply(SetNodeState("c", "n0", state))[0] == state  # type: ignore[arg-type]
     refused(s, SetNodeState("c", "n0", "online", "", 1), Refused, "an operator put it there")
     refused(s, SetNodeState("c", "n0", "suspect"), BadSchedulerRequest, "an operator sets")
+
+
+def test_a_drain_outlives_a_down_spell_and_undrain_ends_it() -> None:
+    s = _state(nodes=4)
+    assert s.apply(SetNodeState("c", "n0", "draining", time_ms=1))[0] == "draining"
+    assert s.apply(SetNodeState("c", "n0", "down", term=1, time_ms=2))[0] == "down"
+    assert s.apply(SetNodeState("c", "n0", "online", term=1, time_ms=3))[0] == "draining"
+    assert s.apply(SetNodeState("c", "n0", "down", term=1, time_ms=4))[0] == "down"
+    assert s.apply(RegisterNode("c", NodeSpec("n0"), 5))[0] == "n0"
+    assert s.clusters["c"].nodes["n0"].state == "draining"
+    assert s.apply(SetNodeState("c", "n0", "online", time_ms=6))[0] == "online"
+    assert not s.clusters["c"].nodes["n0"].draining
+
+
+def test_dropping_an_unknown_table_names_it() -> None:
+    s = _state()
+    refused(s, DropTable("c", "ghost"), NoSuchTable, "no table 'ghost'")
+
+
+def test_every_history_entry_carries_its_trace_id() -> None:
+    s = _state(nodes=4, limits=Limits(cooldown_s=0))
+    c = s.clusters["c"]
+    to = next(n for n in c.nodes if c.shards[0].replica(n) is None)
+    proc = s.apply(Propose("c", Operator("add_replica", (0,), node_to=to), 0, 1, "a" * 32))[0]
+    assert isinstance(proc, int)
+    s.apply(Advance(proc, -1, 1, 2, "b" * 32))
+    s.apply(Cancel(proc, "enough", 3, "c" * 32))
+    assert [h.trace_id for h in s.procedures[proc].history] == ["a" * 32, "b" * 32, "c" * 32]

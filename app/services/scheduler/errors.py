@@ -30,6 +30,12 @@ class NoSuchDataNode(NotFound, SchedulerError):
     code = "no_such_node"
 
 
+class NoSuchTable(NotFound, SchedulerError):
+    """The cluster has no table by that name."""
+
+    code = "no_such_table"
+
+
 class NoSuchProcedure(NotFound, SchedulerError):
     """No procedure by that id."""
 

@@ -245,7 +245,7 @@ class SchedulerLeader:
                 return Expire(p.id, p.at, term, now, trace_id) if expire else None
             return Advance(p.id, p.at, term, now, trace_id)
         step = p.steps[p.at]
-        if not step.started_ms or step_complete(c, step):
+        if not step.started or step_complete(c, step):
             return Advance(p.id, p.at, term, now, trace_id)
         if now >= step.deadline_ms:
             return Expire(p.id, p.at, term, now, trace_id)

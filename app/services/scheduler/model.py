@@ -60,6 +60,7 @@ class NodeRecord(msgspec.Struct):
     registered_ms: int = 0
     down_ms: int = 0  # when it went down (0: not down)
     reason: str = ""
+    draining: bool = False  # an operator drains it: it stays draining through a down spell until undrained
 
 
 class Spend(msgspec.Struct, array_like=True):

@@ -331,8 +331,11 @@ def roll_back(cluster: Cluster, proc: Procedure, now_ms: int) -> set[str]:
 
 
 def check_limits(cluster: Cluster, running: list[Procedure], op: Operator, now_ms: int) -> None:
-    """LimitReached when a scheduler's procedure would pass a schedule limit or the balancing cool-down."""
-    if op.source == "manual":
+    """LimitReached when a scheduler's procedure would pass a schedule limit or the balancing cool-down.
+
+    A manual operator and a failover (a leader on a dead node: TiKV's own election has no PD limit
+    either) are not limited; they still take their shard alone."""
+    if op.source in ("manual", "failover"):
         return
     klass = limit_class(op)
     n = sum(1 for p in running if p.cluster == cluster.spec.name and limit_class(p.op) == klass)

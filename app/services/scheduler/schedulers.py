@@ -92,7 +92,8 @@ class Round:
     def take(self, op: Operator, shard: Shard) -> bool:
         """Record an operator if its limit class and the nodes' store limits have room; whether it was taken."""
         klass = limit_class(op)
-        if self.left[klass] <= 0:
+        limited = op.source != "failover"  # as in apply (procedures.check_limits)
+        if limited and self.left[klass] <= 0:
             return False
         cost = step_cost(self.c, shard)
         adds = op.node_to if op.node_to and op.kind in ("add_replica", "move") else ""
@@ -105,7 +106,8 @@ class Round:
             self.adds[adds] += cost  # type: ignore[assignment]  # Counter of floats
         if removes:
             self.removes[removes] += cost  # type: ignore[assignment]
-        self.left[klass] -= 1
+        if limited:
+            self.left[klass] -= 1
         self.busy.add(shard.id)
         self.out.append(op)
         return True

@@ -15,6 +15,7 @@ from app.services.scheduler.errors import (
     NoSuchCluster,
     NoSuchDataNode,
     NoSuchProcedure,
+    NoSuchTable,
     Refused,
     SchedulerError,
     ShardBusy,
@@ -32,6 +33,7 @@ from app.services.scheduler.messages import (
     DropTable,
     Expire,
     LeaderElected,
+    NodeStateName,
     Place,
     Propose,
     RecordLoad,
@@ -150,7 +152,7 @@ class SchedulerState:
                 p = self.procedure(cmd.proc)
                 if p.finished:
                     raise Refused(f"procedure {p.id} already ended: {p.status}")
-                changed = self._finish(p, "canceled", cmd.reason, cmd.time_ms)
+                changed = self._finish(p, "canceled", cmd.reason, cmd.time_ms, cmd.trace_id)
                 events.append(Event(p.cluster, "procedure", tuple(sorted(changed)), p.id, "canceled"))
                 return p.id
             case Report():
@@ -164,7 +166,7 @@ class SchedulerState:
                 c = self.cluster(cmd.cluster)
                 sid = c.tables.pop(cmd.table, None)
                 if sid is None:
-                    raise NoSuchDataNode(f"cluster {cmd.cluster} has no table {cmd.table!r}")
+                    raise NoSuchTable(f"cluster {cmd.cluster} has no table {cmd.table!r}")
                 shard = c.shards[sid]
                 shard.tables.remove(cmd.table)
                 events.append(Event(cmd.cluster, "table", tuple(r.node for r in shard.replicas), text=cmd.table))
@@ -221,7 +223,8 @@ class SchedulerState:
         else:
             rec.spec = spec
             if rec.state in ("suspect", "down", "removed"):
-                rec.state, rec.since_ms, rec.down_ms, rec.reason = "online", cmd.time_ms, 0, "registered again"
+                back: NodeStateName = "draining" if rec.draining and rec.state != "removed" else "online"
+                rec.state, rec.since_ms, rec.down_ms, rec.reason = back, cmd.time_ms, 0, "registered again"
         events.append(Event(cmd.cluster, "node", (spec.name,), text="registered"))
         return spec.name
 
@@ -242,21 +245,28 @@ class SchedulerState:
             if rec.state == "removed":
                 raise Refused(f"node {cmd.node} is removed")
         elif cmd.state == "online":
-            if rec.state != "draining":
+            if not rec.draining:
                 raise Refused(f"node {cmd.node} is {rec.state}: only a draining node is put back online by hand")
         elif cmd.state != "removed":
             raise BadSchedulerRequest(f"an operator sets draining, online (undrain) or removed, not {cmd.state}")
-        if rec.state == cmd.state:
-            return cmd.state
-        if cmd.state == "down":
+        state = cmd.state
+        if not cmd.term:  # an operator's drain outlives a down spell; undrain ends it
+            rec.draining = cmd.state == "draining"
+            if cmd.state == "online" and rec.state in ("suspect", "down"):
+                state = rec.state  # undrained while away: the leader's judgement stands
+        elif cmd.state == "online" and rec.draining:
+            state = "draining"  # back from a down spell, still drained
+        if rec.state == state:
+            return state
+        if state == "down":
             rec.down_ms = cmd.time_ms
-        elif cmd.state == "online":
+        elif state in ("online", "draining"):
             rec.down_ms = 0
-        rec.state, rec.since_ms, rec.reason = cmd.state, cmd.time_ms, cmd.reason
-        if cmd.state == "removed":
+        rec.state, rec.since_ms, rec.reason = state, cmd.time_ms, cmd.reason
+        if state == "removed":
             c.stale.pop(cmd.node, None)
-        events.append(Event(cmd.cluster, "node", (cmd.node,), text=cmd.state))
-        return cmd.state
+        events.append(Event(cmd.cluster, "node", (cmd.node,), text=state))
+        return state
 
     def _place(self, cmd: Place, events: list[Event]) -> int:
         c = self.cluster(cmd.cluster)
@@ -356,7 +366,8 @@ class SchedulerState:
         check_limits(c, running, op, cmd.time_ms)
         changed: set[str] = set()
         for other in replaced:
-            changed |= self._finish(other, "replaced", f"replaced by a {op.source} procedure", cmd.time_ms)
+            why = f"replaced by a {op.source} procedure"
+            changed |= self._finish(other, "replaced", why, cmd.time_ms, cmd.trace_id)
         proc = Procedure(self.next_proc, cmd.cluster, op, steps, created_ms=cmd.time_ms, updated_ms=cmd.time_ms)
         proc.term, proc.trace_id = cmd.term, cmd.trace_id
         proc.epochs = {sid: c.shards[sid].epoch for sid in ids}
@@ -388,7 +399,7 @@ class SchedulerState:
             proc.reason = err.message
             return set()
         except SchedulerError as err:
-            return self._finish(proc, "canceled", err.message, now_ms)
+            return self._finish(proc, "canceled", err.message, now_ms, trace_id)
         for sid in proc.epochs:  # a split's new shard is held too
             self.busy.setdefault((proc.cluster, sid), proc.id)
         proc.status, proc.reason, proc.updated_ms = "started", "", now_ms
@@ -407,7 +418,7 @@ class SchedulerState:
             raise StepNotReady(f"procedure {proc.id} is at step {proc.at}, not {cmd.at}")
         proc.at = max(proc.at, 0)
         if stale := self._stale_epoch(c, proc):
-            changed = self._finish(proc, "canceled", stale, cmd.time_ms)
+            changed = self._finish(proc, "canceled", stale, cmd.time_ms, cmd.trace_id)
             events.append(Event(proc.cluster, "procedure", tuple(sorted(changed)), proc.id, "canceled"))
             return proc.status
         step = proc.steps[proc.at]
@@ -416,13 +427,13 @@ class SchedulerState:
             if not step_complete(c, step):
                 raise StepNotReady(f"step {proc.at} ({step.action}) of procedure {proc.id} is not acknowledged")
             step.done_ms = cmd.time_ms
-            proc.history.append(HistoryEntry(cmd.time_ms, f"step {proc.at} {step.action} done"))
+            proc.history.append(HistoryEntry(cmd.time_ms, f"step {proc.at} {step.action} done", cmd.trace_id))
             if proc.at + 1 == len(proc.steps):
-                changed = self._finish(proc, "success", "", cmd.time_ms)
+                changed = self._finish(proc, "success", "", cmd.time_ms, cmd.trace_id)
                 events.append(Event(proc.cluster, "procedure", (), proc.id, "success"))
                 return proc.status
             proc.at += 1
-        changed = self._try_start(c, proc, cmd.time_ms)
+        changed = self._try_start(c, proc, cmd.time_ms, cmd.trace_id)
         events.append(Event(proc.cluster, "procedure", tuple(sorted(changed)), proc.id, proc.status))
         return proc.status
 
@@ -447,16 +458,16 @@ class SchedulerState:
                 if cmd.time_ms - waited_from < expire_ms:
                     raise StepNotReady(f"step {proc.at} of procedure {proc.id} waits within its time")
                 status, why = "timeout", f"step {proc.at} could not start: {proc.reason}"
-        changed = self._finish(proc, status, why, cmd.time_ms)
+        changed = self._finish(proc, status, why, cmd.time_ms, cmd.trace_id)
         events.append(Event(proc.cluster, "procedure", tuple(sorted(changed)), proc.id, status))
         return status
 
-    def _finish(self, proc: Procedure, status: str, reason: str, now_ms: int) -> set[str]:
+    def _finish(self, proc: Procedure, status: str, reason: str, now_ms: int, trace_id: str = "") -> set[str]:
         c = self.clusters.get(proc.cluster)
         changed = roll_back(c, proc, now_ms) if c is not None and status != "success" else set()
         proc.status = status  # type: ignore[assignment]  # one of model.Status, checked by the callers
         proc.reason, proc.updated_ms = reason, now_ms
-        proc.history.append(HistoryEntry(now_ms, f"{status}{': ' + reason if reason else ''}"))
+        proc.history.append(HistoryEntry(now_ms, f"{status}{': ' + reason if reason else ''}", trace_id))
         for sid in {*proc.epochs, *proc.op.shards}:
             if self.busy.get((proc.cluster, sid)) == proc.id:
                 del self.busy[(proc.cluster, sid)]
