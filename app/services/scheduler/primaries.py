@@ -328,7 +328,7 @@ class PrimaryBalancer:
                 )
                 self.done.append(outcome)
                 with contextlib.suppress(Exception):
-                    await note(move.cluster, "failed", f"balance-primaries: switchover to {move.target} failed: {exc}")
+                    await note(move.cluster, "failed", f"balance-primaries: failed, {move.target} not promoted: {exc}")
                 log.warning(
                     "primary balancing switchover failed",
                     extra={"cluster": move.cluster, "target": move.target, "error": str(exc), "trace_id": trace_id},
