@@ -22,7 +22,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.services.scheduler.primaries import PrimaryCluster, PrimaryPlan, host_of, plan_primaries
+from app.config.schema import HaConfig, SchedulerConfig
+from app.services.ha import layout
+from app.services.ha.layout import ClusterRecord, HistoryEntry, InstanceRecord
+from app.services.scheduler.primaries import (
+    PrimaryBalancer,
+    PrimaryCluster,
+    PrimaryPlan,
+    blocked_reason,
+    host_of,
+    plan_primaries,
+)
 from tests.harness import Fleetmate, running, wait_for
 from tests.harness.mariadb import MariaDBReplicaSet
 
@@ -230,6 +240,91 @@ def test_from_any_placement_balancing_converges_and_then_stops(fleet: Fleet) -> 
         assert last.zone_spread <= 1, last
         if not zones:
             assert last.host_spread <= 1, last
+
+
+class _FakeRegistry:
+    """The registry reads the balancer makes (the cluster's history)."""
+
+    def __init__(self, history: dict[str, list[HistoryEntry]]) -> None:
+        self.nodes = {
+            f"{layout.history_path(name)}/h-{i:010d}": layout.encode(e)
+            for name, entries in history.items()
+            for i, e in enumerate(entries)
+        }
+
+    def exists(self, path: str) -> bool:
+        return any(k.startswith(path + "/") for k in self.nodes)
+
+    def child_names(self, path: str) -> list[str]:
+        return sorted(k.rsplit("/", 1)[1] for k in self.nodes if k.rsplit("/", 1)[0] == path)
+
+    def node(self, path: str) -> _Node | None:
+        data = self.nodes.get(path)
+        return None if data is None else _Node(data)
+
+
+class _Node(msgspec.Struct, frozen=True):
+    data: bytes
+
+
+class _FakeHa:
+    """What the balancer reads of HaService: one cluster on .11 with replicas on .12, .13 and .14."""
+
+    def __init__(self, now: float, record: ClusterRecord, history: list[HistoryEntry]) -> None:
+        self.cfg = HaConfig(lag_threshold=10.0, poll_interval=0.5)
+        self.leading = True
+        self.analyses: dict[str, list[object]] = {"c": []}
+        self.registry = _FakeRegistry({"c": history})
+        self._record = record
+        seen = {"reachable": True, "probed_at": now, "lag_seconds": 0.0, "receiving": True, "applying": True}
+        self._instances = [
+            InstanceRecord("10.0.0.1:3306", True, "primary", read_only=False, probed_at=now),
+            InstanceRecord("10.0.0.2:3306", role="replica", source="10.0.0.1:3306", **seen),  # type: ignore[arg-type]
+            InstanceRecord("10.0.0.3:3306", role="replica", source="10.0.0.1:3306", **seen),  # type: ignore[arg-type]
+            InstanceRecord("10.0.0.4:3306", role="replica", source="10.0.0.1:3306", **seen),  # type: ignore[arg-type]
+            InstanceRecord("10.0.0.5:3306", role="replica", source="10.0.0.1:3306", **seen | {"lag_seconds": 60.0}),  # type: ignore[arg-type]
+            InstanceRecord("10.0.0.6:3306", role="replica", source="10.0.0.9:3306", **seen),  # type: ignore[arg-type]
+            InstanceRecord("10.0.0.7:3306", role="replica", source="10.0.0.1:3306", **seen | {"probed_at": now - 60}),  # type: ignore[arg-type]
+        ]
+
+    def names(self) -> list[str]:
+        return ["c"]
+
+    def record(self, name: str) -> ClusterRecord:
+        return self._record
+
+    def primary(self, name: str) -> str:
+        return "10.0.0.1:3306"
+
+    def instances(self, name: str) -> list[InstanceRecord]:
+        return self._instances
+
+
+def test_the_balancer_sees_healthy_replicas_rules_downtime_and_the_last_change_in_the_history() -> None:
+    now = NOW
+    record = ClusterRecord(
+        "c",
+        "mysql",
+        "10.0.0.1:3306",
+        rules={"10.0.0.2:3306": "must_not", "10.0.0.4:3306": "prefer"},
+        downtime={"10.0.0.3:3306": now + 60, "10.0.0.4:3306": now - 60},  # .4's downtime is over
+    )
+    history = [
+        HistoryEntry(now - 500, "step", "primary is now 10.0.0.1:3306 (was 10.0.0.2:3306)"),
+        HistoryEntry(now - 100, "analysis", "LaggingReplica cleared"),
+    ]
+    ha = _FakeHa(now, record, history)
+    balancer = PrimaryBalancer(ha, SchedulerConfig(primary_cooldown=COOLDOWN), clock=lambda: now)  # type: ignore[arg-type]
+    (c,) = balancer.clusters()
+    # must_not, in downtime, lagging, following another source, not probed lately: not targets.
+    assert c.replicas == ("10.0.0.4:3306",)
+    assert c.prefer == ("10.0.0.4:3306",)
+    assert c.last_change_at == now - 500
+    assert c.busy == ""
+    assert blocked_reason(c, now, COOLDOWN, BLOCK).startswith("cooldown")
+    assert blocked_reason(c, now, 400.0, BLOCK) == ""
+    ha.analyses = {}
+    assert balancer.clusters()[0].busy == "not analysed by this leader yet"
 
 
 # ---- on real MariaDB: 3 semi-sync clusters of 3 instances on 127.0.0.11, .12 and .13 ---------------
