@@ -179,6 +179,7 @@ class Node:
         self.acked: dict[int, int] = {}  # shard -> epoch whose "opened" ack is settled (this run)
         self.closed_acked: set[int] = set()  # dropped shards acknowledged closed at the newest revision
         self.revision = 0  # the newest assignment revision seen
+        self.catching_up: dict[int, float] = {}  # new shard -> when its catch-up (--ack-delay) began
         self.state = ""
         self.pending: Assignment | None = None
         self.wake = asyncio.Event()
@@ -345,28 +346,39 @@ class Node:
                 return
             if await self.ack(a, sid, 0, "closed"):
                 self.closed_acked.add(sid)
-        for want in p.opens:
+        changes = [w for w in p.opens if w.id in self.local]
+        fresh = [w for w in p.opens if w.id not in self.local]
+        for want in changes:
             if self.pending is not a:
                 return
-            fresh = want.id not in self.local
-            if fresh and self.args.ack_delay > 0:
-                await self._sleep(self.args.ack_delay)
-                if self.pending is not a:
-                    return
-            shard = LocalShard(want.id, want.role, want.epoch, want.start, want.end, list(want.tables), time.time())
-            tmp = self.shard_dir / f"{want.id}.json.tmp"
-            tmp.write_bytes(self.enc.encode(shard))
-            os.replace(tmp, self.shard_dir / f"{want.id}.json")
-            self.local[want.id] = shard
-            self._write_state()
-            self.emit("opened", shard=want.id, role=want.role, epoch=want.epoch, fresh=fresh, revision=a.revision)
-            if await self.ack(a, want.id, want.epoch, "opened"):
-                self.acked[want.id] = want.epoch
+            await self.open(a, want, fresh=False)
+        if fresh and self.args.ack_delay > 0:
+            # New replicas catch up together; a pass cut short by a newer assignment does not start over.
+            now = time.monotonic()
+            since = min(self.catching_up.setdefault(w.id, now) for w in fresh)
+            await self._sleep(self.args.ack_delay - (now - since))
+        for want in fresh:
+            if self.pending is not a:
+                return
+            await self.open(a, want, fresh=True)
         for want in p.reacks:
             if self.pending is not a:
                 return
             if await self.ack(a, want.id, want.epoch, "opened"):
                 self.acked[want.id] = want.epoch
+
+    async def open(self, a: Assignment, want: Assigned, fresh: bool) -> None:
+        """Write the shard's file as assigned, then acknowledge it opened at its epoch."""
+        shard = LocalShard(want.id, want.role, want.epoch, want.start, want.end, list(want.tables), time.time())
+        tmp = self.shard_dir / f"{want.id}.json.tmp"
+        tmp.write_bytes(self.enc.encode(shard))
+        os.replace(tmp, self.shard_dir / f"{want.id}.json")
+        self.local[want.id] = shard
+        self.catching_up.pop(want.id, None)
+        self._write_state()
+        self.emit("opened", shard=want.id, role=want.role, epoch=want.epoch, fresh=fresh, revision=a.revision)
+        if await self.ack(a, want.id, want.epoch, "opened"):
+            self.acked[want.id] = want.epoch
 
     async def ack(self, a: Assignment, shard: int, epoch: int, status: str) -> bool:
         """Acknowledge until answered (True: settled, ok or refused); False when a newer assignment came first."""
@@ -412,6 +424,8 @@ class Node:
                 await self.sync("silence")
 
     async def _sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
@@ -511,7 +525,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--label", action="append", default=[], help="KEY=VALUE (zone=a); repeatable")
     ap.add_argument("--address", default="", help="host:port clients reach the node on")
     ap.add_argument("--capacity", type=int, default=0, help="bytes; 0: unknown")
-    ap.add_argument("--ack-delay", type=float, default=0.0, help="seconds a new replica takes to catch up")
+    ap.add_argument("--ack-delay", type=float, default=0.0, help="seconds new replicas take to catch up")
     ap.add_argument("--hot", action="append", default=[], help="SHARD:RATE, operations a second; repeatable")
     ap.add_argument("--load", type=float, default=1.0, help="operations a second of every shard it leads")
     return ap.parse_args(argv)
@@ -587,11 +601,14 @@ class DataNode:
     def _read(self) -> None:
         assert self.proc
         assert self.proc.stdout
-        for raw in self.proc.stdout:
-            text = raw.decode("utf-8", "replace").rstrip()
-            self.raw.append(text)
-            with contextlib.suppress(ValueError):
-                self.events.append(json.loads(text))
+        with (self.dir / "events.jsonl").open("a") as keep:  # for a look after a failed test
+            for raw in self.proc.stdout:
+                text = raw.decode("utf-8", "replace").rstrip()
+                self.raw.append(text)
+                keep.write(text + "\n")
+                keep.flush()
+                with contextlib.suppress(ValueError):
+                    self.events.append(json.loads(text))
 
     def wait_registered(self, timeout: float = 20) -> None:
         def registered() -> bool:
