@@ -21,6 +21,9 @@ The points (docs/durability.md, "Failpoints", says what a kill at each one shows
   nothing or behind a trimmed log has read and checked a snapshot, not installed it yet;
   (app/cli/restore.py) `fleetmate restore` has saved the restored snapshot to the store and
   is about to install it into each registry file of the data directory, then empty the log.
+- `scheduler.step` (app/services/scheduler/leader.py): the scheduling leader decided a batch of
+  procedure steps (Advance/Expire) and appended none; `scheduler.stepped`: they are appended
+  and applied, their assignments not yet pushed (tests/test_scheduler_crash.py kills there).
 """
 
 from __future__ import annotations

@@ -261,8 +261,9 @@ class SchedulerLeader:
             if c is not None and (cmd := self._due(c, p, now, trace_id)) is not None:
                 out.append(cmd)
         if out:
-            failpoints.hit("scheduler.step")
+            failpoints.hit("scheduler.step")  # the steps are decided, none appended
             await self._send(out)
+            failpoints.hit("scheduler.stepped")  # appended and applied, not yet pushed nor acted on
 
     async def _schedule(self, c: Cluster, trace_id: str) -> None:
         """The schedulers' operators for this round, proposed."""

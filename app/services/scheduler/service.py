@@ -53,6 +53,8 @@ from app.services.scheduler.state import SchedulerState
 from app.services.scheduler.store import SchedulerStore
 from app.services.scheduler.views import (
     ClusterView,
+    Election,
+    LeaderView,
     NodeView,
     ShardView,
     cluster_view,
@@ -259,6 +261,13 @@ class SchedulerService:
     def _node(self, cluster: str, node: str) -> None:
         if node not in self.cluster(cluster).nodes:
             raise NoSuchDataNode(f"cluster {cluster} has no node {node!r}")
+
+    def leader_view(self) -> LeaderView:
+        """Who leads scheduling as this replica applied it."""
+        st = self.state
+        elections = [Election(t, n, at) for t, n, at in st.elections]
+        elected = elections[-1].time_ms if elections else 0
+        return LeaderView(st.term, st.leader, elected, st.revision, self.log.applied_seq, elections)
 
     def cluster_view(self, name: str) -> ClusterView:
         """A cluster's summary."""

@@ -46,6 +46,7 @@ from app.services.scheduler.model import Cluster, Event, HistoryEntry, NodeRecor
 from app.services.scheduler.procedures import PRIORITY, check_limits, plan, roll_back, start_step, step_complete
 
 KEEP_FINISHED = 1000  # finished procedures kept for their history (the oldest go first)
+KEEP_ELECTIONS = 100  # scheduling leader elections kept (term, node, time)
 HOT_FACTOR = 2.0  # a shard with this many times its cluster's mean load is hot
 
 
@@ -69,6 +70,7 @@ class SchedulerState:
         self.term = 0
         self.leader = ""
         self.revision = 0
+        self.elections: list[tuple[int, str, int]] = []  # (term, node, time_ms), the newest KEEP_ELECTIONS
 
     # ---- reads ----------------------------------------------------------------------------------
 
@@ -121,6 +123,7 @@ class SchedulerState:
                 if cmd.term <= self.term:
                     raise StaleTerm(f"term {cmd.term} is not newer than {self.term}")
                 self.term, self.leader = cmd.term, cmd.node_id
+                self.elections = [*self.elections[-(KEEP_ELECTIONS - 1) :], (cmd.term, cmd.node_id, cmd.time_ms)]
                 return cmd.term
             case CreateCluster():
                 return self._create_cluster(cmd.spec, cmd.time_ms, events)

@@ -28,6 +28,7 @@ class StateImage(msgspec.Struct, array_like=True):
     clusters: dict[str, Cluster]
     procedures: list[Procedure]
     finished: list[int]
+    elections: list[tuple[int, str, int]] = []
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -46,6 +47,7 @@ def to_image(state: SchedulerState, seq: int) -> bytes:
             state.clusters,
             list(state.procedures.values()),
             state.finished,
+            state.elections,
         )
     )
 
@@ -59,6 +61,7 @@ def from_image(data: bytes, state: SchedulerState) -> int:
     state.clusters = img.clusters
     state.procedures = {p.id: p for p in img.procedures}
     state.finished = list(img.finished)
+    state.elections = [tuple(e) for e in img.elections]  # type: ignore[misc]  # msgspec gives tuples already
     state.next_proc, state.term, state.leader, state.revision = img.next_proc, img.term, img.leader, img.revision
     state.busy = {
         (p.cluster, sid): p.id for p in state.procedures.values() if not p.finished for sid in (*p.epochs, *p.op.shards)

@@ -67,6 +67,25 @@ class ShardView(msgspec.Struct, frozen=True):
     procedure: int | None
 
 
+class Election(msgspec.Struct, frozen=True, array_like=True):
+    """A scheduling leader election: its term, the replica and when (ms)."""
+
+    term: int
+    node: str
+    time_ms: int
+
+
+class LeaderView(msgspec.Struct, frozen=True):
+    """Who leads scheduling, since when, and the elections before (the newest 100)."""
+
+    term: int
+    leader: str
+    elected_ms: int
+    revision: int
+    applied_seq: int
+    elections: list[Election]
+
+
 class WhatIf(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Nodes to take down (past max_down_time), add, or drain, on a copy of the cluster."""
 

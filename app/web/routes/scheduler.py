@@ -22,7 +22,7 @@ from app.services.scheduler.messages import ClusterSpec, ClusterUpdate, NodeSpec
 from app.services.scheduler.model import Procedure
 from app.services.scheduler.schedulers import Verdict
 from app.services.scheduler.service import SchedulerService
-from app.services.scheduler.views import ClusterView, NodeView, ShardView, WhatIf, WhatIfResult
+from app.services.scheduler.views import ClusterView, LeaderView, NodeView, ShardView, WhatIf, WhatIfResult
 from app.services.scheduler.whatif import what_if
 from app.web.errors import ErrorBody
 from app.web.routes.scheduler_models import (
@@ -73,6 +73,13 @@ def scheduler_routes(node: Node) -> list[BaseRouteHandler]:
         are online (static: `node_count` of them, fixed from then on). A dynamic topology is refused
         for local data (moving such a shard would corrupt it)."""
         return await svc().create_cluster(data)
+
+    @get(BASE + "/leader", tags=["scheduler"], summary="The scheduling leader, its term and the elections before")
+    async def leader() -> LeaderView:
+        """The replica holding the lease leads scheduling; each took a new term (a LeaderElected
+        command): a command from an older term is refused."""
+        await svc().sync()
+        return svc().leader_view()
 
     @get(BASE + "/clusters", tags=["scheduler"], summary="List scheduling domains")
     async def list_clusters() -> list[ClusterView]:
@@ -345,6 +352,7 @@ def scheduler_routes(node: Node) -> list[BaseRouteHandler]:
                 await reader
 
     return [
+        leader,
         create_cluster,
         list_clusters,
         one_cluster,
