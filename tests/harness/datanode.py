@@ -1,10 +1,4 @@
-"""A real scheduler data node program (`python -m tests.harness.datanode`), its pure logic, `DataNode`, `DataNodes`.
-
-The program registers with a cluster over NATS, heartbeats every lease/3 with each held shard's
-load, receives its whole assignment on `fleetmate.sched.assign.<cluster>.<node>` (or asks for it on
-`fleetmate.sched.sync`), converges its shard files under DIR/shards to it and acknowledges each
-open and close. It writes one JSON line per event to stdout and a DIR/state.json snapshot.
-"""
+"""A real scheduler data node program (`python -m tests.harness.datanode`), its pure logic, `DataNode`, `DataNodes`."""
 
 from __future__ import annotations
 
@@ -43,6 +37,10 @@ from tests.harness.fleetmate import free_port
 from tests.harness.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
+PROGRAM = """A data node: registers with a cluster over NATS, heartbeats every lease/3 with each held shard's
+load, receives its whole assignment on fleetmate.sched.assign.<cluster>.<node> (or asks for it on
+fleetmate.sched.sync), converges its shard files under DIR/shards to it and acknowledges each open and
+close. One JSON line per event on stdout; DIR/state.json holds its shards."""
 REQUEST_TIMEOUT_S = 1.0  # one ack/register/sync request's wait before it is retried
 SILENCE_LEASES = 3  # no assignment for this many leases: ask for one (sync)
 
@@ -516,7 +514,7 @@ def _text(data: bytes) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m tests.harness.datanode", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tests.harness.datanode", description=PROGRAM)
     ap.add_argument("--nats", required=True, help="NATS URL(s), comma-separated")
     ap.add_argument("--cluster", required=True)
     ap.add_argument("--node", required=True)
