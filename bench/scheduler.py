@@ -10,7 +10,10 @@
   repair      a node holding 500 shards' replicas dies (down past max_down_time): simulated time until
               every shard has max_replicas live replicas again, against the budget the store limits imply
               (500 adds at node_adds_per_min on each of the other nodes); must be within budget + 10%
-  failover    a node holding shard leaders goes down: rounds until no leader is on it (leader limit 4)
+  failover    a node holding shard leaders goes down: rounds until no leader is on it (failover is
+              not held to the leader limit, as TiKV's own election is not)
+  routes      route lookups a second from one real replica's applied state: REST (wrk, 64
+              connections) and NATS request/reply (32 in flight), p50/p99
 
 PD's published defaults are printed beside the figures. Sections are functions of the same shape
 (`def section(args) -> dict`) listed in SECTIONS: another one (say, route lookups a second from a
@@ -222,11 +225,76 @@ def section_failover(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def section_routes(args: argparse.Namespace) -> dict[str, Any]:
+    """Route lookups a second from one real replica's applied state: REST (wrk, 64 connections) and
+    NATS request/reply (fleetmate.sched.route, 32 in flight), on a cluster of `shards` shards."""
+    import asyncio
+    import random
+    import tempfile
+
+    import httpx
+    import nats
+
+    from bench.common import ensure_debian_package, run_wrk, summary
+    from bench.registry import lua_script
+    from tests.harness import Fleetmate
+
+    wrk = ensure_debian_package("wrk", "wrk")
+    with tempfile.TemporaryDirectory(prefix="fleetmate-bench-routes-") as tmp:
+        fm = Fleetmate(Path(tmp), env={"FLEETMATE_LOG_LEVEL": "warning"}).start(timeout=60)
+        try:
+            spec = {"name": "r", "shard_count": args.shards, "max_replicas": 3, "lease_s": 3600}
+            assert fm.post("/api/v1/scheduler/clusters", spec).status_code == 201
+            with httpx.Client(base_url=fm.url, timeout=30) as http:
+                for n in range(args.nodes):
+                    http.post(
+                        "/api/v1/scheduler/clusters/r/nodes", json={"node": f"n{n}", "address": f"10.0.0.{n}:9000"}
+                    )
+            deadline = time.monotonic() + 60
+            while not fm.get("/api/v1/scheduler/clusters/r").json()["placed"]:
+                assert time.monotonic() < deadline, "placement"
+                time.sleep(0.2)
+            rng = random.Random(7)
+            keys = [f"{rng.getrandbits(32):08x}" for _ in range(1000)]
+            script = Path(tmp) / "route.lua"
+            script.write_text(
+                lua_script("GET", [f"/api/v1/scheduler/clusters/r/route?key={k}" for k in keys], None, [""], "")
+            )
+            duration = 3.0 if args.quick else 10.0
+            rest = run_wrk(wrk, fm.url, str(script), 64, duration)
+            rest.pop("raw", None)
+
+            async def over_nats() -> dict[str, Any]:
+                ready = next(line for line in fm.lines if line.get("msg") == "fleetmate ready")
+                nc = await nats.connect(ready["nats"])
+                lat: list[float] = []
+                stop = time.monotonic() + duration
+
+                async def asker() -> None:
+                    while time.monotonic() < stop:
+                        body = msgspec.json.encode({"cluster": "r", "key": rng.choice(keys)})
+                        t0 = time.perf_counter()
+                        await nc.request("fleetmate.sched.route", body, timeout=5)
+                        lat.append((time.perf_counter() - t0) * 1000)
+
+                t0 = time.monotonic()
+                await asyncio.gather(*(asker() for _ in range(32)))
+                took = time.monotonic() - t0
+                await nc.close()
+                return {"ops_s": round(len(lat) / took, 1), "latency_ms": summary(lat)}
+
+            nats_result = asyncio.run(over_nats())
+        finally:
+            fm.stop()
+    return {"shards": args.shards, "nodes": args.nodes, "rest": rest, "nats": nats_result}
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "round": section_round,
     "balance": section_balance,
     "repair": section_repair,
     "failover": section_failover,
+    "routes": section_routes,
 }
 
 
@@ -274,9 +342,26 @@ def table(results: dict[str, Any]) -> str:
             (
                 f"failover of {f['leaders_on_node']} leaders",
                 f"{f['rounds']} rounds ({f['simulated_s']:.0f} sim s)",
-                "leader-schedule-limit 4",
+                "(TiKV elects leaders itself)",
             )
         )
+    routes = results.get("routes", {})
+    if routes:
+        rest, nats_ = routes["rest"], routes["nats"]
+        rows += [
+            (
+                f"route lookups, REST ({routes['shards']} shards, 64 conns)",
+                f"{rest['ops_s']:,.0f}/s, p50 {rest['p50_ms']:.2f} ms, p99 {rest['p99_ms']:.2f} ms, "
+                f"non-2xx {rest['non2xx']}",
+                "",
+            ),
+            (
+                "route lookups, NATS request/reply (32 in flight)",
+                f"{nats_['ops_s']:,.0f}/s, p50 {nats_['latency_ms']['p50']:.2f} ms, "
+                f"p99 {nats_['latency_ms']['p99']:.2f} ms",
+                "",
+            ),
+        ]
     width = max(len(x[0]) for x in rows) if rows else 0
     lines = [f"{'measure':<{width}}  {'fleetmate':<60}  PD default", "-" * (width + 80)]
     lines += [f"{a:<{width}}  {b_:<60}  {c_}" for a, b_, c_ in rows]
