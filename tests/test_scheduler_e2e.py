@@ -192,11 +192,6 @@ def test_placement_every_shard_on_three_zones_every_replica_acknowledged_files_m
     env.patch(f"/clusters/{CLUSTER}", {"limits": {}})  # the default cool-down (10 min) from here on
 
 
-@pytest.mark.xfail(
-    reason="a dynamic cluster is placed once max_replicas nodes are online (leader._place), not node_count "
-    "(HoraeMeta waits for default_cluster_node_count): the nodes that registered last start empty and "
-    "balance-shard moves replicas onto them, each shard only once per cool-down"
-)
 def test_the_first_placement_waits_for_node_count_nodes_and_needs_no_move(env: Env) -> None:
     env.wait_settled()
     moves = [p for p in env.procedures() if p["op"]["source"] == "balance-shard"]
@@ -321,11 +316,7 @@ def test_drain_a_node_leaders_leave_first_then_every_replica(env: Env) -> None:
         if not transfers or min(transfers) > removed_ms:
             how = [(p["op"]["source"], p["op"]["kind"]) for p in mine]
             late.append(f"shard {sid}: leadership left {target.name} only with its replica ({how})")
-    if late:
-        pytest.xfail(
-            "repair (which runs before evict-leader) moves a draining node's replicas, leader ones included: "
-            "the leadership goes to the heir in the remove step, not first; " + "; ".join(late)
-        )
+    assert not late, late
 
 
 def test_two_nodes_added_replicas_balance_then_nothing_moves_for_30s(env: Env) -> None:

@@ -203,11 +203,12 @@ class SchedulerLeader:
                 )
 
     async def _place(self, c: Cluster, trace_id: str) -> None:
-        """The first placement once enough nodes are online (static: node_count of them)."""
+        """The first placement once node_count nodes are online (then a dynamic cluster balances onto
+        later ones; a static one is fixed)."""
         if c.placed:
             return
         online = [n for n, r in c.nodes.items() if r.state == "online"]
-        need = c.spec.node_count if c.spec.topology == "static" else min(c.spec.max_replicas, c.spec.node_count)
+        need = c.spec.node_count  # HoraeMeta waits for its default_cluster_node_count, static or dynamic
         if len(online) < need:
             return
         plan = placement(c)
