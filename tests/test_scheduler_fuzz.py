@@ -81,7 +81,7 @@ def _nats_url(fm: Fleetmate) -> str:
     return str(next(line["nats"] for line in fm.lines if line.get("msg") == "fleetmate ready"))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(subject=st.sampled_from(SUBJECTS), body=bodies)
 def test_junk_on_every_data_node_subject_is_refused_and_changes_nothing(
     fm: Fleetmate, subject: str, body: bytes
