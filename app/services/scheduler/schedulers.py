@@ -171,8 +171,10 @@ def repair(c: Cluster, r: Round) -> str:
         good = len(s.replicas) - len(dead) - len(draining)
         if (good == want and not dead and not draining) or not r.free(s, "repair"):
             continue
-        if not dead and s.leader in draining_nodes and any(
-            x.role == "follower" and c.nodes[x.node].state == "online" for x in s.replicas
+        if (
+            not dead
+            and s.leader in draining_nodes
+            and any(x.role == "follower" and c.nodes[x.node].state == "online" for x in s.replicas)
         ):
             continue  # leaders leave a draining node first (evict-leader), then its replicas
         if good < want:
