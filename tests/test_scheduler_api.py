@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from tests.harness import Fleetmate, run_cli, wait_for
 
@@ -258,5 +259,34 @@ def test_the_cli_drives_the_scheduler(fm: Fleetmate, tmp_path: Path) -> None:
         assert bad.returncode == 1
         assert "no cluster named 'nope'" in bad.stderr
         assert "dropped" in cli("drop", "cli1")
+    finally:
+        beats.stop.set()
+
+
+def test_websockets_push_changes_and_assignments(fm: Fleetmate) -> None:
+    ws_url = fm.url.replace("http://", "ws://")
+    beats = _cluster(fm, "ws1", shard_count=2, max_replicas=1)
+    try:
+        with (
+            ws_connect(f"{ws_url}{BASE}/changes?cluster=ws1", open_timeout=10) as changes,
+            ws_connect(f"{ws_url}{BASE}/clusters/ws1/nodes/x1/assignments", open_timeout=10) as bad,
+        ):
+            assert json.loads(changes.recv(timeout=10))["type"] == "ready"
+            assert json.loads(bad.recv(timeout=10))["error"] == "no_such_node"
+            _register(fm, beats, "x1", "x2", "x3")
+            with ws_connect(f"{ws_url}{BASE}/clusters/ws1/nodes/x1/assignments", open_timeout=10) as mine:
+                first = json.loads(mine.recv(timeout=10))
+                assert first["node"] == "x1"
+                wait_for(lambda: _settled(fm, "ws1") or None, 30, "placement")
+                kinds = set()
+                while "placed" not in kinds:
+                    change = json.loads(changes.recv(timeout=10))
+                    assert change["cluster"] == "ws1"
+                    kinds.add(change["text"])
+                held = {s["id"] for s in _shards(fm, "ws1") if s["leader"] == "x1"}
+                pushed: set[int] = set()
+                while held and pushed != held:
+                    pushed = {s["id"] for s in json.loads(mine.recv(timeout=10))["shards"]}
+                assert pushed == held
     finally:
         beats.stop.set()

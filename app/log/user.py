@@ -35,3 +35,39 @@ class LogUser(Protocol[C]):
     def set_log_id(self, log_id: str) -> None: ...
     def install(self, data: bytes) -> int: ...
     def reset(self) -> None: ...
+
+
+class LocalFile(Protocol):
+    """A service's local copy of its state on disk, as snapshot restore reads and replaces it."""
+
+    def applied_seq(self) -> int: ...
+    def log_id(self) -> str: ...
+    def set_log_id(self, log_id: str) -> None: ...
+    def install(self, data: bytes) -> int: ...
+    def reset(self) -> None: ...
+
+
+class FileBacked:
+    """The local-state half of a LogUser, handed to its store file (the registry's, the scheduler's)."""
+
+    store: LocalFile
+
+    def applied_seq(self) -> int:
+        """The sequence the file covers."""
+        return self.store.applied_seq()
+
+    def log_id(self) -> str:
+        """The log the file follows."""
+        return self.store.log_id()
+
+    def set_log_id(self, log_id: str) -> None:
+        """Record the log the file follows."""
+        self.store.set_log_id(log_id)
+
+    def install(self, data: bytes) -> int:
+        """Replace the file with a snapshot image; the sequence it covers."""
+        return self.store.install(data)
+
+    def reset(self) -> None:
+        """Empty the file (it follows a log that is gone)."""
+        self.store.reset()

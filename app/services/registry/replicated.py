@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from app.log.snapshots import Image
+from app.log.user import FileBacked
 from app.services.registry.messages import Command, Entry, Event
 from app.services.registry.state import RegistryState
 from app.services.registry.store import RegistryStore
@@ -27,8 +28,10 @@ def decode_entry(data: bytes) -> list[Command]:
     return _entry_dec.decode(data).commands
 
 
-class RegistryLog:
+class RegistryLog(FileBacked):
     """The registry's LogUser (app.log.user): what the shared log needs from the registry, in one place."""
+
+    store: RegistryStore
 
     def __init__(self, state: RegistryState, store: RegistryStore, watches: WatchHub) -> None:
         self.state = state
@@ -54,23 +57,3 @@ class RegistryLog:
         """The SQLite file as a snapshot image (the log commits it up to date first)."""
         seq, revision, data = self.store.image()
         return Image(seq, revision, data)
-
-    def applied_seq(self) -> int:
-        """The sequence the file covers."""
-        return self.store.applied_seq()
-
-    def log_id(self) -> str:
-        """The log the file follows."""
-        return self.store.log_id()
-
-    def set_log_id(self, log_id: str) -> None:
-        """Record the log the file follows."""
-        self.store.set_log_id(log_id)
-
-    def install(self, data: bytes) -> int:
-        """Replace the file with a snapshot image; the sequence it covers."""
-        return self.store.install(data)
-
-    def reset(self) -> None:
-        """Empty the file (it follows a log that is gone)."""
-        self.store.reset()

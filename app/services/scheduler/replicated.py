@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from app.log.snapshots import Image
+from app.log.user import FileBacked
 from app.services.scheduler.messages import Command, Entry
 from app.services.scheduler.model import Event
 from app.services.scheduler.state import SchedulerState
@@ -61,8 +62,10 @@ class Changes:
         self._queues.discard(q)
 
 
-class SchedulerLog:
+class SchedulerLog(FileBacked):
     """The scheduler's LogUser (app.log.user)."""
+
+    store: SchedulerStore
 
     def __init__(self, state: SchedulerState, store: SchedulerStore, changes: Changes) -> None:
         self.state = state
@@ -85,23 +88,3 @@ class SchedulerLog:
         """The state as a snapshot image (the log commits it up to date first)."""
         seq, revision, data = self.store.image()
         return Image(seq, revision, data)
-
-    def applied_seq(self) -> int:
-        """The sequence the file covers."""
-        return self.store.applied_seq()
-
-    def log_id(self) -> str:
-        """The log the file follows."""
-        return self.store.log_id()
-
-    def set_log_id(self, log_id: str) -> None:
-        """Record the log the file follows."""
-        self.store.set_log_id(log_id)
-
-    def install(self, data: bytes) -> int:
-        """Replace the file with a snapshot image; the sequence it covers."""
-        return self.store.install(data)
-
-    def reset(self) -> None:
-        """Empty the file (it follows a log that is gone)."""
-        self.store.reset()

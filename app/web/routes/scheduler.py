@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -19,7 +20,7 @@ from app.errors import FleetmateError, Unavailable
 from app.node import Node
 from app.services.scheduler import protocol
 from app.services.scheduler.messages import ClusterSpec, ClusterUpdate, NodeSpec, Operator
-from app.services.scheduler.model import Procedure
+from app.services.scheduler.model import Event, Procedure
 from app.services.scheduler.schedulers import Verdict
 from app.services.scheduler.service import SchedulerService
 from app.services.scheduler.views import ClusterView, LeaderView, NodeView, ShardView, WhatIf, WhatIfResult
@@ -308,22 +309,11 @@ def scheduler_routes(node: Node) -> list[BaseRouteHandler]:
         except FleetmateError as exc:
             await fail(socket, exc.code, exc.message)
             return
-        queue = s.changes.subscribe()
-        reader = asyncio.create_task(drain(socket))
-        reader.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
-            await socket.send_text(_enc.encode({"type": "ready", "revision": s.state.revision}).decode())
-            while (event := await queue.get()) is not None:
-                if only is None or event.cluster == only:
-                    body = {"type": "change", **msgspec.to_builtins(event)}
-                    await socket.send_text(_enc.encode(body).decode())
-        except (WebSocketDisconnect, OSError):
-            return
-        finally:
-            s.changes.unsubscribe(queue)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+
+        def change(event: Event) -> dict[str, Any] | None:
+            return {"type": "change", **msgspec.to_builtins(event)} if only in (None, event.cluster) else None
+
+        await _stream(socket, s, lambda: {"type": "ready", "revision": s.state.revision}, change)
 
     @websocket(C + "/nodes/{name:str}/assignments")
     async def assignments(socket: WebSocket[Any, Any, Any], cluster: str, name: str) -> None:
@@ -335,21 +325,11 @@ def scheduler_routes(node: Node) -> list[BaseRouteHandler]:
         except FleetmateError as exc:
             await fail(socket, exc.code, exc.message)
             return
-        queue = s.changes.subscribe()
-        reader = asyncio.create_task(drain(socket))
-        reader.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
-            await socket.send_text(_enc.encode(s.assignment(cluster, name)).decode())
-            while (event := await queue.get()) is not None:
-                if event.cluster == cluster and name in event.nodes:
-                    await socket.send_text(_enc.encode(s.assignment(cluster, name)).decode())
-        except (WebSocketDisconnect, OSError, FleetmateError):
-            return
-        finally:
-            s.changes.unsubscribe(queue)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+
+        def change(event: Event) -> protocol.Assignment | None:
+            return s.assignment(cluster, name) if event.cluster == cluster and name in event.nodes else None
+
+        await _stream(socket, s, lambda: s.assignment(cluster, name), change)
 
     return [
         leader,
@@ -381,3 +361,29 @@ def scheduler_routes(node: Node) -> list[BaseRouteHandler]:
         changes,
         assignments,
     ]
+
+
+async def _stream(
+    socket: WebSocket[Any, Any, Any],
+    s: SchedulerService,
+    first: Callable[[], Any],
+    message: Callable[[Event], Any],
+) -> None:
+    """Send first(), then message(event) for each applied change (None: skipped), until the client
+    goes away, the scheduler drops it for falling behind, or a change cannot be shown any more."""
+    queue = s.changes.subscribe()
+    reader = asyncio.create_task(drain(socket))
+    reader.add_done_callback(lambda _: queue.put_nowait(None))
+    try:
+        await socket.send_text(_enc.encode(first()).decode())
+        while (event := await queue.get()) is not None:
+            body = message(event)
+            if body is not None:
+                await socket.send_text(_enc.encode(body).decode())
+    except (WebSocketDisconnect, OSError, FleetmateError):
+        return
+    finally:
+        s.changes.unsubscribe(queue)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
