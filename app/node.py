@@ -161,6 +161,7 @@ class Node:
             )
             await self.scheduler.start()
             self.scheduler_leader = SchedulerLeader(self.scheduler)
+            self.scheduler_leader.metrics = self.metrics
         if cfg.ha.enabled:
             membership = self.membership
             agents = AgentDirectory(

@@ -203,7 +203,7 @@ def test_a_replica_that_lost_its_data_directory_comes_back_from_the_snapshot(tmp
         state = _applied(api)
         assert state["revision"] > snapshot_revision  # revisions go on from the snapshot (leader_elected)
         assert _present(api) == set(made)
-        (lost,) = fm.logged(LOST_LINE)
+        (lost,) = fm.logged(LOST_LINE, service="registry")
         assert lost["revision"] == snapshot_revision
         assert lost["store"] == "file"
         assert str(snap_dir) in lost["source"]
@@ -247,7 +247,7 @@ def test_lost_data_directory_every_store(tmp_path: Path, request: pytest.Fixture
         _wipe_data_dir(fm)
         fm.restart(timeout=60)
         api = httpx.Client(base_url=fm.url, timeout=10)
-        (lost,) = fm.logged(LOST_LINE)
+        (lost,) = fm.logged(LOST_LINE, service="registry")
         assert lost["store"] == store
         restored = lost["revision"]
         assert restored >= max(before.values())
@@ -303,7 +303,9 @@ def test_a_re_created_stream_is_continued_from_the_replica_s_own_data(tmp_path: 
         asyncio.run(_delete_stream(nats_server.url))
         fm.restart()
         api = httpx.Client(base_url=fm.url, timeout=10)
-        (line,) = fm.logged("the log had lost what this state covers; continuing it from this replica's data")
+        (line,) = fm.logged(
+            "the log had lost what this state covers; continuing it from this replica's data", service="registry"
+        )
         assert line["continues_at_seq"] > line["log_last_seq"]
         assert _present(api) == set(made)
         write = api.put("/api/v1/registry/nodes/lost/a0003", json={"data": "x"}).json()
@@ -367,7 +369,7 @@ def test_a_clean_stop_takes_a_snapshot_so_a_lost_disk_loses_nothing(tmp_path: Pa
         made = _create(api, "a", 0, 50)
         applied = _applied(api)["applied_seq"]
         assert fm.stop() == 0
-        (taken,) = fm.logged("snapshot taken at stop")
+        (taken,) = fm.logged("snapshot taken at stop", service="registry")
         assert taken["seq"] >= applied
         assert len(list((snap_dir / "registry").glob("*.snap"))) == 1
         _wipe_data_dir(fm)

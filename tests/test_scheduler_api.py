@@ -25,6 +25,7 @@ class Beats:
     def __init__(self, fm: Fleetmate, cluster: str) -> None:
         self.fm, self.cluster = fm, cluster
         self.nodes: set[str] = set()
+        self.load: dict[int, float] = {}  # writes a second each node reports for the shards it holds
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -34,8 +35,10 @@ class Beats:
                 for n in sorted(self.nodes):
                     base = f"{BASE}/clusters/{self.cluster}/nodes/{n}"
                     try:
-                        http.post(f"{base}/heartbeat", json={"shards": []})
                         got = http.get(f"{base}/assignment").json()
+                        held = got.get("shards", [])
+                        loads = [{"id": a["id"], "writes_per_s": self.load.get(a["id"], 0.0)} for a in held]
+                        http.post(f"{base}/heartbeat", json={"shards": loads if self.load else []})
                         for s in got.get("shards", []):
                             http.post(f"{base}/acks", json={"shard": s["id"], "epoch": s["epoch"]})
                         for sid in got.get("drop", []):
@@ -288,5 +291,33 @@ def test_websockets_push_changes_and_assignments(fm: Fleetmate) -> None:
                 while held and pushed != held:
                     pushed = {s["id"] for s in json.loads(mine.recv(timeout=10))["shards"]}
                 assert pushed == held
+    finally:
+        beats.stop.set()
+
+
+def test_a_hot_shard_is_split_from_loads_kept_in_the_metrics_store(fm: Fleetmate) -> None:
+    """One shard's leader reports 1,000 writes a second, the others 1: the leader keeps the loads as
+    series in the metrics store, records their average, and the hot scheduler splits the shard
+    (a single hot shard has no cooler node to go to) within 3 load records."""
+    body = {"name": "hot", "shard_count": 4, "max_replicas": 1, "lease_s": 2, "limits": {"cooldown_s": 0}}
+    assert fm.post(f"{BASE}/clusters", body).status_code == 201
+    beats = Beats(fm, "hot")
+    beats.thread.start()
+    try:
+        _register(fm, beats, "h1", "h2", "h3")
+        wait_for(lambda: _settled(fm, "hot") or None, 30, "placement")
+        beats.load = {0: 1000.0, 1: 1.0, 2: 1.0, 3: 1.0}
+
+        def split() -> dict[str, Any] | None:
+            procs = fm.get(f"{BASE}/clusters/hot/procedures").json()
+            return next((p for p in procs if p["op"]["source"] == "hot" and p["status"] == "success"), None)
+
+        proc = wait_for(split, 30, "the hot shard split")
+        assert proc["op"]["kind"] == "split"
+        assert proc["op"]["shards"] == [0]
+        assert len(_shards(fm, "hot")) == 5
+        got = fm.get("/api/v1/metrics/query?series=fleetmate_shard_load&labels=cluster=hot,shard=0&from=now-5m").json()
+        assert got["results"]
+        assert max(v for _, v in got["results"][0]["points"]) >= 999
     finally:
         beats.stop.set()

@@ -83,6 +83,19 @@ class World:
         shards = {s["id"]: s for s in self.get(f"/clusters/{CLUSTER}/shards") if s["procedure"] is None}
         if not shards:
             return
+        aligned = [
+            (s["id"], o["id"])
+            for s in shards.values()
+            for o in shards.values()
+            if s["end"]
+            and o["start"] == s["end"]
+            and {r["node"] for r in s["replicas"]} == {r["node"] for r in o["replicas"]}
+        ]
+        if aligned and self.rng.random() < 0.5:  # merges need aligned neighbours: take them when there are
+            got = self.request("POST", f"/clusters/{CLUSTER}/procedures", {"kind": "merge", "shards": list(aligned[0])})
+            if got.status_code == 201:
+                self.created.append(got.json()["id"])
+            return
         s = shards[self.rng.choice(sorted(shards))]
         held = [r["node"] for r in s["replicas"]]
         free = [n for n in NODES if n not in held]

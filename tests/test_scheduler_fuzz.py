@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from app.services.scheduler import protocol
 from app.services.scheduler.replicated import decode_entry, encode_entry
-from tests.harness import Fleetmate
+from tests.harness import Fleetmate, wait_for
 
 BASE = "/api/v1/scheduler"
 SUBJECTS = [
@@ -59,11 +59,15 @@ def fm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleetmate]:
     replica = Fleetmate(tmp_path_factory.mktemp("fuzz")).start(timeout=30)
     assert (
         replica.post(
-            f"{BASE}/clusters", {"name": "fz", "shard_count": 4, "max_replicas": 1, "lease_s": 3600}
+            f"{BASE}/clusters", {"name": "fz", "shard_count": 4, "max_replicas": 1, "node_count": 1, "lease_s": 3600}
         ).status_code
         == 201
     )
     assert replica.post(f"{BASE}/clusters/fz/nodes", {"node": "n1"}).status_code == 201
+    wait_for(lambda: replica.get(f"{BASE}/clusters/fz").json()["placed"] or None, 15, "placement")
+    for s in replica.get(f"{BASE}/clusters/fz/nodes/n1/assignment").json()["shards"]:  # n1 opens them all
+        replica.post(f"{BASE}/clusters/fz/nodes/n1/acks", {"shard": s["id"], "epoch": s["epoch"]})
+    wait_for(lambda: replica.get(f"{BASE}/clusters/fz").json()["procedures_running"] == 0 or None, 15, "placed")
     yield replica
     replica.stop()
 

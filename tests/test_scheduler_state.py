@@ -515,7 +515,7 @@ def test_limits_counted_per_class() -> None:
     ]
     assert isinstance(s.apply(Propose("c", ops[0], 1))[0], int)
     refused(s, Propose("c", ops[1], 1), SchedulerError, "its limit is reached")
-    assert Counter(limit_class(p.op) for p in s.running()) == {"leader": 1}
+    assert Counter(limit_class(p.op) for p in s.running()) == {"leader": 1, "placement": 1}
 
 
 @pytest.mark.parametrize("state", ["draining", "removed"])

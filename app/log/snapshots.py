@@ -200,6 +200,7 @@ class Snapshotter:
             "the log had lost what this state covers; continuing it from "
             + ("the snapshot" if restored else "this replica's data"),
             extra={
+                "service": self.service,
                 "snapshot": restored.name if restored else "",
                 "store": self.store.name,
                 "source": self.store.describe(),
@@ -256,6 +257,7 @@ class Snapshotter:
             log.info(
                 "restored from snapshot",
                 extra={
+                    "service": self.service,
                     "snapshot": meta.name,
                     "store": self.store.name,
                     "source": self.store.describe(),
@@ -370,7 +372,10 @@ class Snapshotter:
             self.failures += 1
             log.error("snapshot at stop failed", extra={"error": repr(exc), "store": self.store.name})
             return None
-        log.info("snapshot taken at stop", extra={"snapshot": meta.name, "seq": meta.seq, "revision": meta.revision})
+        log.info(
+            "snapshot taken at stop",
+            extra={"service": self.service, "snapshot": meta.name, "seq": meta.seq, "revision": meta.revision},
+        )
         return meta
 
     def age(self) -> float | None:

@@ -138,9 +138,11 @@ class Fleetmate:
                 return url
         return None
 
-    def logged(self, msg: str) -> list[dict[str, Any]]:
-        """Log records whose message is msg."""
-        return [line for line in self.lines if line.get("msg") == msg]
+    def logged(self, msg: str, **match: Any) -> list[dict[str, Any]]:
+        """Log records whose message is msg (and whose fields have the values in match, e.g. service="registry")."""
+        return [
+            line for line in self.lines if line.get("msg") == msg and all(line.get(k) == v for k, v in match.items())
+        ]
 
     def get(self, path: str, token: str | None = None, timeout: float = 5) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -19,6 +19,7 @@ from app import failpoints
 from app.decisions import decision_span
 from app.services.scheduler import protocol
 from app.services.scheduler.errors import SchedulerError, StaleTerm
+from app.services.scheduler.loads import MetricsStore, heard_loads, smoothed
 from app.services.scheduler.messages import (
     Advance,
     Command,
@@ -60,6 +61,7 @@ class SchedulerLeader:
         # HA primaries balanced as a domain (scheduler.balance_primaries): kicked once per full
         # round, it runs as its own task so a switchover never stalls the shard procedures.
         self.primaries: PrimaryBalancer | None = None
+        self.metrics: MetricsStore | None = None  # where shard loads are kept (None: metrics off)
 
     # ---- on and off -----------------------------------------------------------------------------
 
@@ -217,24 +219,16 @@ class SchedulerLeader:
             log.info("cluster placed", extra={"cluster": c.spec.name, "shards": len(plan), "trace_id": trace_id})
 
     async def _loads(self, c: Cluster) -> None:
-        """Sizes and loads from the heartbeats, recorded every scheduler.load_interval."""
+        """Sizes and loads from the heartbeats, kept in the metrics store and recorded (loads averaged
+        there over a few intervals) every scheduler.load_interval."""
         name = c.spec.name
         now = time.monotonic()
         if now - self._last_load.get(name, 0.0) < self.cfg.load_interval or not c.placed:
             return
         self._last_load[name] = now
-        sizes: dict[int, int] = {}
-        load: dict[int, float] = {}
-        for (cluster, node), (_, hb) in self.svc.heard.items():
-            if cluster != name:
-                continue
-            for s in hb.shards:
-                shard = c.shards.get(s.id)
-                if shard is None or shard.replica(node) is None:
-                    continue
-                sizes[s.id] = max(sizes.get(s.id, 0), s.size)
-                if shard.leader == node:
-                    load[s.id] = s.writes_per_s + s.reads_per_s
+        sizes, load = heard_loads(c, self.svc.heard)
+        if self.metrics is not None and (sizes or load):
+            load = await smoothed(self.metrics, name, sizes, load, self.cfg.load_interval)
         if sizes or load or c.sizes or c.load:
             await self._send([RecordLoad(name, sizes, load, self.svc.term, now_ms())])
 

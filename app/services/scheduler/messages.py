@@ -8,10 +8,21 @@ import msgspec
 
 Topology = Literal["static", "dynamic"]
 NodeStateName = Literal["online", "suspect", "down", "draining", "removed"]
-ProcKind = Literal["transfer_leader", "add_replica", "remove_replica", "move", "split", "merge", "scatter"]
+ProcKind = Literal[
+    "transfer_leader", "add_replica", "remove_replica", "move", "split", "merge", "scatter", "create_cluster"
+]
 # Who asked for a procedure: an operator by hand, or one of the schedulers (app/services/scheduler/schedulers.py).
 Source = Literal[
-    "manual", "failover", "repair", "evict-leader", "balance-leader", "balance-shard", "hot", "spread", "merge"
+    "manual",
+    "placement",
+    "failover",
+    "repair",
+    "evict-leader",
+    "balance-leader",
+    "balance-shard",
+    "hot",
+    "spread",
+    "merge",
 ]
 ReportStatus = Literal["opened", "closed"]
 

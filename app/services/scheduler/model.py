@@ -9,7 +9,7 @@ import msgspec
 from app.services.scheduler.messages import ClusterSpec, Limits, NodeSpec, NodeStateName, Operator
 
 Role = Literal["leader", "follower", "learner"]
-Action = Literal["add_learner", "promote", "transfer_leader", "remove", "split", "merge"]
+Action = Literal["place", "add_learner", "promote", "transfer_leader", "remove", "split", "merge"]
 # PD's operator statuses.
 Status = Literal["created", "started", "success", "canceled", "replaced", "timeout", "expired"]
 FINISHED: frozenset[str] = frozenset({"success", "canceled", "replaced", "timeout", "expired"})

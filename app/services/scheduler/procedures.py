@@ -16,6 +16,7 @@ from app.services.scheduler.model import Cluster, Procedure, Replica, Shard, Spe
 MINUTE_MS = 60_000
 # The schedule-limit class of a procedure (PD's leader/region/replica/merge/hot limits).
 PRIORITY = {
+    "placement": 6,  # holds no shard: never replaced
     "failover": 5,
     "repair": 4,
     "evict-leader": 3,
@@ -30,7 +31,9 @@ BALANCING = frozenset({"balance-leader", "balance-shard", "hot", "spread", "merg
 
 
 def limit_class(op: Operator) -> str:
-    """Which concurrency limit a procedure counts against."""
+    """Which concurrency limit a procedure counts against (a cluster's placement: none)."""
+    if op.kind == "create_cluster":
+        return "placement"
     if op.source == "hot":
         return "hot"
     if op.source in ("repair", "failover"):
@@ -45,7 +48,8 @@ def limit_class(op: Operator) -> str:
 def limit_of(cluster: Cluster, klass: str) -> int:
     """The cluster's limit for a class."""
     lim = cluster.limits
-    return {"leader": lim.leader, "shard": lim.shard, "replica": lim.replica, "merge": lim.merge, "hot": lim.hot}[klass]
+    limits = {"leader": lim.leader, "shard": lim.shard, "replica": lim.replica, "merge": lim.merge, "hot": lim.hot}
+    return limits.get(klass, 1 << 30)
 
 
 def shard_of(cluster: Cluster, shard_id: int) -> Shard:
@@ -95,6 +99,8 @@ def mid_key(start: str, end: str) -> str:
 
 def plan(cluster: Cluster, op: Operator) -> list[Step]:
     """The steps of an operator on the cluster as it is now; Refused/BadSchedulerRequest if it cannot run."""
+    if op.kind == "create_cluster":
+        raise BadSchedulerRequest("create_cluster runs once, started by the leader when node_count nodes are online")
     if not op.shards:
         raise BadSchedulerRequest("a procedure needs a shard")
     if op.kind not in ("merge",) and len(op.shards) != 1:
@@ -292,6 +298,8 @@ def _acked(shard: Shard | None, node: str, epoch: int) -> bool:
 
 def step_complete(cluster: Cluster, step: Step) -> bool:
     """Whether the nodes acknowledged the step's change (a removed replica on a dead node counts as closed)."""
+    if step.action == "place":  # every replica on a live node opened its shard
+        return all(r.acked >= 1 for s in cluster.shards.values() for r in s.replicas if cluster.live(r.node))
     shard = cluster.shards.get(step.shard)
     match step.action:
         case "add_learner" | "promote" | "transfer_leader":

@@ -9,7 +9,7 @@ more than one (so a balanced cluster gets no operator: no oscillation).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 import msgspec
@@ -269,8 +269,46 @@ def balance_leader(c: Cluster, r: Round) -> str:
                 break
         if not found:
             givers.discard(most)
+    while not moved and r.left["leader"] > 0 and max(counts.values()) - min(counts.values()) > 1:
+        path = _leader_chain(c, r, counts, pinned)
+        if not path or len(path) > r.left["leader"]:
+            break
+        for s, to in path:  # each hop a different shard: only the ends' counts change
+            r.take(Operator("transfer_leader", (s.id,), "balance-leader", node_to=to), s)
+        counts[path[0][0].leader] -= 1
+        counts[path[-1][1]] += 1
+        moved += len(path)
     spread = max(counts.values()) - min(counts.values()) if counts else 0
     return f"{moved} leader transfers" if moved else f"leader counts are within {spread} of each other"
+
+
+def _leader_chain(c: Cluster, r: Round, counts: Counter[str], pinned: set[int]) -> list[tuple[Shard, str]]:
+    """Transfers that carry one leader from the node leading most to one leading at least two fewer
+    when no single transfer can: the shortest chain of hops, each a free shard led by one node with
+    the next as a follower (the nodes in between give one and take one)."""
+    most = max(counts, key=lambda n: (counts[n], n))
+    edges: dict[str, list[tuple[Shard, str]]] = {}
+    for s in sorted(c.shards.values(), key=lambda s: s.id):
+        if s.id in pinned or s.leader not in counts or not r.free(s, "balance-leader"):
+            continue
+        for x in s.replicas:
+            if x.role == "follower" and x.node in counts:
+                edges.setdefault(s.leader, []).append((s, x.node))
+    came: dict[str, tuple[str, Shard]] = {}
+    queue = deque([most])
+    while queue:
+        u = queue.popleft()
+        if counts[most] - counts[u] > 1:
+            path: list[tuple[Shard, str]] = []
+            while u != most:
+                u, hop = came[u][0], (came[u][1], u)
+                path.append(hop)
+            return path[::-1]
+        for s, v in edges.get(u, ()):
+            if v != most and v not in came:
+                came[v] = (u, s)
+                queue.append(v)
+    return []
 
 
 def _keeps_spread(c: Cluster, r: Round, s: Shard, leaving: str, to: str) -> bool:

@@ -33,7 +33,7 @@ def acks_for(state: SchedulerState, proc: Procedure, now_ms: int) -> list[Report
     if not step.started:
         return []
     out: list[Report] = []
-    for sid in (step.shard, step.other):
+    for sid in c.shards if step.action == "place" else (step.shard, step.other):
         shard = c.shards.get(sid)
         if shard is None:
             continue

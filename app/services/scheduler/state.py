@@ -34,6 +34,7 @@ from app.services.scheduler.messages import (
     Expire,
     LeaderElected,
     NodeStateName,
+    Operator,
     Place,
     Propose,
     RecordLoad,
@@ -42,7 +43,7 @@ from app.services.scheduler.messages import (
     SetNodeState,
     UpdateCluster,
 )
-from app.services.scheduler.model import Cluster, Event, HistoryEntry, NodeRecord, Procedure, Replica, Shard
+from app.services.scheduler.model import Cluster, Event, HistoryEntry, NodeRecord, Procedure, Replica, Shard, Step
 from app.services.scheduler.procedures import PRIORITY, check_limits, plan, roll_back, start_step, step_complete
 
 KEEP_FINISHED = 1000  # finished procedures kept for their history (the oldest go first)
@@ -290,7 +291,21 @@ class SchedulerState:
             s.replicas = [Replica(n, "leader" if i == 0 else "follower") for i, n in enumerate(nodes)]
             s.epoch += 1
         c.placed = True
-        events.append(Event(cmd.cluster, "shards", tuple(sorted({n for ns in cmd.nodes for n in ns})), text="placed"))
+        # HoraeMeta's create-cluster procedure: it ends once every node opened what it was given. It
+        # holds no shard (the schedulers may act at once, a failover first of all).
+        step = Step("place", -1, epoch=1, started_ms=cmd.time_ms)
+        step.deadline_ms = cmd.time_ms + int(c.limits.step_timeout_s * 1000)
+        op = Operator("create_cluster", (), "placement")
+        proc = Procedure(self.next_proc, cmd.cluster, op, [step], 0, "started", created_ms=cmd.time_ms)
+        proc.updated_ms, proc.term, proc.trace_id = cmd.time_ms, cmd.term, cmd.trace_id
+        proc.history = [
+            HistoryEntry(cmd.time_ms, "created by placement", cmd.trace_id),
+            HistoryEntry(cmd.time_ms, f"step 0 place {len(cmd.nodes)} shards @1", cmd.trace_id),
+        ]
+        self.next_proc += 1
+        self.procedures[proc.id] = proc
+        nodes = tuple(sorted({n for ns in cmd.nodes for n in ns}))
+        events.append(Event(cmd.cluster, "shards", nodes, proc.id, text="placed"))
         return len(cmd.nodes)
 
     def _report(self, cmd: Report, events: list[Event]) -> int:
