@@ -319,7 +319,7 @@ def _keeps_spread(c: Cluster, r: Round, s: Shard, leaving: str, to: str) -> bool
 
 def balance_shard(c: Cluster, r: Round) -> str:
     """Replica counts within one of each other across online nodes, never narrowing a shard's zones:
-    move from the fullest node that can give one to the emptiest that can take it.
+    move the biggest shard it can from the fullest node (by count, then bytes held) to the emptiest.
 
     One pass over each node's shards a round (a cursor per node, not a restart per move): a round on
     10,000 shards stays well under a second however many moves the limits leave room for."""
@@ -335,13 +335,20 @@ def balance_shard(c: Cluster, r: Round) -> str:
         for x in s.replicas:
             if x.node in by_node:
                 by_node[x.node].append(s)
+    held = Counter({n: 0 for n in counts})  # bytes per node: among equal counts, the heavier gives first
+    for sid, size in c.sizes.items():
+        shard = c.shards.get(sid)
+        for x in shard.replicas if shard is not None else ():
+            if x.node in held:
+                held[x.node] += size
     cursor = dict.fromkeys(counts, 0)
     givers = set(counts)  # nodes that may still give a replica this round
     moved = 0
     while len(counts) > 1 and givers and r.left["shard"] > 0:
-        most = min(givers, key=lambda n: (-counts[n], n))
+        most = min(givers, key=lambda n: (-counts[n], -held[n], n))
         takers = sorted(
-            (n for n in counts if counts[most] - counts[n] > 1 and r.has_room(n, "add")), key=lambda n: (counts[n], n)
+            (n for n in counts if counts[most] - counts[n] > 1 and r.has_room(n, "add")),
+            key=lambda n: (counts[n], held[n], n),
         )
         if not takers:
             break  # no node below the fullest giver by two can take one: none below another giver can
@@ -361,6 +368,8 @@ def balance_shard(c: Cluster, r: Round) -> str:
             if to and r.take(Operator("move", (s.id,), "balance-shard", node_from=most, node_to=to), s):
                 counts[most] -= 1
                 counts[to] += 1
+                held[most] -= c.sizes.get(s.id, 0)
+                held[to] += c.sizes.get(s.id, 0)
                 moved += 1
                 found = True
                 break
