@@ -125,7 +125,7 @@ def test_balance_converges_and_stays(sim: Simulation) -> None:
     reps, leaders = counts(c)
     assert within_one_of_mean(reps), reps
     assert within_one_of_mean(leaders), leaders
-    quiet_for(sim, 300)
+    quiet_for(sim, 600)  # 10 simulated minutes (a round a second) with nothing proposed
 
 
 @SETTINGS
