@@ -26,6 +26,24 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
+def subcommands(
+    sub: Any, name: str, help_text: str, dest: str, arg: str, metavar: str, arg_help: str
+) -> Callable[..., argparse.ArgumentParser]:
+    """A top-level command (`fleetmate NAME ...`) and a maker of its subcommands: each takes the
+    connection options and, unless asked not to (`with_arg=False`), the positional `arg`."""
+    top = sub.add_parser(name, help=help_text)
+    subs = top.add_subparsers(dest=dest, required=True)
+
+    def command(cmd: str, text: str, with_arg: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = subs.add_parser(cmd, help=text)
+        if with_arg:
+            p.add_argument(arg, metavar=metavar, help=arg_help)
+        add_connection_options(p)
+        return p
+
+    return command
+
+
 def add_tls_options(
     parser: argparse.ArgumentParser, names: Callable[[str], tuple[str, ...]] = lambda flag: (flag,)
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from app.cli.api import ApiError, add_connection_options, call
+from app.cli.api import ApiError, call, subcommands
 from app.services.ha import topology
 
 DISCOVER_S = 60.0  # discovery probes every instance it finds
@@ -18,19 +18,19 @@ DISCOVER_S = 60.0  # discovery probes every instance it finds
 
 def add_parser(sub: Any) -> None:
     """Add the `ha` command and its subcommands to the top-level subparsers."""
-    ha = sub.add_parser("ha", help="MySQL/MariaDB and PostgreSQL clusters: discovery, topology, failovers")
-    ha_sub = ha.add_subparsers(dest="ha_command", required=True)
-
-    def command(name: str, help_text: str, with_name: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = ha_sub.add_parser(name, help=help_text)
-        if with_name:
-            p.add_argument("name", metavar="NAME", help="the cluster's name")
-        add_connection_options(p)
-        return p
+    command = subcommands(
+        sub,
+        "ha",
+        "MySQL/MariaDB and PostgreSQL clusters: discovery, topology, failovers",
+        "ha_command",
+        "name",
+        "NAME",
+        "the cluster's name",
+    )
 
     disc = command("discover", "register a cluster by discovering it from one instance")
     disc.add_argument("dsn", metavar="DSN", help="mysql://user@host:3306, mariadb://..., postgresql://user@host:5432")
-    command("list", "every registered cluster with its primary and findings", with_name=False)
+    command("list", "every registered cluster with its primary and findings", with_arg=False)
     command("topology", "a cluster as a tree: the primary and who replicates from whom")
     command("history", "a cluster's detections and recovery steps")
     sw = command("switchover", "hand the primary role to a replica, losing nothing")

@@ -8,24 +8,24 @@ import sys
 import time
 from typing import Any
 
-from app.cli.api import ApiError, add_connection_options, call
+from app.cli.api import ApiError, call, subcommands
 
 SLOW_S = 60.0  # scans and cleanups run on the host
 
 
 def add_parser(sub: Any) -> None:
     """Add the `node` command and its subcommands to the top-level subparsers."""
-    node = sub.add_parser("node", help="nodes (agents and replicas): states, facts, agent requests")
-    node_sub = node.add_subparsers(dest="node_command", required=True)
+    command = subcommands(
+        sub,
+        "node",
+        "nodes (agents and replicas): states, facts, agent requests",
+        "node_command",
+        "node_id",
+        "ID",
+        "the node id",
+    )
 
-    def command(name: str, help_text: str, with_id: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = node_sub.add_parser(name, help=help_text)
-        if with_id:
-            p.add_argument("node_id", metavar="ID", help="the node id")
-        add_connection_options(p)
-        return p
-
-    lst = command("list", "every node with its state", with_id=False)
+    lst = command("list", "every node with its state", with_arg=False)
     lst.add_argument("--state", choices=("online", "suspect", "down", "maintenance"), help="only nodes in this state")
     command("show", "a node's state, labels, facts and state history")
     command("scan", "ask the node's agent to scan installed database engines")

@@ -8,22 +8,22 @@ import sys
 import time
 from typing import Any
 
-from app.cli.api import ApiError, add_connection_options, call
+from app.cli.api import ApiError, call, subcommands
 
 BASE = "/api/v1/scheduler"
 
 
 def add_parser(sub: Any) -> None:
     """Add the `sched` command and its subcommands to the top-level subparsers."""
-    sched = sub.add_parser("sched", help="the shard scheduler: clusters, data nodes, shards, procedures")
-    s_sub = sched.add_subparsers(dest="sched_command", required=True)
-
-    def command(name: str, help_text: str, with_cluster: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = s_sub.add_parser(name, help=help_text)
-        if with_cluster:
-            p.add_argument("cluster", metavar="CLUSTER", help="the scheduling domain's name")
-        add_connection_options(p)
-        return p
+    command = subcommands(
+        sub,
+        "sched",
+        "the shard scheduler: clusters, data nodes, shards, procedures",
+        "sched_command",
+        "cluster",
+        "CLUSTER",
+        "the scheduling domain's name",
+    )
 
     create = command("create", "create a scheduling domain")
     create.add_argument("--topology", choices=("dynamic", "static"), default="dynamic")
@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--max-down-time", type=float, default=1800.0, help="seconds (default 1800)")
     create.add_argument("--lease", type=float, default=10.0, help="data nodes' default lease, seconds (default 10)")
     create.add_argument("--no-schedule", action="store_true", help="enable_schedule off")
-    command("list", "every scheduling domain", with_cluster=False)
+    command("list", "every scheduling domain", with_arg=False)
     command("show", "a domain's settings, nodes by state and what runs")
     command("nodes", "a domain's data nodes")
     shards = command("shards", "the shard table")
@@ -69,7 +69,7 @@ def add_parser(sub: Any) -> None:
     op.add_argument("--to", dest="node_to", default="", metavar="NODE")
     op.add_argument("--split-key", default="")
     op.add_argument("--targets", default="", metavar="NODE,NODE,...", help="scatter: the nodes, the leader's first")
-    cancel = command("cancel", "cancel a procedure", with_cluster=False)
+    cancel = command("cancel", "cancel a procedure", with_arg=False)
     cancel.add_argument("proc", type=int, metavar="ID")
     cancel.add_argument("--reason", default="")
     command("diagnose", "why each scheduler did or did not act")
