@@ -6,8 +6,6 @@ before anything changes); a leader's command from a past term is refused (StaleT
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from app.services.scheduler import checks
 from app.services.scheduler.errors import (
     AlreadyExists,
@@ -493,9 +491,3 @@ class SchedulerState:
         while len(self.finished) > KEEP_FINISHED:
             self.procedures.pop(self.finished.pop(0), None)
         return changed
-
-    def iter_shards(self) -> Iterator[tuple[Cluster, Shard]]:
-        """Every shard of every cluster."""
-        for c in self.clusters.values():
-            for s in c.shards.values():
-                yield c, s
