@@ -24,6 +24,8 @@ from app.log.lease.base import LeaseRecord
 from app.services.agent.hostinfo import host_info
 from app.services.ha.agents import AgentDirectory
 from app.services.ha.service import HaService
+from app.services.kv.partition import stream_name
+from app.services.kv.service import KvService
 from app.services.membership.service import MembershipService
 from app.services.metrics.messages import STREAM as METRICS_STREAM
 from app.services.metrics.service import MetricsService
@@ -68,6 +70,7 @@ class Node:
         self.ha: HaService | None = None
         self.scheduler: SchedulerService | None = None
         self.scheduler_leader: SchedulerLeader | None = None
+        self.kv: KvService | None = None
         self.snapshot_store: SnapshotStore | None = None
         self.dir_lock = DataDirLock(cfg.data_path)
         self.stream_replicas = 1
@@ -162,6 +165,19 @@ class Node:
             await self.scheduler.start()
             self.scheduler_leader = SchedulerLeader(self.scheduler)
             self.scheduler_leader.metrics = self.metrics
+            if cfg.kv.enabled:
+                self.phase = "opening the kv partitions"
+                self.kv = KvService(
+                    self.bus,
+                    cfg.kv,
+                    cfg.data_path,
+                    self.node_id,
+                    self.logs,
+                    self.scheduler,
+                    replicas=self.stream_replicas,
+                    address=self.http_url,
+                )
+                await self.kv.start()
         if cfg.ha.enabled:
             membership = self.membership
             agents = AgentDirectory(
@@ -230,6 +246,8 @@ class Node:
         streams = [subjects.REGISTRY_STREAM, f"KV_{subjects.LEASE_BUCKET}"]
         if self.scheduler is not None:
             streams.append(subjects.SCHEDULER_STREAM)
+        if self.kv is not None:
+            streams.extend(stream_name(p) for p in self.kv.partitions)
         if self.metrics is not None:
             streams.append(METRICS_STREAM)
         await step_down_if_leading(self.bus.nc, streams, self.bus.server_name)
@@ -306,6 +324,7 @@ class Node:
             ("lease backend", self.leadership.backend.close if self.leadership else None),
             ("ha", self.ha.stop if self.ha else None),
             ("metrics", self.metrics.stop if self.metrics else None),
+            ("kv", self.kv.stop if self.kv else None),
             ("scheduler", self.scheduler.stop if self.scheduler else None),
             ("membership", self.membership.stop if self.membership else None),
             ("registry", self.registry.stop if self.registry else None),

@@ -37,6 +37,8 @@ def validate(cfg: Config) -> Config:
     if reg.session_timeout_min_ms > reg.session_timeout_max_ms:
         raise ConfigError("registry.session_timeout_min_ms", "must not exceed registry.session_timeout_max_ms")
     _check_stores(cfg)
+    if cfg.kv.enabled and not cfg.scheduler.enabled:
+        raise ConfigError("kv.enabled", "the kv store needs the scheduler (scheduler.enabled) to place its shards")
     if cfg.telemetry.exporter == "otlp" and not cfg.telemetry.endpoint:
         raise ConfigError("telemetry.endpoint", "required when telemetry.exporter is 'otlp'")
     if cfg.nats.token and (len(cfg.nats.token) < 8 or any(c.isspace() for c in cfg.nats.token)):

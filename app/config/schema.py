@@ -225,6 +225,21 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     primary_cooldown: Annotated[float, msgspec.Meta(ge=0, le=604800)] = 600.0
 
 
+class KvConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """[kv]: the sharded KV store on log partitions (docs/kv.md)."""
+
+    enabled: bool = True
+    partitions: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    max_replicas: Annotated[int, msgspec.Meta(ge=1, le=7)] = 3
+    shard_capacity: Annotated[int, msgspec.Meta(ge=1024, le=1 << 40)] = 96 << 20
+    split_writes_per_s: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
+    max_peer_down_time: Annotated[float, msgspec.Meta(ge=1, le=30 * 86400)] = 1800.0
+    node_lease: Annotated[float, msgspec.Meta(ge=0.5, le=600)] = 10.0
+    max_key_bytes: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096
+    max_value_bytes: Annotated[int, msgspec.Meta(ge=1, le=4 << 20)] = 1 << 20
+    matrixkv: bool = True
+
+
 class TelemetryConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing."""
 
@@ -258,6 +273,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     ha: HaConfig = msgspec.field(default_factory=HaConfig)
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    kv: KvConfig = msgspec.field(default_factory=KvConfig)
 
     @property
     def data_path(self) -> Path:
@@ -294,6 +310,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "metrics": MetricsConfig,
     "ha": HaConfig,
     "scheduler": SchedulerConfig,
+    "kv": KvConfig,
 }
 SECRET_KEYS = frozenset(
     {"auth.tokens", "sql.dsn", "s3.secret_key", "nats.token", "ha.password", "ha.replication_password"}

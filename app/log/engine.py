@@ -238,6 +238,7 @@ class SharedLog(Generic[C]):
         last = self.applied_seq
         user = self.user
         apply = user.apply
+        begin_entry = getattr(user, "begin_entry", None)  # a machine that needs each entry's position
         for msg in batch:
             seq = stream_seq(msg)
             if seq <= last:
@@ -253,6 +254,8 @@ class SharedLog(Generic[C]):
                 log.error("skipping an undecodable log entry", extra={"seq": seq, "error": str(exc)})
                 commands = ()
             results = []
+            if begin_entry is not None:
+                begin_entry(seq)
             for cmd in commands:
                 try:
                     result, events = apply(cmd)

@@ -19,6 +19,8 @@ class LogUser(Protocol[C]):
     Store: `load` the local copy of the state (returning the sequence it covers), `commit` what was
     applied since the last commit, and for snapshots `image`, `install`, `reset`, the log ids.
     Results: `applied` gets the events of every applied batch, in order (watches, fan-out).
+    Optional: `begin_entry(seq)`, called before an entry's commands are applied, for a machine
+    whose results depend on the entry's position (the KV's revisions).
     """
 
     def encode(self, commands: Sequence[C]) -> bytes: ...

@@ -20,6 +20,7 @@ from app.web.observe import Observe
 from app.web.ratelimit import RateLimiter
 from app.web.routes.audit import audit_routes
 from app.web.routes.ha import ha_routes
+from app.web.routes.kv import kv_routes
 from app.web.routes.metrics import MAX_BODY_BYTES as POINTS_MAX_BODY_BYTES
 from app.web.routes.metrics import metrics_routes
 from app.web.routes.nodes import node_routes
@@ -53,6 +54,7 @@ def create_app(node: Node) -> Observe:
             *metrics_routes(node),
             *ha_routes(node),
             *scheduler_routes(node),
+            *kv_routes(node),
             *audit_routes(node),
         ],
         state=State({"node": node}),

@@ -56,6 +56,14 @@ def cluster_spec(spec: ClusterSpec) -> ClusterSpec:
         )
     if spec.topology == "static" and spec.max_replicas > spec.node_count:
         raise BadSchedulerRequest(f"max_replicas {spec.max_replicas} is more than node_count {spec.node_count}")
+    _within(spec.groups, 0, 256, "groups")
+    if spec.split_keys:
+        if len(spec.split_keys) + 1 != spec.shard_count:
+            raise BadSchedulerRequest(
+                f"{len(spec.split_keys)} split_keys make {len(spec.split_keys) + 1} shards, not {spec.shard_count}"
+            )
+        if any(not k for k in spec.split_keys) or list(spec.split_keys) != sorted(set(spec.split_keys)):
+            raise BadSchedulerRequest("split_keys must be distinct, non-empty and in order")
     limits(spec.limits)
     return spec
 

@@ -23,6 +23,7 @@ Source = Literal[
     "hot",
     "spread",
     "merge",
+    "split",
 ]
 ReportStatus = Literal["opened", "closed"]
 
@@ -57,6 +58,10 @@ class ClusterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     local_data: bool = False  # shards' data lives on the nodes' disks: a dynamic topology would corrupt it
     max_down_time_s: float = 1800.0  # a node down longer has its replicas re-created elsewhere (PD, MatrixKV)
     lease_s: float = 10.0  # the default node lease (HoraeDB's)
+    groups: int = 0  # log partitions the shards' data is spread over (the KV's); shard i starts in group i % groups
+    split_keys: tuple[
+        str, ...
+    ] = ()  # the first shards' boundaries, in order (shard_count is one more); none: hex ranges
     limits: Limits = Limits()
 
 

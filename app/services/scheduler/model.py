@@ -34,6 +34,7 @@ class Shard(msgspec.Struct):
     replicas: list[Replica] = []
     tables: list[str] = []
     moved_ms: int = 0  # when a procedure last changed its replicas (the balancing cool-down)
+    group: int = 0  # the log partition its data lives in (a split keeps it; see ClusterSpec.groups)
 
     def replica(self, node: str) -> Replica | None:
         """The replica on `node`, if any."""

@@ -26,6 +26,7 @@ PRIORITY = {
     "balance-shard": 1,
     "hot": 1,
     "merge": 1,
+    "split": 2,  # a store's shard past its capacity (the KV asks)
 }
 BALANCING = frozenset({"balance-leader", "balance-shard", "hot", "spread", "merge"})
 
@@ -164,6 +165,8 @@ def plan(cluster: Cluster, op: Operator) -> list[Step]:
                 raise Refused(f"shard {sid} ends at {shard.end!r}, shard {other.id} starts at {other.start!r}")
             if {r.node for r in shard.replicas} != {r.node for r in other.replicas}:
                 raise Refused(f"shards {sid} and {other.id} are not on the same nodes: move one first")
+            if shard.group != other.group:
+                raise Refused(f"shards {sid} and {other.id} are in log partitions {shard.group} and {other.group}")
             return [Step("merge", sid, other=other.id)]
     raise BadSchedulerRequest(f"unknown procedure kind {op.kind!r}")
 
@@ -257,7 +260,13 @@ def start_step(cluster: Cluster, proc: Procedure, now_ms: int) -> set[str]:
                 raise Refused(f"split key {step.key!r} is no longer inside shard {shard.id}'s range")
             new_id = cluster.next_shard
             cluster.next_shard += 1
-            child = Shard(new_id, step.key, shard.end, replicas=[Replica(r.node, r.role) for r in shard.replicas])
+            child = Shard(
+                new_id,
+                step.key,
+                shard.end,
+                replicas=[Replica(r.node, r.role) for r in shard.replicas],
+                group=shard.group,
+            )
             shard.end = step.key
             cluster.shards[new_id] = child
             step.other = new_id

@@ -79,6 +79,7 @@ class Assigned(msgspec.Struct, frozen=True):
     start: str = ""
     end: str = ""
     tables: list[str] = []
+    group: int = 0  # the log partition of its data
 
 
 class Assignment(msgspec.Struct, frozen=True):
@@ -129,3 +130,4 @@ class Route(msgspec.Struct, frozen=True):
     leader_address: str
     replicas: list[str]
     revision: int
+    group: int = 0

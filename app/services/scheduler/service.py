@@ -210,8 +210,8 @@ class SchedulerService:
 
     async def propose(self, cluster: str, op: Operator) -> Procedure:
         """A manual operator: its procedure is created now and started by the leader."""
-        if op.source != "manual":
-            raise BadSchedulerRequest("an operator asked for over the API has source manual")
+        if op.source not in ("manual", "split"):
+            raise BadSchedulerRequest("an operator asked for over the API has source manual (or split, from a store)")
         self.cluster(cluster)
         proc_id = await self.append(Propose(cluster, op, 0, now_ms(), current_trace_id()))
         return self.state.procedure(proc_id)
@@ -348,6 +348,7 @@ class SchedulerService:
             rec.spec.address if rec else "",
             [r.node for r in shard.replicas],
             self.state.revision,
+            shard.group,
         )
 
     def _shard_for_key(self, c: Cluster, key: str) -> Shard:
@@ -370,7 +371,7 @@ class SchedulerService:
             cluster,
             node,
             self.state.revision,
-            [protocol.Assigned(s.id, r.role, s.epoch, s.start, s.end, list(s.tables)) for s, r in held],
+            [protocol.Assigned(s.id, r.role, s.epoch, s.start, s.end, list(s.tables), s.group) for s, r in held],
             drop,
             rec.state if rec else "unknown",
         )

@@ -184,8 +184,12 @@ class SchedulerState:
         c = Cluster(spec, created_ms=now_ms, limits=spec.limits, max_down_time_s=spec.max_down_time_s)
         c.enable_schedule = spec.enable_schedule
         for i in range(spec.shard_count):
-            start, end = key_bounds(spec.shard_count, i)
-            c.shards[i] = Shard(i, start, end)
+            if spec.split_keys:
+                bounds = ("", *spec.split_keys, "")
+                start, end = bounds[i], bounds[i + 1]
+            else:
+                start, end = key_bounds(spec.shard_count, i)
+            c.shards[i] = Shard(i, start, end, group=i % spec.groups if spec.groups else 0)
         c.next_shard = spec.shard_count
         self.clusters[spec.name] = c
         events.append(Event(spec.name, "cluster", text="created"))
@@ -358,7 +362,7 @@ class SchedulerState:
         op = cmd.op
         if not c.placed:
             raise Refused(f"cluster {cmd.cluster} is not placed yet: it waits for its nodes")
-        if op.source != "manual":
+        if op.source not in ("manual", "split"):  # split: a store's shard past its capacity, asked like a manual one
             if not cmd.term:
                 raise BadSchedulerRequest(f"only the scheduling leader proposes as {op.source}")
             if not c.enable_schedule:

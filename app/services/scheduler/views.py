@@ -65,6 +65,7 @@ class ShardView(msgspec.Struct, frozen=True):
     size: int
     load: float
     procedure: int | None
+    group: int = 0
 
 
 class Election(msgspec.Struct, frozen=True, array_like=True):
@@ -170,6 +171,7 @@ def shard_view(state: SchedulerState, c: Cluster, s: Shard) -> ShardView:
         size=c.sizes.get(s.id, 0),
         load=c.load.get(s.id, 0.0),
         procedure=state.busy.get((c.spec.name, s.id)),
+        group=s.group,
     )
 
 

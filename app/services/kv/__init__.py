@@ -1,0 +1,1 @@
+"""The sharded KV store (MatrixKV) on log partitions."""

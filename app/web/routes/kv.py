@@ -1,0 +1,252 @@
+"""KV routes: /api/v1/kv (put, get, delete, batch, scan, shards, split) and MatrixKV's /set, /get, /delete, /shards."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.handlers import BaseRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK
+
+from app.errors import FleetmateError, Unavailable
+from app.node import Node
+from app.services.kv.errors import BadKvRequest, KeyNotFound
+from app.services.kv.holder import CLUSTER
+from app.services.kv.service import KvService
+from app.services.kv.views import ShardInfo, matrixkv_shards, shard_infos
+from app.services.kv.wire import BatchCheck, BatchOp, KvItem, KvReply, KvRequest
+from app.services.scheduler.messages import Operator
+from app.services.scheduler.model import Procedure
+from app.web.errors import ErrorBody
+
+BASE = "/api/v1/kv"
+ERRORS = {
+    400: ResponseSpec(data_container=ErrorBody, description="Empty or oversize key or value, bad UTF-8, bad range"),
+    404: ResponseSpec(data_container=ErrorBody, description="No such key or shard"),
+    409: ResponseSpec(data_container=ErrorBody, description="A compare-and-set found another revision"),
+    503: ResponseSpec(data_container=ErrorBody, description="The key's shard did not answer (moving, no live holder)"),
+}
+
+
+class PutBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Set a key; if_revision makes it a compare-and-set (0: only if the key does not exist)."""
+
+    key: str
+    value: str
+    if_revision: int = -1
+
+
+class DeleteBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Delete a key; if_revision deletes only that revision of it."""
+
+    key: str
+    if_revision: int = -1
+
+
+class BatchBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Writes within one shard, all or none, if every check holds."""
+
+    ops: list[BatchOp]
+    checks: list[BatchCheck] = []
+
+
+class ReadToken(msgspec.Struct, frozen=True):
+    """Where a write landed: a read with this token on any replica sees it."""
+
+    partition: int
+    seq: int
+
+
+class WriteResult(msgspec.Struct, frozen=True):
+    """A write's revision (the previous one of the key; keys deleted), its shard and read token."""
+
+    revision: int
+    prev_revision: int
+    deleted: int
+    shard: int
+    token: ReadToken
+
+
+class ScanResult(msgspec.Struct, frozen=True):
+    """Keys in order; more: the limit stopped the scan, go on from `next`."""
+
+    items: list[KvItem]
+    more: bool
+    next: str
+
+
+class SplitBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Split a shard at a key ("" for its middle key)."""
+
+    key: str = ""
+
+
+class MatrixSet(msgspec.Struct, frozen=True):
+    """MatrixKV's /set body."""
+
+    key: str = ""
+    value: str = ""
+
+
+class MatrixKey(msgspec.Struct, frozen=True):
+    """MatrixKV's /delete body."""
+
+    key: str = ""
+
+
+def _write(r: KvReply) -> WriteResult:
+    return WriteResult(r.revision, r.prev_revision, r.deleted, r.shard, ReadToken(r.partition, r.seq))
+
+
+def _prefix_end(prefix: str) -> str:
+    """The first key after every key with this prefix ("" when there is none: the top)."""
+    chars = list(prefix)
+    while chars:
+        if ord(chars[-1]) < 0x10FFFF:
+            chars[-1] = chr(ord(chars[-1]) + 1)
+            return "".join(chars)
+        chars.pop()
+    return ""
+
+
+def kv_routes(node: Node) -> list[BaseRouteHandler]:
+    """The handlers, closing over the node."""
+
+    def svc() -> KvService:
+        k = node.kv
+        if k is None:
+            raise Unavailable("the kv store is disabled (kv.enabled) or starting")
+        return k
+
+    @post(BASE + "/put", tags=["kv"], summary="Set a key", status_code=HTTP_200_OK, responses=ERRORS)
+    async def put(data: PutBody) -> WriteResult:
+        """Any replica takes it; it runs on a replica holding the key's shard (one hop at most)."""
+        return _write(await svc().put(data.key, data.value, data.if_revision))
+
+    @get(BASE + "/get", tags=["kv"], summary="A key's value and stat", responses=ERRORS)
+    async def get_key(key: str, serializable: bool = False) -> KvItem:
+        """Linearizable unless `serializable=true` (then the holder's copy as it is, at once)."""
+        r = await svc().get(key, serializable)
+        if r.item is None:
+            raise KeyNotFound(f"key {key!r} does not exist")
+        return r.item
+
+    @post(BASE + "/delete", tags=["kv"], summary="Delete a key", status_code=HTTP_200_OK, responses=ERRORS)
+    async def delete_key(data: DeleteBody) -> WriteResult:
+        """`deleted` is 0 when the key did not exist."""
+        return _write(await svc().delete(data.key, data.if_revision))
+
+    @post(
+        BASE + "/batch",
+        tags=["kv"],
+        summary="Writes within one shard, all or none",
+        status_code=HTTP_200_OK,
+        responses=ERRORS,
+    )
+    async def batch(data: BatchBody) -> WriteResult:
+        """Every check must hold (a key at a revision, 0: absent); keys of more than one shard are refused."""
+        if not data.ops:
+            raise BadKvRequest("a batch needs at least one write")
+        req = KvRequest("batch", data.ops[0].key, ops=tuple(data.ops), checks=tuple(data.checks))
+        return _write(await svc().batch(req))
+
+    @get(BASE + "/scan", tags=["kv"], summary="Keys of a range or prefix, in order", responses=ERRORS)
+    async def scan(
+        start: str = "",
+        end: str = "",
+        prefix: str = "",
+        limit: Annotated[int, Parameter(ge=0, le=10_000)] = 0,
+        serializable: bool = False,
+    ) -> ScanResult:
+        """[start, end) ("" end: to the top) or every key with `prefix`; at most `limit` keys (1,000 a
+        call at most): go on from `next` while `more`."""
+        if prefix:
+            if start or end:
+                raise BadKvRequest("give a prefix or a range, not both")
+            start, end = prefix, _prefix_end(prefix)
+        r = await svc().scan(start, end, limit, serializable)
+        return ScanResult(r.items, r.more, r.next)
+
+    @get(BASE + "/shards", tags=["kv"], summary="The shards: range, partition, holders, leader, size")
+    async def shards(local: bool = False) -> list[ShardInfo]:
+        """Every shard of the store, or with `local=true` those this replica holds (with its copy's keys)."""
+        return shard_infos(svc(), local)
+
+    @post(
+        BASE + "/shards/{shard:int}/split",
+        tags=["kv"],
+        summary="Split a shard",
+        status_code=HTTP_200_OK,
+        responses=ERRORS,
+    )
+    async def split(shard: int, data: SplitBody) -> Procedure:
+        """A scheduler procedure: the shard's leader appends the split, every holder applies it at once."""
+        kv = svc()
+        key = data.key
+        if not key:
+            for part in kv.partitions.values():
+                held = part.state.held.get(shard)
+                if held is not None and len(held.items) >= 2:
+                    key = held.items.keys()[len(held.items) // 2]
+        return await kv.scheduler.propose(CLUSTER, Operator("split", (shard,), "manual", split_key=key))
+
+    routes: list[BaseRouteHandler] = [put, get_key, delete_key, batch, scan, shards, split]
+    if node.cfg.kv.matrixkv:
+        routes += matrixkv_routes(svc)
+    return routes
+
+
+def matrixkv_routes(svc: Any) -> list[BaseRouteHandler]:
+    """MatrixKV's own routes: answers always 200 with the error, if any, in "error" (as MatrixKV does)."""
+
+    async def body_of(request: Request[Any, Any, Any], kind: type[Any]) -> Any:
+        try:
+            return msgspec.json.decode(await request.body(), type=kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadKvRequest(f"invalid request body: {exc}") from exc
+
+    def fail(exc: Exception) -> str:
+        return exc.message if isinstance(exc, FleetmateError) else repr(exc)
+
+    @post("/set", tags=["matrixkv"], summary="MatrixKV: set a key", status_code=HTTP_200_OK)
+    async def mk_set(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+        """`{"key":"k1","value":"v1"}` -> `{"key":"k1","error":""}`."""
+        key = ""
+        try:
+            body = await body_of(request, MatrixSet)
+            key = body.key
+            await svc().put(body.key, body.value)
+            return Response({"key": key, "error": ""})
+        except Exception as exc:
+            return Response({"key": key, "error": fail(exc)})
+
+    @get("/get", tags=["matrixkv"], summary="MatrixKV: get a key")
+    async def mk_get(key: str = "") -> Response[dict[str, str]]:
+        """`?key=k1` -> `{"key":"k1","value":"v1","error":""}` (value "" when the key does not exist)."""
+        try:
+            r = await svc().get(key)
+            return Response({"key": key, "value": r.item.value if r.item else "", "error": ""})
+        except Exception as exc:
+            return Response({"key": key, "value": "", "error": fail(exc)})
+
+    @post("/delete", tags=["matrixkv"], summary="MatrixKV: delete a key", status_code=HTTP_200_OK)
+    async def mk_delete(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+        """`{"key":"k1"}` -> `{"key":"k1","error":""}`."""
+        key = ""
+        try:
+            body = await body_of(request, MatrixKey)
+            key = body.key
+            await svc().delete(body.key)
+            return Response({"key": key, "error": ""})
+        except Exception as exc:
+            return Response({"key": key, "error": fail(exc)})
+
+    @get("/shards", tags=["matrixkv"], summary="MatrixKV: the shards (?local: this replica's)")
+    async def mk_shards(request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
+        """MatrixCube's shard records as MatrixKV lists them; `?local=1` (any value) for this replica's."""
+        return matrixkv_shards(svc(), local=bool(request.query_params.get("local")))
+
+    return [mk_set, mk_get, mk_delete, mk_shards]
