@@ -1,0 +1,168 @@
+"""MatrixKV's walk-through on 4 replicas: set/get/delete anywhere, splits at 1 KiB, a stopped replica refuses, others serve."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import NatsServer, ReplicaSet, wait_for
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("r1", "r2", "r3", "r4")
+CAPACITY = 1024
+LEASE_S = 1.0
+SLOW_S = 30.0  # a generous bound on what takes a second or two (timings are measured in bench/)
+
+
+class Env:
+    """Four replicas on one nats-server, and the calls a MatrixKV user makes."""
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self.replicas = replicas
+
+    def url(self, name: str) -> str:
+        return self.replicas.urls[name]
+
+    def set(self, name: str, key: str, value: str) -> dict[str, Any]:
+        resp = httpx.post(self.url(name) + "/set", json={"key": key, "value": value}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def get(self, name: str, key: str) -> dict[str, Any]:
+        resp = httpx.get(self.url(name) + "/get", params={"key": key}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def delete(self, name: str, key: str) -> dict[str, Any]:
+        resp = httpx.post(self.url(name) + "/delete", json={"key": key}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def shards(self, name: str, local: bool = False) -> list[dict[str, Any]]:
+        resp = httpx.get(self.url(name) + "/shards", params={"local": "1"} if local else {}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        body: list[dict[str, Any]] = resp.json()
+        return body
+
+    def table(self, name: str, local: bool = False) -> list[dict[str, Any]]:
+        resp = httpx.get(self.url(name) + "/api/v1/kv/shards", params={"local": str(local).lower()}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        body: list[dict[str, Any]] = resp.json()
+        return body
+
+    def settled(self, name: str, copies: int) -> bool:
+        """Every shard has `copies` holders, each acknowledged at the shard's epoch."""
+        table = self.table(name)
+        return bool(table) and all(
+            len(s["holders"]) == copies and all(h["acked"] == s["epoch"] for h in s["holders"]) for s in table
+        )
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root: Path = tmp_path_factory.mktemp("kv-walk")
+    nats = NatsServer(root / "nats").start()
+    replicas = ReplicaSet(
+        root,
+        nats.url,
+        names=NAMES,
+        env={
+            "FLEETMATE_KV_SHARD_CAPACITY": str(CAPACITY),
+            "FLEETMATE_KV_NODE_LEASE": str(LEASE_S),
+            "FLEETMATE_KV_PARTITIONS": "2",
+            "FLEETMATE_LEASE_TTL": "2",
+            "FLEETMATE_LEASE_RENEW_INTERVAL": "0.5",
+        },
+    )
+    try:
+        replicas.start()
+        replicas.leader()
+        e = Env(replicas)
+        wait_for(lambda: e.settled("r1", 3), SLOW_S, "every shard on 3 replicas, acknowledged", 0.2)
+        yield e
+    finally:
+        replicas.close()
+        nats.stop()
+
+
+def test_set_get_delete_on_any_replica(env: Env) -> None:
+    assert env.set("r1", "k1", "v1") == {"key": "k1", "error": ""}
+    for name in NAMES:
+        assert env.get(name, "k1") == {"key": "k1", "value": "v1", "error": ""}
+    assert env.set("r2", "k2", "v2") == {"key": "k2", "error": ""}
+    assert env.get("r4", "k2") == {"key": "k2", "value": "v2", "error": ""}
+    assert env.delete("r3", "k1") == {"key": "k1", "error": ""}
+    for name in NAMES:
+        assert env.get(name, "k1") == {"key": "k1", "value": "", "error": ""}
+
+
+def test_bad_input_is_an_error_and_changes_nothing(env: Env) -> None:
+    env.set("r1", "kept", "yes")
+    assert env.set("r1", "", "v")["error"] == "key is empty"
+    assert env.set("r2", "kept", "")["error"] == "value is empty"
+    assert "bytes; the most is" in env.set("r3", "k" * 5000, "v")["error"]
+    assert env.get("r4", "kept")["value"] == "yes"
+    resp = httpx.post(env.url("r1") + "/api/v1/kv/put", json={"key": "", "value": "v"}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"] == "bad_request", resp.text
+    resp = httpx.get(env.url("r1") + "/api/v1/kv/scan", params={"start": "b", "end": "a"}, timeout=10)
+    assert resp.status_code == 400 and "not before" in resp.json()["message"], resp.text
+
+
+def test_a_few_writes_split_shards_and_every_replica_lists_them(env: Env) -> None:
+    before = env.shards("r1")
+    assert all(set(s) <= {"id", "start", "end", "epoch", "replicas", "group", "labels"} for s in before)
+    values = {f"user{i:03d}": f"value-{i}-" + "x" * 40 for i in range(60)}
+    for i, (key, value) in enumerate(values.items()):
+        assert env.set(NAMES[i % 4], key, value) == {"key": key, "error": ""}
+
+    def split() -> bool:
+        return len(env.shards("r1")) >= len(before) + 2 and env.settled("r1", 3)
+
+    wait_for(split, SLOW_S, "shards split past 1 KiB and settled on 3 replicas each", 0.2)
+    after = env.shards("r2")
+    assert len(after) >= len(before) + 2
+    starts = sorted(base64.b64decode(s.get("start", "")).decode() for s in after)
+    assert any(s.startswith("user") for s in starts), starts  # split inside the written range
+    for name in NAMES:
+        local = env.table(name, local=True)
+        assert all(s["held_here"] and s["local_size"] <= 2 * CAPACITY for s in local)
+        assert env.shards(name) == after or len(env.shards(name)) == len(after)
+    for i, (key, value) in enumerate(values.items()):
+        assert env.get(NAMES[(i + 1) % 4], key) == {"key": key, "value": value, "error": ""}
+    resp = httpx.get(env.url("r3") + "/api/v1/kv/scan", params={"prefix": "user", "limit": 1000}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert [i["key"] for i in resp.json()["items"]] == sorted(values)
+
+
+def test_a_stopped_replica_refuses_while_the_others_serve(env: Env) -> None:
+    env.replicas["r4"].stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(env.url("r4") + "/get", params={"key": "user001"}, timeout=5)
+    for i in range(30):
+        key = f"after{i:02d}"
+        assert env.set(NAMES[i % 3], key, f"v{i}") == {"key": key, "error": ""}
+    for i in range(30):
+        assert env.get(NAMES[(i + 1) % 3], f"after{i:02d}")["value"] == f"v{i}"
+    for i in range(0, 60, 7):
+        assert env.get("r1", f"user{i:03d}")["value"].startswith(f"value-{i}-")
+
+
+def test_copies_were_made_and_nothing_logged_an_error(env: Env) -> None:
+    copied = [line for name in NAMES for line in env.replicas[name].raw if '"shard copied"' in line]
+    assert copied, "no replica copied a shard from another (every copy was placed at creation?)"
+    errors = [
+        (name, line)
+        for name in NAMES
+        for line in env.replicas[name].raw
+        if '"level":"error"' in line or '"level":"critical"' in line or "Traceback" in line
+    ]
+    assert not errors, errors[:5]
