@@ -1,8 +1,9 @@
-"""MatrixKV's walk-through on 4 replicas: set/get/delete anywhere, splits at 1 KiB, a stopped replica refuses, others serve."""
+"""MatrixKV's walk-through on 4 replicas: set/get/delete anywhere, 1 KiB splits, a stopped replica refuses."""
 
 from __future__ import annotations
 
 import base64
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import NatsServer, ReplicaSet, wait_for
+from tests.harness import NatsServer, ReplicaSet, run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -112,9 +113,39 @@ def test_bad_input_is_an_error_and_changes_nothing(env: Env) -> None:
     assert "bytes; the most is" in env.set("r3", "k" * 5000, "v")["error"]
     assert env.get("r4", "kept")["value"] == "yes"
     resp = httpx.post(env.url("r1") + "/api/v1/kv/put", json={"key": "", "value": "v"}, timeout=10)
-    assert resp.status_code == 400 and resp.json()["error"] == "bad_request", resp.text
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "bad_request", resp.text
     resp = httpx.get(env.url("r1") + "/api/v1/kv/scan", params={"start": "b", "end": "a"}, timeout=10)
-    assert resp.status_code == 400 and "not before" in resp.json()["message"], resp.text
+    assert resp.status_code == 400, resp.text
+    assert "not before" in resp.json()["message"], resp.text
+
+
+def test_the_cli(env: Env, tmp_path: Path) -> None:
+    cli = {"FLEETMATE_ADDR": env.url("r2")}
+
+    def kv(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(["kv", *args], cli, tmp_path)
+
+    done = kv("put", "cli/a", "alpha")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("revision="), done.stderr
+    rev = int(done.stdout.split()[0].split("=")[1])
+    assert kv("get", "cli/a").stdout == "alpha\n"
+    refused = kv("put", "cli/a", "beta", "--if-revision", str(rev + 1))
+    assert refused.returncode == 1, refused.stderr
+    assert "revision_mismatch" in refused.stderr, refused.stderr
+    assert kv("put", "cli/a", "beta", "--if-revision", str(rev)).returncode == 0
+    assert kv("put", "cli/b", "bravo").returncode == 0
+    assert kv("scan", "--prefix", "cli/").stdout == "cli/a\tbeta\ncli/b\tbravo\n"
+    assert kv("del", "cli/b").stdout.endswith("deleted=1\n")
+    missing = kv("get", "cli/b")
+    assert missing.returncode == 1
+    assert "key_not_found" in missing.stderr
+    table = kv("shards")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(" SHARD PART"), table.stderr
+    assert len(table.stdout.splitlines()) == len(env.table("r2")) + 1
+    assert kv("put", "", "x").returncode == 1
 
 
 def test_a_few_writes_split_shards_and_every_replica_lists_them(env: Env) -> None:

@@ -81,6 +81,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     from app.cli import sched as sched_cli
 
     sched_cli.add_parser(sub)
+    from app.cli import kv as kv_cli
+
+    kv_cli.add_parser(sub)
     from app.cli import audit as audit_cli
 
     audit_cli.add_parser(sub)
@@ -161,6 +164,10 @@ def _run(args: argparse.Namespace) -> int:
         from app.cli.sched import run as run_sched
 
         return run_sched(args)
+    if args.command == "kv":
+        from app.cli.kv import run as run_kv
+
+        return run_kv(args)
     if args.command == "audit":
         from app.cli.audit import run as run_audit
 
