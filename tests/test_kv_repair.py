@@ -64,7 +64,7 @@ def test_copies_of_a_dead_replica_are_made_again_elsewhere_and_dropped_on_its_re
         return all("r4" not in nodes and len(nodes) == 3 for nodes in table.values()) and env.settled("r1", 3)
 
     wait_for(repaired, SLOW_S, f"r4's copies re-created after {MAX_DOWN_S} s down, 3 each on r1-r3", 0.2)
-    for i, (k, v) in enumerate(keys.items()):  # every copy made again holds every key
+    for k, v in keys.items():  # every copy made again holds every key
         for name in ("r1", "r2", "r3"):
             r = env.get(name, k)
             assert r == {"key": k, "value": v, "error": ""}, (name, r)
@@ -79,5 +79,5 @@ def test_copies_of_a_dead_replica_are_made_again_elsewhere_and_dropped_on_its_re
     wait_for(dropped, SLOW_S, "r4 holds only the copies the table gives it (its stale copies dropped)", 0.2)
     logged = [line for line in env.replicas["r4"].raw if '"shard copy dropped"' in line]
     assert logged, "r4 dropped no stale copy"
-    for i, (k, v) in enumerate(keys.items()):
+    for k, v in keys.items():
         assert env.get("r4", k) == {"key": k, "value": v, "error": ""}

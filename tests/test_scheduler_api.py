@@ -85,11 +85,11 @@ def _settled(fm: Fleetmate, cluster: str) -> bool:
 
 
 def test_placement_operators_drain_and_a_restart(fm: Fleetmate) -> None:
-    beats = _cluster(fm, "kv")
+    beats = _cluster(fm, "orders")
     try:
         _register(fm, beats, "a", "b", "c", "d")
-        wait_for(lambda: _settled(fm, "kv") or None, 30, "placement acknowledged")
-        shards = _shards(fm, "kv")
+        wait_for(lambda: _settled(fm, "orders") or None, 30, "placement acknowledged")
+        shards = _shards(fm, "orders")
         assert all(len(s["replicas"]) == 3 and s["leader"] for s in shards)
 
         # A manual move, and its history.
@@ -97,42 +97,42 @@ def test_placement_operators_drain_and_a_restart(fm: Fleetmate) -> None:
         holder = s0["replicas"][-1]["node"]
         target = next(n for n in "abcd" if n not in {r["node"] for r in s0["replicas"]})
         got = fm.post(
-            f"{BASE}/clusters/kv/procedures",
+            f"{BASE}/clusters/orders/procedures",
             {"kind": "move", "shards": [s0["id"]], "node_from": holder, "node_to": target},
         )
         assert got.status_code == 201, got.text
         proc = got.json()["id"]
         wait_for(lambda: fm.get(f"{BASE}/procedures/{proc}").json()["status"] == "success" or None, 30, "the move")
-        after = next(s for s in _shards(fm, "kv") if s["id"] == s0["id"])
+        after = next(s for s in _shards(fm, "orders") if s["id"] == s0["id"])
         assert target in {r["node"] for r in after["replicas"]}
         assert holder not in {r["node"] for r in after["replicas"]}
         assert after["epoch"] == s0["epoch"] + 3  # learner, promote, remove
         history = [h[1] for h in fm.get(f"{BASE}/procedures/{proc}").json()["history"]]
         assert history[0] == "created by manual"
         assert history[-1] == "success"
-        audit = fm.get("/api/v1/audit?source=scheduler&subject=kv&limit=1000").json()
+        audit = fm.get("/api/v1/audit?source=scheduler&subject=orders&limit=1000").json()
         mine = [e for e in audit if e["message"].startswith(f"procedure {proc} move")]
         assert len(mine) == len(history)
         assert all(len(e["trace_id"]) == 32 for e in mine)
 
         # Drain: leaders, then replicas, leave the node.
-        assert fm.post(f"{BASE}/clusters/kv/nodes/d/drain", {}).status_code == 200
+        assert fm.post(f"{BASE}/clusters/orders/nodes/d/drain", {}).status_code == 200
 
         def drained() -> bool:
-            view = fm.get(f"{BASE}/clusters/kv/nodes/d").json()
-            return bool(view["replicas"] == 0 and _settled(fm, "kv"))
+            view = fm.get(f"{BASE}/clusters/orders/nodes/d").json()
+            return bool(view["replicas"] == 0 and _settled(fm, "orders"))
 
         wait_for(lambda: drained() or None, 60, "node d drained")
-        assert all(len(s["replicas"]) == 3 for s in _shards(fm, "kv"))
-        diag = {v["scheduler"]: v for v in fm.get(f"{BASE}/clusters/kv/diagnose").json()}
+        assert all(len(s["replicas"]) == 3 for s in _shards(fm, "orders"))
+        diag = {v["scheduler"]: v for v in fm.get(f"{BASE}/clusters/orders/diagnose").json()}
         assert not any(v["operators"] for v in diag.values()), diag
 
         # What-if: nothing changes.
-        before = _shards(fm, "kv")
-        got = fm.post(f"{BASE}/clusters/kv/what-if", {"down": ["a"]})
+        before = _shards(fm, "orders")
+        got = fm.post(f"{BASE}/clusters/orders/what-if", {"down": ["a"]})
         assert got.status_code == 200, got.text
         assert got.json()["by_kind"], got.json()
-        assert _shards(fm, "kv") == before
+        assert _shards(fm, "orders") == before
 
         # The state survives a restart (the SQLite file and the log).
         revision = fm.get(f"{BASE}/clusters/kv").json()["revision"]
@@ -142,7 +142,7 @@ def test_placement_operators_drain_and_a_restart(fm: Fleetmate) -> None:
         fm.restart(timeout=30)
         view = fm.get(f"{BASE}/clusters/kv").json()
         assert view["revision"] >= revision
-        assert [s["replicas"] for s in _shards(fm, "kv")] == [s["replicas"] for s in before]
+        assert [s["replicas"] for s in _shards(fm, "orders")] == [s["replicas"] for s in before]
     finally:
         beats.stop.set()
 
@@ -216,6 +216,9 @@ def test_bad_input_is_refused_and_nothing_changes(fm: Fleetmate) -> None:
         assert static.status_code == 201, static.text
         assert fm.post(f"{BASE}/clusters/static1/nodes", {"node": "s1"}).status_code == 201
         wait_for(lambda: fm.get(f"{BASE}/clusters/static1").json()["placed"] or None, 15, "static1 placed")
+        # Paused, the balancing schedulers start nothing new: the state only changes if a bad input changes it.
+        assert httpx.patch(fm.url + BASE + "/clusters/bad", json={"paused": True}, timeout=10).status_code == 200
+        wait_for(lambda: quiet() or None, 30, "no procedure running in the paused cluster")
         shard = next(s for s in _shards(fm, "bad") if "down1" not in {r["node"] for r in s["replicas"]})
         before = _state(fm, "bad"), _state(fm, "static1")
         for method, path, body, status, words in _bad_inputs(shard["id"], shard["leader"]):

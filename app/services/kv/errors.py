@@ -72,3 +72,10 @@ class Refused(KvError):
 
     code = "refused"
     status = 409
+
+
+class Unreachable(KvError):
+    """No replica holding the key's shard could be reached: the request was not run (safe to send again)."""
+
+    code = "unreachable"
+    status = 503

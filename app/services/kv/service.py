@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 from app.bus.connection import Bus
 from app.config import KvConfig, SnapshotConfig
@@ -29,6 +30,7 @@ from app.services.kv.errors import (
     Refused,
     RevisionMismatch,
     StaleEpoch,
+    Unreachable,
 )
 from app.services.kv.holder import CLUSTER, Holder
 from app.services.kv.machine import Event, Held, PartitionState
@@ -44,6 +46,7 @@ from app.storage.snapshots.memory import MemorySnapshotStore
 
 log = logging.getLogger("fleetmate.kv")
 
+WRITES = frozenset({"put", "delete", "batch"})
 TRIES = 20  # a request routed with an old view of the shards is routed again this many times
 SCAN_PAGE = 1000  # keys a scan gives at most per call
 FORWARD_TIMEOUT_S = 10.0
@@ -51,7 +54,8 @@ _enc = msgspec.msgpack.Encoder()
 _req_dec = msgspec.msgpack.Decoder(KvRequest)
 _reply_dec = msgspec.msgpack.Decoder(KvReply)
 _ERRORS: dict[str, type[KvError]] = {
-    cls.code: cls for cls in (BadKvRequest, CrossShard, KeyNotFound, NoSuchShard, NotHeld, Refused, StaleEpoch)
+    cls.code: cls
+    for cls in (BadKvRequest, CrossShard, KeyNotFound, NoSuchShard, NotHeld, Refused, StaleEpoch, Unreachable)
 }
 _NO_SNAPSHOTS = SnapshotConfig(store="memory", every_entries=0, every_seconds=0, trim=False, on_stop_timeout=0)
 
@@ -214,42 +218,57 @@ class KvService:
         try:
             route = self.scheduler.route(CLUSTER, key=key)
         except SchedulerError as exc:
-            raise Unavailable(f"the kv store is not placed yet: {exc}") from exc
+            raise Unreachable(f"the kv store is not placed yet: {exc}") from exc
         live = self.scheduler.state.clusters[CLUSTER]
         nodes = [route.leader, *(n for n in route.replicas if n != route.leader)]
         return [n for n in nodes if n and n != self.node_id and live.live(n)]
 
     async def handle(self, req: KvRequest) -> KvReply:
-        """Run a request here if this replica holds the key's shard, else on a replica that does."""
+        """Run a request here if this replica holds the key's shard, else on a replica that does.
+
+        A request refused for certain (a stale epoch, a shard not held, no holder reachable) is routed
+        again; a write whose outcome is unknown (a timeout) is not: sent again it could apply twice.
+        """
         checks.request(req, self.cfg)
+        write = req.op in WRITES
         last: Exception | None = None
         for attempt in range(TRIES):
-            found = self._locate(req.key)
             try:
+                found = self._locate(req.key)
                 if found is not None:
                     return await self._run(found[0], found[1], req)
                 if req.forwarded:
                     raise NotHeld(f"{self.node_id} holds no copy of the shard of {req.key!r}")
-                for node in self._holders(req.key)[:2]:
-                    try:
-                        return await self._forward(node, req)
-                    except (NotHeld, Unavailable) as exc:
-                        last = exc
-                raise last or Unavailable(f"no live replica holds the shard of {req.key!r}")
-            except (StaleEpoch, NotHeld, Unavailable) as exc:
+                return await self._forward_any(req)
+            except (StaleEpoch, NotHeld, Unreachable) as exc:
                 last = exc
-                self.retried += 1
                 if req.forwarded and isinstance(exc, NotHeld):
+                    raise  # the replica that forwarded it routes again
+            except Unavailable as exc:
+                if write:
                     raise
-                await asyncio.sleep(min(0.5, 0.01 * (attempt + 1)))
+                last = exc
+            self.retried += 1
+            await asyncio.sleep(min(0.5, 0.01 * (attempt + 1)))
         raise Unavailable(f"the shard of {req.key!r} did not answer: {last}")
+
+    async def _forward_any(self, req: KvRequest) -> KvReply:
+        last: Exception | None = None
+        for node in self._holders(req.key)[:2]:
+            try:
+                return await self._forward(node, req)
+            except (NotHeld, Unreachable) as exc:
+                last = exc
+        raise last or Unreachable(f"no live replica holds the shard of {req.key!r}")
 
     async def _forward(self, node: str, req: KvRequest) -> KvReply:
         self.forwarded += 1
         fwd = msgspec.structs.replace(req, forwarded=True)
         try:
             msg = await self.bus.nc.request(f"{SUBJECT_REQ}.{node}", _enc.encode(fwd), timeout=FORWARD_TIMEOUT_S)
-        except Exception as exc:
+        except NoRespondersError as exc:
+            raise Unreachable(f"replica {node} is not serving the kv store") from exc
+        except Exception as exc:  # a timeout, a lost connection: the request may have run
             raise Unavailable(f"replica {node} did not answer: {exc!r}") from exc
         reply = _reply_dec.decode(msg.data)
         if not reply.ok:

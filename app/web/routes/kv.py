@@ -13,7 +13,7 @@ from litestar.status_codes import HTTP_200_OK
 
 from app.errors import FleetmateError, Unavailable
 from app.node import Node
-from app.services.kv.errors import BadKvRequest, KeyNotFound
+from app.services.kv.errors import BadKvRequest, KeyNotFound, NoSuchShard
 from app.services.kv.holder import CLUSTER
 from app.services.kv.service import KvService
 from app.services.kv.views import ShardInfo, matrixkv_shards, shard_infos
@@ -185,6 +185,9 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
     async def split(shard: int, data: SplitBody) -> Procedure:
         """A scheduler procedure: the shard's leader appends the split, every holder applies it at once."""
         kv = svc()
+        c = kv.scheduler.state.clusters.get(CLUSTER)
+        if c is None or shard not in c.shards:
+            raise NoSuchShard(f"the kv store has no shard {shard}")
         key = data.key
         if not key:
             for part in kv.partitions.values():
