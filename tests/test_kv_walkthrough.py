@@ -120,6 +120,24 @@ def test_bad_input_is_an_error_and_changes_nothing(env: Env) -> None:
     assert "not before" in resp.json()["message"], resp.text
 
 
+def test_a_read_token_makes_a_serializable_read_on_any_replica_see_the_write(env: Env) -> None:
+    for i in range(20):
+        writer, reader = NAMES[i % 4], NAMES[(i + 1 + i // 4) % 4]
+        put = httpx.post(env.url(writer) + "/api/v1/kv/put", json={"key": "tok", "value": f"v{i}"}, timeout=30)
+        assert put.status_code == 200, put.text
+        token = put.json()["token"]
+        got = httpx.get(
+            env.url(reader) + "/api/v1/kv/get",
+            params={"key": "tok", "serializable": "true", "token": token},
+            timeout=30,
+        )
+        assert got.status_code == 200, got.text
+        assert (got.json()["value"], got.json()["revision"]) == (f"v{i}", put.json()["revision"])
+    for bad in ("x", "1:", ":5", "1:2:3", "999:1"):
+        got = httpx.get(env.url("r1") + "/api/v1/kv/get", params={"key": "tok", "token": bad}, timeout=10)
+        assert got.status_code == 400, (bad, got.text)
+
+
 def test_the_cli(env: Env, tmp_path: Path) -> None:
     cli = {"FLEETMATE_ADDR": env.url("r2")}
 

@@ -358,10 +358,14 @@ class KvService:
         raise BadKvRequest(f"unknown operation {req.op!r}")
 
     async def _read_point(self, part: Partition, req: KvRequest) -> None:
-        if req.serializable:
-            return
         try:
-            await part.log.barrier()
+            if req.after is not None:  # read-your-writes: the token's entry applied here first
+                other = self.partitions.get(req.after[0])
+                if other is None:
+                    raise BadKvRequest(f"the read token names partition {req.after[0]}, which the store does not have")
+                await other.log.wait_applied(req.after[1])
+            if not req.serializable:
+                await part.log.barrier()
         except (TimeoutError, LogFailed) as exc:
             raise Unavailable(f"partition {part.number} did not answer the read barrier: {exc}") from exc
 
@@ -381,9 +385,10 @@ class KvService:
         """Set a key (compare-and-set with if_revision: 0 = create only)."""
         return await self.handle(KvRequest("put", key, value, if_revision))
 
-    async def get(self, key: str, serializable: bool = False) -> KvReply:
-        """A key's value and stat (found False when absent); linearizable unless serializable."""
-        return await self.handle(KvRequest("get", key, serializable=serializable))
+    async def get(self, key: str, serializable: bool = False, after: tuple[int, int] | None = None) -> KvReply:
+        """A key's value and stat (found False when absent); linearizable unless serializable; with a
+        read token `after` (partition, sequence), never older than the write that gave it."""
+        return await self.handle(KvRequest("get", key, serializable=serializable, after=after))
 
     async def delete(self, key: str, if_revision: int = -1) -> KvReply:
         """Delete a key (deleted 0 when it was absent)."""
@@ -393,7 +398,14 @@ class KvService:
         """Writes of one shard, all or none, if every check holds (CrossShard when they span shards)."""
         return await self.handle(req)
 
-    async def scan(self, start: str, end: str = "", limit: int = 0, serializable: bool = False) -> KvReply:
+    async def scan(
+        self,
+        start: str,
+        end: str = "",
+        limit: int = 0,
+        serializable: bool = False,
+        after: tuple[int, int] | None = None,
+    ) -> KvReply:
         """Keys in [start, end) in order, at most limit (more: True with next where to go on)."""
         checks.scan(start, end, limit, self.cfg)
         want = min(limit or SCAN_PAGE, SCAN_PAGE)
@@ -401,7 +413,7 @@ class KvService:
         cursor = start
         while True:
             reply = await self.handle(
-                KvRequest("scan", cursor, end=end, limit=want - len(items), serializable=serializable)
+                KvRequest("scan", cursor, end=end, limit=want - len(items), serializable=serializable, after=after)
             )
             items.extend(reply.items)
             if reply.more:

@@ -49,6 +49,7 @@ class KvRequest(msgspec.Struct, frozen=True):
     end: str = ""  # scan: the end of the range ("" to the top)
     limit: int = 0  # scan: at most this many keys (0: the server's page size)
     serializable: bool = False
+    after: tuple[int, int] | None = None  # a read token (partition, sequence): answer once that is applied
     ops: tuple[BatchOp, ...] = ()
     checks: tuple[BatchCheck, ...] = ()
     forwarded: bool = False

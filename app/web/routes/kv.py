@@ -53,13 +53,6 @@ class BatchBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     checks: list[BatchCheck] = []
 
 
-class ReadToken(msgspec.Struct, frozen=True):
-    """Where a write landed: a read with this token on any replica sees it."""
-
-    partition: int
-    seq: int
-
-
 class WriteResult(msgspec.Struct, frozen=True):
     """A write's revision (the previous one of the key; keys deleted), its shard and read token."""
 
@@ -67,7 +60,7 @@ class WriteResult(msgspec.Struct, frozen=True):
     prev_revision: int
     deleted: int
     shard: int
-    token: ReadToken
+    token: str  # PARTITION:SEQ, where the write landed: a read given it on any replica sees the write
 
 
 class ScanResult(msgspec.Struct, frozen=True):
@@ -98,7 +91,7 @@ class MatrixKey(msgspec.Struct, frozen=True):
 
 
 def _write(r: KvReply) -> WriteResult:
-    return WriteResult(r.revision, r.prev_revision, r.deleted, r.shard, ReadToken(r.partition, r.seq))
+    return WriteResult(r.revision, r.prev_revision, r.deleted, r.shard, f"{r.partition}:{r.seq}")
 
 
 def _prefix_end(prefix: str) -> str:
@@ -110,6 +103,16 @@ def _prefix_end(prefix: str) -> str:
             return "".join(chars)
         chars.pop()
     return ""
+
+
+def _token(text: str) -> tuple[int, int] | None:
+    """A read token `PARTITION:SEQ` as given back by a write (None when not given)."""
+    if not text:
+        return None
+    part, sep, seq = text.partition(":")
+    if not sep or not part.isdigit() or not seq.isdigit() or len(part) > 3 or len(seq) > 18:
+        raise BadKvRequest(f"token {text!r} is not PARTITION:SEQ as a write gives it")
+    return int(part), int(seq)
 
 
 def kv_routes(node: Node) -> list[BaseRouteHandler]:
@@ -127,9 +130,10 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
         return _write(await svc().put(data.key, data.value, data.if_revision))
 
     @get(BASE + "/get", tags=["kv"], summary="A key's value and stat", responses=ERRORS)
-    async def get_key(key: str, serializable: bool = False) -> KvItem:
-        """Linearizable unless `serializable=true` (then the holder's copy as it is, at once)."""
-        r = await svc().get(key, serializable)
+    async def get_key(key: str, serializable: bool = False, token: str = "") -> KvItem:
+        """Linearizable unless `serializable=true` (then the holder's copy as it is, at once). `token`
+        (`PARTITION:SEQ`, a write's read token) makes any replica answer with that write applied."""
+        r = await svc().get(key, serializable, _token(token))
         if r.item is None:
             raise KeyNotFound(f"key {key!r} does not exist")
         return r.item
@@ -160,6 +164,7 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
         prefix: str = "",
         limit: Annotated[int, Parameter(ge=0, le=10_000)] = 0,
         serializable: bool = False,
+        token: str = "",
     ) -> ScanResult:
         """[start, end) ("" end: to the top) or every key with `prefix`; at most `limit` keys (1,000 a
         call at most): go on from `next` while `more`."""
@@ -167,7 +172,7 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
             if start or end:
                 raise BadKvRequest("give a prefix or a range, not both")
             start, end = prefix, _prefix_end(prefix)
-        r = await svc().scan(start, end, limit, serializable)
+        r = await svc().scan(start, end, limit, serializable, _token(token))
         return ScanResult(r.items, r.more, r.next)
 
     @get(BASE + "/shards", tags=["kv"], summary="The shards: range, partition, holders, leader, size")
