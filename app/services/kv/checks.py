@@ -7,6 +7,7 @@ from app.services.kv.errors import BadKvRequest
 from app.services.kv.wire import KvRequest
 
 MAX_BATCH = 128  # writes and checks in one batch
+MAX_BATCH_BYTES = 4 << 20  # keys and values of one batch (a log entry is at most 8 MiB)
 MAX_SCAN = 10_000
 
 
@@ -70,10 +71,14 @@ def request(req: KvRequest, cfg: KvConfig) -> None:
                 raise BadKvRequest("a batch needs at least one write")
             if len(req.ops) + len(req.checks) > MAX_BATCH:
                 raise BadKvRequest(f"a batch takes at most {MAX_BATCH} writes and checks")
+            total = 0
             for op in req.ops:
                 key(op.key, cfg)
                 if not op.delete:
                     value(op.value, cfg)
+                total += utf8_len(op.key, "key") + (0 if op.delete else utf8_len(op.value, "value"))
+            if total > MAX_BATCH_BYTES:
+                raise BadKvRequest(f"a batch's keys and values are {total} bytes; the most is {MAX_BATCH_BYTES}")
             for c in req.checks:
                 key(c.key, cfg, "check key")
                 if not 0 <= c.revision < 1 << 63:

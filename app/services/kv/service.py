@@ -33,7 +33,7 @@ from app.services.kv.errors import (
     Unreachable,
 )
 from app.services.kv.holder import CLUSTER, Holder
-from app.services.kv.machine import Event, Held, PartitionState
+from app.services.kv.machine import Event, Held, PartitionState, nbytes
 from app.services.kv.messages import REV_SHIFT, Batch, Check, Delete, KeyEvent, Op, Put, Written
 from app.services.kv.partition import PartitionLog, log_name, log_subject, stream_name
 from app.services.kv.store import PartitionStore
@@ -283,6 +283,8 @@ class KvService:
         try:
             req = _req_dec.decode(msg.data)
             reply = await self.handle(msgspec.structs.replace(req, forwarded=True))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            reply = KvReply(False, BadKvRequest.code, f"an undecodable kv request: {exc}")
         except RevisionMismatch as exc:
             reply = KvReply(False, exc.code, exc.message, revision=exc.revision)
         except FleetmateError as exc:
@@ -296,8 +298,15 @@ class KvService:
     # ---- running a request on a held shard ----------------------------------------------------
 
     async def _append(self, part: Partition, cmd: Any) -> Written:
+        # The batcher fills an entry up to its byte limit by these sizes: a large value must count as large.
+        if isinstance(cmd, Put):
+            size = 48 + nbytes(cmd.key) + nbytes(cmd.value)
+        elif isinstance(cmd, Batch):
+            size = 48 + sum(16 + nbytes(o.key) + nbytes(o.value or "") for o in cmd.ops) + 16 * len(cmd.checks)
+        else:
+            size = 48 + nbytes(cmd.key)
         try:
-            result = await part.log.append(cmd)
+            result = await part.log.append(cmd, size)
         except (TimeoutError, AppendError, LogFailed) as exc:
             raise Unavailable(f"partition {part.number} did not apply the write: {exc}") from exc
         if isinstance(result, KvError):
