@@ -5,6 +5,8 @@ reads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import time
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from tests.harness import ReplicaSet, wait_for
 from tests.harness.kvhistory import ACKED, FAILED, UNKNOWN, Op, check
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 NAMES = ("r1", "r2", "r3", "r4")
 CLIENTS = 48
 KEYS = [f"{c}{n:02d}" for c in "0AMZamz~" for n in range(40)]  # every first shard (cut over printable ASCII)
+WATCHED = ("A", "n")  # the watched range: keys of two partitions and many splits
 SPLITS = int(os.environ.get("FLEETMATE_KV_HISTORY_SPLITS", "100"))
 MOVES = 10
 LOAD_S = float(os.environ.get("FLEETMATE_KV_HISTORY_SECONDS", "40"))
@@ -173,13 +177,51 @@ async def chaos(w: World, rng: random.Random, done: asyncio.Event, events: dict[
     done.set()
 
 
-async def run_load(w: World, rng: random.Random) -> tuple[list[Op], dict[str, Any]]:
+async def watcher(w: World, done: asyncio.Event, seen: list[tuple[int, str, int]], notes: dict[str, Any]) -> None:
+    """Watch WATCHED through r1 (it is never killed; the holders serving it may be), reconnecting with the
+    resume token if the socket drops; every event as (partition, key, revision)."""
+    resume = ""
+    ready = False
+    while not done.is_set():
+        url = (
+            w.replicas.urls["r1"].replace("http://", "ws://") + f"/api/v1/kv/watch?start={WATCHED[0]}&end={WATCHED[1]}"
+        )
+        try:
+            async with websockets.connect(url + (f"&resume={resume}" if resume else ""), open_timeout=10) as ws:
+                while not done.is_set():
+                    try:
+                        m = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                    except TimeoutError:
+                        continue
+                    assert m["type"] != "error", m
+                    if m["type"] == "ready":
+                        ready = True
+                        notes["watch_ready"] = notes.get("watch_ready", 0) + 1
+                    seen.extend((m.get("partition", -1), e["key"], e["revision"]) for e in m.get("events", []))
+                    resume = m["resume"]
+                # drain what is already on its way: the load stopped, the last events follow shortly
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        m = json.loads(await asyncio.wait_for(ws.recv(), 3))
+                        seen.extend((m.get("partition", -1), e["key"], e["revision"]) for e in m.get("events", []))
+        except (OSError, websockets.WebSocketException) as exc:
+            notes["watch_reconnects"] = notes.get("watch_reconnects", 0) + 1
+            notes["watch_error"] = repr(exc)
+            await asyncio.sleep(0.2)
+    assert ready
+
+
+async def run_load(w: World, rng: random.Random) -> tuple[list[Op], dict[str, Any], list[tuple[int, str, int]]]:
     history: list[Op] = []
     events: dict[str, Any] = {}
+    seen: list[tuple[int, str, int]] = []
     done = asyncio.Event()
+    watching = asyncio.create_task(watcher(w, done, seen, events))
+    await asyncio.sleep(1.0)  # the watch opened before the first write
     tasks = [client(w, n, random.Random(rng.random()), done, history) for n in range(CLIENTS)]
     await asyncio.gather(chaos(w, rng, done, events), *tasks)
-    return history, events
+    await watching
+    return history, events, seen
 
 
 def final_state(w: World) -> dict[str, tuple[str, int, int]]:
@@ -198,7 +240,7 @@ def final_state(w: World) -> dict[str, tuple[str, int, int]]:
 def test_history_under_splits_moves_and_kills(world: World) -> None:
     rng = random.Random(SEED)
     shards_before = len(world.table())
-    history, events = asyncio.run(run_load(world, rng))
+    history, events, seen = asyncio.run(run_load(world, rng))
     wait_for(lambda: all(m.alive for m in world.nats.members), 30, "every NATS server back")
     wait_for(world.settled, 90, "every shard on 3 replicas again, acknowledged", 0.5)
     final = final_state(world)
@@ -213,6 +255,21 @@ def test_history_under_splits_moves_and_kills(world: World) -> None:
     )
     assert not problems, problems[:20]
     assert acked > 1000
+    # The watch: every acknowledged write in range seen once, nothing twice, in revision order per partition.
+    revs = [(k, r) for _, k, r in seen]
+    assert len(revs) == len(set(revs)), "an event was delivered twice"
+    by_partition: dict[int, list[int]] = {}
+    for p, _, r in seen:
+        by_partition.setdefault(p, []).append(r)
+    assert all(rs == sorted(rs) for rs in by_partition.values()), "events out of revision order in a partition"
+    watched = {
+        (op.key, op.revision)
+        for op in history
+        if op.kind == "put" and op.outcome == ACKED and WATCHED[0] <= op.key < WATCHED[1]
+    }
+    missing = watched - set(revs)
+    assert not missing, f"{len(missing)} acknowledged writes never came through the watch: {sorted(missing)[:5]}"
+    print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range, notes {events}")
     assert events["splits_asked"] >= SPLITS, events
     assert shards_after - shards_before == events["splits_asked"], (shards_before, shards_after, events)
     assert events["moves_asked"] >= MOVES, events

@@ -190,6 +190,8 @@ class Holder:
                     return
                 ids = state.install(copy)
                 part.store.installed(state, ids)
+                for sid in ids:  # its events before the copy's position are on the replicas it came from
+                    self.kv.watch_source.held_from(s.group, sid, state.held[sid].since)
                 self.imports += 1
                 log.info(
                     "shard copied",
@@ -204,6 +206,7 @@ class Holder:
             held = part.state.drop(shard)
             if held is not None:
                 part.store.dropped(held)
+                self.kv.watch_source.dropped(part.number, held.id, held.start, held.end)
                 log.info("shard copy dropped", extra={"shard": shard, "keys": len(held.items)})
         await self._ack(shard, 0, "closed")
 

@@ -38,6 +38,7 @@ from app.services.kv.messages import REV_SHIFT, Batch, Check, Delete, KeyEvent, 
 from app.services.kv.partition import PartitionLog, log_name, log_subject, stream_name
 from app.services.kv.store import PartitionStore
 from app.services.kv.transfer import Exporter
+from app.services.kv.watch_source import WatchSource
 from app.services.kv.wire import SUBJECT_REQ, KvItem, KvReply, KvRequest
 from app.services.scheduler.errors import AlreadyExists, SchedulerError
 from app.services.scheduler.messages import ClusterSpec, Limits
@@ -100,6 +101,7 @@ class KvService:
         self.partitions: dict[int, Partition] = {}
         self.holder = Holder(self, scheduler, cfg, address)
         self.exporter = Exporter(bus, node_id, self._partition_of)
+        self.watch_source = WatchSource(bus, node_id, self._partition_of)
         self._sub: Any = None
         self.forwarded = 0
         self.retried = 0
@@ -150,9 +152,11 @@ class KvService:
                 replicas=self.replicas,
                 snapshots=SnapshotPolicy(MemorySnapshotStore(), _NO_SNAPSHOTS),
             )
+            self.watch_source.follow(p, store.applied_seq())  # events from the replay on are kept
             await self.engine.start(log_name(p))
             self.partitions[p] = Partition(p, opened.log, state, store)
         await self.exporter.start()
+        await self.watch_source.start()
         self._sub = await self.bus.nc.subscribe(f"{SUBJECT_REQ}.{self.node_id}", cb=self._on_request)
         await self.holder.start()
         log.info(
@@ -163,6 +167,7 @@ class KvService:
         """Stop serving; the partitions' logs close with the engine."""
         await self.holder.stop()
         await self.exporter.stop()
+        await self.watch_source.stop()
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -182,6 +187,7 @@ class KvService:
         return (part.log, part.state) if part is not None else None
 
     def _applied(self, partition: int, events: list[Event]) -> None:
+        self.watch_source.applied(partition, events)
         part = self.partitions.get(partition)
         if part is None:
             return
@@ -194,6 +200,8 @@ class KvService:
                     break
             else:
                 self.holder.wake()  # created, split, merged, lost: acknowledge or copy again
+                if e.kind == "lost":
+                    self.watch_source.dropped(partition, e.shard, e.start, e.end)
 
     # ---- routing ------------------------------------------------------------------------------
 

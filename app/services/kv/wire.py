@@ -3,6 +3,9 @@
 Subjects:
 - `fleetmate.kv.req.<node>` (request): KvRequest -> KvReply. A replica that does not hold a key's
   shard forwards the request to one that does (one hop: a forwarded request is never forwarded again).
+- `fleetmate.kv.watch.<node>` (request): WatchOpen -> WatchOpened, then WatchBatch messages on the
+  gateway's inbox, numbered, a heartbeat each second; `fleetmate.kv.watchkeep.<node>` (publish):
+  WatchKeep every 2 s keeps the gateway's watches there alive (app/services/kv/watch_source.py).
 - `fleetmate.kv.export.<node>` (request): ExportRequest -> ExportHeader, then `fleetmate.kv.page.<node>`
   (request): PageRequest -> Page: a copy of one shard at one log position, in pages, for a replica
   that is to hold it.
@@ -15,10 +18,13 @@ from typing import Literal
 import msgspec
 
 from app.services.kv.machine import Item
+from app.services.kv.messages import KeyEvent
 
 SUBJECT_REQ = "fleetmate.kv.req"  # .<node>
 SUBJECT_EXPORT = "fleetmate.kv.export"  # .<node>
 SUBJECT_PAGE = "fleetmate.kv.page"  # .<node>
+SUBJECT_WATCH = "fleetmate.kv.watch"  # .<node>
+SUBJECT_WATCH_KEEP = "fleetmate.kv.watchkeep"  # .<node>
 PAGE_BYTES = 512 << 10  # a copy's page holds about this much (one key and value may pass it)
 
 Op = Literal["put", "get", "delete", "batch", "scan"]
@@ -121,3 +127,45 @@ class Page(msgspec.Struct, frozen=True, array_like=True):
     ok: bool
     items: list[tuple[str, Item]] = []
     error: str = ""
+
+
+class WatchOpen(msgspec.Struct, frozen=True):
+    """Send the key events of [start, end) in `partition` after revision `after` (-1: from now) to `inbox`.
+
+    `bounds`: the range's pieces in this partition, as the gateway's shard table has them; the
+    replica must hold shards covering every piece."""
+
+    id: str
+    partition: int
+    start: str
+    end: str
+    after: int
+    inbox: str
+    bounds: list[tuple[str, str]]
+
+
+class WatchOpened(msgspec.Struct, frozen=True):
+    """The answer to a WatchOpen: ok and the revision it starts after, or why not (compacted: from `revision`)."""
+
+    ok: bool
+    code: str = ""
+    message: str = ""
+    revision: int = 0
+
+
+class WatchBatch(msgspec.Struct, frozen=True, array_like=True):
+    """Events in revision order, numbered from 1; `upto`: nothing more in range up to this revision; `end`: why
+    the watch ended here (the gateway opens it again elsewhere from its last revision)."""
+
+    id: str
+    seq: int
+    events: list[KeyEvent]
+    upto: int
+    end: str = ""
+
+
+class WatchKeep(msgspec.Struct, frozen=True):
+    """A gateway's watches on one replica are alive (close: end them)."""
+
+    ids: list[str]
+    close: bool = False

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, get, post, websocket
+from litestar.connection import WebSocket
+from litestar.exceptions import WebSocketDisconnect
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
@@ -13,16 +16,20 @@ from litestar.status_codes import HTTP_200_OK
 
 from app.errors import FleetmateError, Unavailable
 from app.node import Node
+from app.services.kv import checks as kv_checks
 from app.services.kv.errors import BadKvRequest, KeyNotFound, NoSuchShard
 from app.services.kv.holder import CLUSTER
 from app.services.kv.service import KvService
 from app.services.kv.views import ShardInfo, matrixkv_shards, shard_infos
+from app.services.kv.watcher import RangeWatch, parse_resume, resume_token
 from app.services.kv.wire import BatchCheck, BatchOp, KvItem, KvReply, KvRequest
 from app.services.scheduler.messages import Operator
 from app.services.scheduler.model import Procedure
 from app.web.errors import ErrorBody
+from app.web.sockets import drain, fail
 
 BASE = "/api/v1/kv"
+_json = msgspec.json.Encoder()
 ERRORS = {
     400: ResponseSpec(data_container=ErrorBody, description="Empty or oversize key or value, bad UTF-8, bad range"),
     404: ResponseSpec(data_container=ErrorBody, description="No such key or shard"),
@@ -201,7 +208,59 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
                     key = held.items.keys()[len(held.items) // 2]
         return await kv.scheduler.propose(CLUSTER, Operator("split", (shard,), "manual", split_key=key))
 
-    routes: list[BaseRouteHandler] = [put, get_key, delete_key, batch, scan, shards, split]
+    @websocket(BASE + "/watch")
+    async def watch(socket: WebSocket[Any, Any, Any]) -> None:
+        """Key events of a range (`?start=&end=` or `?prefix=`) as JSON: {"type": "ready", "resume"} first,
+        then {"type": "events", "partition", "events": [{kind, key, value, revision, create_revision,
+        version, shard}], "resume"}. Ordered by revision within a partition, none lost or repeated
+        across splits and moves; `?resume=TOKEN` (the last `resume` seen) goes on after a reconnect.
+        An error frame {"type": "error", "error", "message"} ends it (`compacted`: too far back)."""
+        await socket.accept()
+        q = socket.query_params
+        start, end, prefix = q.get("start", ""), q.get("end", ""), q.get("prefix", "")
+        try:
+            kv = svc()
+            if prefix:
+                if start or end:
+                    raise BadKvRequest("give a prefix or a range, not both")
+                start, end = prefix, _prefix_end(prefix)
+            kv_checks.scan(start, end, 0, kv.cfg)
+            try:
+                resume = parse_resume(q.get("resume", ""))
+            except ValueError as exc:
+                raise BadKvRequest(f"resume: {exc}") from None
+        except FleetmateError as exc:
+            await fail(socket, exc.code, exc.message)
+            return
+        rw = RangeWatch(kv, start, end, resume)
+        reader = asyncio.create_task(drain(socket))
+        try:
+            await rw.open()
+            await socket.send_text(_json.encode({"type": "ready", "resume": resume_token(rw.cursors)}).decode())
+            batches = rw.batches().__aiter__()
+            while True:
+                nxt = asyncio.ensure_future(batches.__anext__())
+                done, _ = await asyncio.wait({nxt, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    return
+                partition, events = nxt.result()
+                message = {
+                    "type": "events",
+                    "partition": partition,
+                    "events": [msgspec.to_builtins(e) for e in events],
+                    "resume": resume_token(rw.cursors),
+                }
+                await socket.send_text(_json.encode(message).decode())
+        except FleetmateError as exc:
+            await fail(socket, exc.code, exc.message)
+        except (WebSocketDisconnect, OSError):
+            return
+        finally:
+            reader.cancel()
+            await rw.close()
+
+    routes: list[BaseRouteHandler] = [put, get_key, delete_key, batch, scan, shards, split, watch]
     if node.cfg.kv.matrixkv:
         routes += matrixkv_routes(svc)
     return routes

@@ -1,0 +1,213 @@
+"""The gateway's side of KV watches: a client's range followed on replicas that hold it, reopened where they move.
+
+A range spans one or more partitions. For each, the gateway opens a watch on a replica holding
+every shard of the range there (itself when it does), and keeps a cursor: the last revision of that
+partition it delivered (or knows there was nothing in range up to). Batches are numbered; a gap, a
+silent replica (no heartbeat for 3 s), or the replica giving the shard up reopens the watch from the
+cursor, on another holder if need be, so no event is lost or given twice. Splits keep a shard's
+holders, so they need nothing. Events are in revision order within a partition; the cursors are the
+client's resume token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from app.services.kv.errors import KvError
+from app.services.kv.holder import CLUSTER
+from app.services.kv.messages import KeyEvent
+from app.services.kv.wire import SUBJECT_WATCH, SUBJECT_WATCH_KEEP, WatchBatch, WatchKeep, WatchOpen, WatchOpened
+
+if TYPE_CHECKING:
+    from app.services.kv.service import KvService
+
+log = logging.getLogger("fleetmate.kv")
+
+SILENT_S = 3.0  # no batch (not even a heartbeat) this long: the replica is gone, reopen elsewhere
+KEEP_EVERY_S = 2.0
+_enc = msgspec.msgpack.Encoder()
+_batch_dec = msgspec.msgpack.Decoder(WatchBatch)
+_opened_dec = msgspec.msgpack.Decoder(WatchOpened)
+_ids = itertools.count(1)
+
+
+class Compacted(KvError):
+    """The events after the revision asked for are no longer kept by any holder."""
+
+    code = "compacted"
+    status = 410
+
+
+def parse_resume(text: str) -> dict[int, int]:
+    """A resume token `P:REV,P:REV` (as the watch gives it) as partition -> revision."""
+    out: dict[int, int] = {}
+    for part in filter(None, text.split(",")):
+        p, sep, rev = part.partition(":")
+        if not sep or not p.isdigit() or not rev.isdigit() or len(p) > 3 or len(rev) > 20:
+            raise ValueError(f"{part!r} is not PARTITION:REVISION")
+        out[int(p)] = int(rev)
+    return out
+
+
+def resume_token(cursors: dict[int, int]) -> str:
+    """The cursors as a resume token."""
+    return ",".join(f"{p}:{rev}" for p, rev in sorted(cursors.items()))
+
+
+class RangeWatch:
+    """A client's watch of [start, end) through this replica (see the module docstring)."""
+
+    def __init__(self, kv: KvService, start: str, end: str, resume: dict[int, int] | None = None) -> None:
+        self.kv = kv
+        self.start = start
+        self.end = end
+        self.cursors: dict[int, int] = dict(resume or {})
+        self.queue: asyncio.Queue[tuple[int, list[KeyEvent]] | BaseException] = asyncio.Queue()
+        self.ready = asyncio.Event()
+        self.reopened = 0
+        self._opened: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._partitions: list[int] = []
+
+    def pieces(self) -> dict[int, list[tuple[str, str]]]:
+        """The range's pieces per partition, as this replica's shard table has them."""
+        c = self.kv.scheduler.state.clusters.get(CLUSTER)
+        out: dict[int, list[tuple[str, str]]] = {}
+        if c is None:
+            return out
+        for s in sorted(c.shards.values(), key=lambda s: s.start):
+            if (self.end and s.start >= self.end) or (s.end and s.end <= self.start):
+                continue
+            lo = max(s.start, self.start)
+            hi = s.end if not self.end else (min(s.end, self.end) if s.end else self.end)
+            out.setdefault(s.group, []).append((lo, hi))
+        return out
+
+    def holders(self, partition: int) -> list[str]:
+        """Replicas holding every shard of the range in a partition (this one first), live, acknowledged."""
+        c = self.kv.scheduler.state.clusters.get(CLUSTER)
+        if c is None:
+            return []
+        sets = []
+        for s in c.shards.values():
+            if s.group != partition or (self.end and s.start >= self.end) or (s.end and s.end <= self.start):
+                continue
+            sets.append({r.node for r in s.replicas if r.acked >= 1 and r.role != "learner" and c.live(r.node)})
+        common = set.intersection(*sets) if sets else set()
+        return sorted(common, key=lambda n: (n != self.kv.node_id, n))
+
+    async def open(self) -> None:
+        """Open a watch in every partition the range spans; returns once each is open (or failed)."""
+        self._partitions = sorted(self.pieces())
+        for p in self._partitions:
+            self._tasks.append(asyncio.create_task(self._follow(p), name=f"kv-range-watch-{p}"))
+        if not self._partitions:
+            self.ready.set()
+        await self.ready.wait()
+
+    async def close(self) -> None:
+        """Stop following."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def batches(self) -> AsyncIterator[tuple[int, list[KeyEvent]]]:
+        """(partition, events) as they come; raises Compacted (or another KvError) when the watch cannot go on."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def _follow(self, partition: int) -> None:
+        first = True
+        while True:
+            for node in self.holders(partition) or [""]:
+                if not node:
+                    break
+                try:
+                    await self._serve_from(partition, node)
+                except Compacted as exc:
+                    self.queue.put_nowait(exc)
+                    self._mark_open(partition)
+                    return
+                except Exception as exc:  # the replica went away or refused: try another
+                    log.info(
+                        "kv watch reopened",
+                        extra={
+                            "partition": partition,
+                            "node": node,
+                            "cursor": self.cursors.get(partition),
+                            "why": str(exc),
+                        },
+                    )
+                self.reopened += 0 if first else 1
+                first = False
+            await asyncio.sleep(0.2)
+
+    def _mark_open(self, partition: int) -> None:
+        self._opened.add(partition)
+        if self._opened >= set(self._partitions):
+            self.ready.set()
+
+    async def _serve_from(self, partition: int, node: str) -> None:
+        nc = self.kv.bus.nc
+        wid = f"{self.kv.node_id}-{next(_ids)}"
+        inbox = nc.new_inbox()
+        inbound: asyncio.Queue[Any] = asyncio.Queue()
+        sub = await nc.subscribe(inbox, cb=inbound.put)
+        try:
+            bounds = self.pieces().get(partition, [])
+            req = WatchOpen(wid, partition, self.start, self.end, self.cursors.get(partition, -1), inbox, bounds)
+            reply = _opened_dec.decode((await nc.request(f"{SUBJECT_WATCH}.{node}", _enc.encode(req), timeout=5)).data)
+            if not reply.ok:
+                if reply.code == "compacted":
+                    raise Compacted(reply.message)
+                raise KvError(f"{node}: {reply.code}: {reply.message}")
+            self.cursors[partition] = reply.revision  # the revision asked for, or the holder's "now"
+            self._mark_open(partition)
+            await self._receive(partition, node, wid, inbound)
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid], close=True)))
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _receive(self, partition: int, node: str, wid: str, inbound: asyncio.Queue[Any]) -> None:
+        nc = self.kv.bus.nc
+        expected = 1
+        kept = heard = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - kept >= KEEP_EVERY_S:
+                await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid])))
+                kept = now
+            if now - heard > SILENT_S:
+                raise KvError(f"{node} went silent")
+            try:
+                async with asyncio.timeout(0.5):
+                    msg = await inbound.get()
+            except TimeoutError:
+                continue
+            heard = time.monotonic()
+            batch = _batch_dec.decode(msg.data)
+            if batch.seq != expected:
+                raise KvError(f"batch {batch.seq} from {node} where {expected} was due: reopening")
+            expected += 1
+            cursor = self.cursors[partition]
+            fresh = [e for e in batch.events if e.revision > cursor]
+            if fresh:
+                self.queue.put_nowait((partition, fresh))
+            self.cursors[partition] = max(cursor, batch.upto, fresh[-1].revision if fresh else 0)
+            if batch.end:
+                raise KvError(f"{node} ended the watch: {batch.end}")
