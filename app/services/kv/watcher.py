@@ -73,6 +73,7 @@ class RangeWatch:
         self.queue: asyncio.Queue[tuple[int, list[KeyEvent]] | BaseException] = asyncio.Queue()
         self.ready = asyncio.Event()
         self.reopened = 0
+        self.failed: KvError | None = None
         self._opened: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._partitions: list[int] = []
@@ -112,6 +113,8 @@ class RangeWatch:
         if not self._partitions:
             self.ready.set()
         await self.ready.wait()
+        if self.failed is not None:
+            raise self.failed
 
     async def close(self) -> None:
         """Stop following."""
@@ -138,6 +141,7 @@ class RangeWatch:
                 try:
                     await self._serve_from(partition, node)
                 except Compacted as exc:
+                    self.failed = exc
                     self.queue.put_nowait(exc)
                     self._mark_open(partition)
                     return
