@@ -233,6 +233,7 @@ class KvConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_replicas: Annotated[int, msgspec.Meta(ge=1, le=7)] = 3
     shard_capacity: Annotated[int, msgspec.Meta(ge=1024, le=1 << 40)] = 96 << 20
     split_writes_per_s: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
+    merge_after: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600.0
     max_peer_down_time: Annotated[float, msgspec.Meta(ge=1, le=30 * 86400)] = 1800.0
     node_lease: Annotated[float, msgspec.Meta(ge=0.5, le=600)] = 10.0
     max_key_bytes: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 4096

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -122,8 +123,10 @@ class Holder:
         for s in a.shards:
             await self._converge_shard(s, assigned)
         for sid in a.drop:
-            await self._drop(sid)
+            if not self._merging(sid, a):
+                await self._drop(sid)
         await self._split_big()
+        await self._merge_small()
 
     async def _converge_shard(self, s: Assigned, assigned: dict[int, Assigned]) -> None:
         part = self.kv.partition(s.group)
@@ -201,6 +204,22 @@ class Holder:
         finally:
             state.end_import()
 
+    def _merging(self, shard: int, a: Assignment) -> bool:
+        """Whether a copy to drop is being merged into a neighbour here (its Merge entry drops it; not before)."""
+        for part in self.kv.partitions.values():
+            held = part.state.held.get(shard)
+            if held is None:
+                continue
+            for s in a.shards:
+                if (
+                    s.id != shard
+                    and s.group == part.number
+                    and s.start <= held.start
+                    and (not s.end or (held.end and held.end <= s.end))
+                ):
+                    return True
+        return False
+
     async def _drop(self, shard: int) -> None:
         for part in self.kv.partitions.values():
             held = part.state.drop(shard)
@@ -252,6 +271,40 @@ class Holder:
                     log.info("split proposed", extra={"shard": held.id, "size": held.size, "key": key})
                 except SchedulerError as exc:
                     log.info("split not proposed", extra={"shard": held.id, "error": str(exc)})
+
+    async def _merge_small(self) -> None:
+        """Propose merging two small neighbours this replica leads the left one of (PD's merge checker)."""
+        c = self.scheduler.state.clusters.get(CLUSTER)
+        if c is None:
+            return
+        now = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        small = self.cfg.shard_capacity // 5
+        for part in self.kv.partitions.values():
+            ordered = sorted(part.state.held.values(), key=lambda h: h.start)
+            for left, right in itertools.pairwise(ordered):
+                if left.end != right.start or self.roles.get(left.id) != "leader" or left.size + right.size > small:
+                    continue
+                a, b = c.shards.get(left.id), c.shards.get(right.id)
+                if a is None or b is None or a.group != b.group or a.end != b.start:
+                    continue
+                if {r.node for r in a.replicas} != {r.node for r in b.replicas}:
+                    continue
+                if any(s.moved_ms and now_ms - s.moved_ms < self.cfg.merge_after * 1000 for s in (a, b)):
+                    continue
+                if any(self.scheduler.state.busy.get((CLUSTER, s.id)) is not None for s in (a, b)):
+                    continue
+                if now - self._proposed.get(left.id, -1e9) < SPLIT_RETRY_S:
+                    continue
+                self._proposed[left.id] = now
+                try:
+                    await self.scheduler.propose(CLUSTER, Operator("merge", (left.id, right.id), "merge"))
+                    log.info(
+                        "merge proposed", extra={"shard": left.id, "other": right.id, "size": left.size + right.size}
+                    )
+                except SchedulerError as exc:
+                    log.info("merge not proposed", extra={"shard": left.id, "error": str(exc)})
+                return  # one at a time: the table changes under the next
 
     # ---- heartbeats ---------------------------------------------------------------------------
 

@@ -130,7 +130,8 @@ class KvService:
                 lease_s=self.cfg.node_lease,
                 groups=count,
                 split_keys=split_keys(count),
-                limits=Limits(cooldown_s=60.0),
+                # the balancing cool-down: a minute, or kv.merge_after if shorter (a store's merges pass it too)
+                limits=Limits(cooldown_s=min(60.0, self.cfg.merge_after)),
             )
             try:
                 await self.scheduler.create_cluster(spec)

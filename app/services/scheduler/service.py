@@ -210,8 +210,10 @@ class SchedulerService:
 
     async def propose(self, cluster: str, op: Operator) -> Procedure:
         """A manual operator: its procedure is created now and started by the leader."""
-        if op.source not in ("manual", "split"):
-            raise BadSchedulerRequest("an operator asked for over the API has source manual (or split, from a store)")
+        if op.source not in ("manual", "split", "merge"):
+            raise BadSchedulerRequest(
+                "an operator asked for over the API has source manual (or split/merge, from a store)"
+            )
         self.cluster(cluster)
         proc_id = await self.append(Propose(cluster, op, 0, now_ms(), current_trace_id()))
         return self.state.procedure(proc_id)

@@ -362,7 +362,7 @@ class SchedulerState:
         op = cmd.op
         if not c.placed:
             raise Refused(f"cluster {cmd.cluster} is not placed yet: it waits for its nodes")
-        if op.source not in ("manual", "split"):  # split: a store's shard past its capacity, asked like a manual one
+        if op.source not in ("manual", "split", "merge"):  # a store's split or merge is asked like a manual one
             if not cmd.term:
                 raise BadSchedulerRequest(f"only the scheduling leader proposes as {op.source}")
             if not c.enable_schedule:
