@@ -223,9 +223,13 @@ class Node:
             await self.ha.lead()
         if self.scheduler_leader is not None:
             await self.scheduler_leader.lead()
+        if self.kv is not None:
+            await self.kv.lead()
 
     async def _lose_lead(self) -> None:
-        """Leader duties stop: the scheduler's and HA's first, then membership's, then the registry's."""
+        """Leader duties stop: the kv's, the scheduler's and HA's first, then membership's, then the registry's."""
+        if self.kv is not None:
+            await self.kv.stop_leading()
         if self.scheduler_leader is not None:
             await self.scheduler_leader.stop()
         if self.ha is not None:

@@ -33,6 +33,7 @@ from app.services.kv.errors import (
     Unreachable,
 )
 from app.services.kv.holder import CLUSTER, Holder
+from app.services.kv.leaders import LeaderBalancer
 from app.services.kv.machine import Event, Held, PartitionState, nbytes
 from app.services.kv.messages import REV_SHIFT, Batch, Check, Delete, KeyEvent, Op, Put, Written
 from app.services.kv.partition import PartitionLog, log_name, log_subject, stream_name
@@ -102,6 +103,7 @@ class KvService:
         self.holder = Holder(self, scheduler, cfg, address)
         self.exporter = Exporter(bus, node_id, self._partition_of)
         self.watch_source = WatchSource(bus, node_id, self._partition_of)
+        self.leaders: LeaderBalancer | None = None
         self._sub: Any = None
         self.forwarded = 0
         self.retried = 0
@@ -160,12 +162,25 @@ class KvService:
         await self.watch_source.start()
         self._sub = await self.bus.nc.subscribe(f"{SUBJECT_REQ}.{self.node_id}", cb=self._on_request)
         await self.holder.start()
+        if self.replicas > 1:
+            self.leaders = LeaderBalancer(self.bus, [stream_name(p) for p in self.partitions])
         log.info(
             "kv started", extra={"partitions": count, "held": sum(len(p.state.held) for p in self.partitions.values())}
         )
 
+    async def lead(self) -> None:
+        """Leader duties: spread the partitions' NATS leaders (app/services/kv/leaders.py)."""
+        if self.leaders is not None:
+            self.leaders.start()
+
+    async def stop_leading(self) -> None:
+        """Leader duties end."""
+        if self.leaders is not None:
+            await self.leaders.stop()
+
     async def stop(self) -> None:
         """Stop serving; the partitions' logs close with the engine."""
+        await self.stop_leading()
         await self.holder.stop()
         await self.exporter.stop()
         await self.watch_source.stop()
