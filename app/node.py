@@ -176,6 +176,7 @@ class Node:
                     self.scheduler,
                     replicas=self.stream_replicas,
                     address=self.http_url,
+                    session_alive=self.registry.has_session,
                 )
                 await self.kv.start()
         if cfg.ha.enabled:

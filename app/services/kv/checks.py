@@ -9,6 +9,7 @@ from app.services.kv.wire import KvRequest
 MAX_BATCH = 128  # writes and checks in one batch
 MAX_BATCH_BYTES = 4 << 20  # keys and values of one batch (a log entry is at most 8 MiB)
 MAX_SCAN = 10_000
+MAX_TTL_MS = 10 * 365 * 86400 * 1000
 
 
 def utf8_len(text: str, what: str) -> int:
@@ -62,6 +63,10 @@ def request(req: KvRequest, cfg: KvConfig) -> None:
         case "put":
             key(req.key, cfg)
             value(req.value, cfg)
+            if not 0 <= req.ttl_ms <= MAX_TTL_MS:
+                raise BadKvRequest(f"ttl is out of range (0 to {MAX_TTL_MS // 1000} seconds)")
+            if not 0 <= req.session < 1 << 63:
+                raise BadKvRequest(f"session {req.session} is out of range")
         case "get" | "delete":
             key(req.key, cfg)
         case "scan":

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from app.config import KvConfig
-from app.services.kv.messages import Create, Merge, Split
+from app.services.kv.messages import Create, Expire, Merge, Split
 from app.services.kv.transfer import TransferFailed, fetch
 from app.services.scheduler.errors import NoSuchCluster, SchedulerError
 from app.services.scheduler.messages import NodeSpec, Operator
@@ -127,6 +127,7 @@ class Holder:
                 await self._drop(sid)
         await self._split_big()
         await self._merge_small()
+        await self._expire_due()
 
     async def _converge_shard(self, s: Assigned, assigned: dict[int, Assigned]) -> None:
         part = self.kv.partition(s.group)
@@ -271,6 +272,28 @@ class Holder:
                     log.info("split proposed", extra={"shard": held.id, "size": held.size, "key": key})
                 except SchedulerError as exc:
                     log.info("split not proposed", extra={"shard": held.id, "error": str(exc)})
+
+    async def _expire_due(self) -> None:
+        """As the leader of a shard: end its keys whose TTL ran out or whose registry session is gone."""
+        now_ms = int(time.time() * 1000)
+        alive = self.kv.session_alive
+        for part in self.kv.partitions.values():
+            for held in list(part.state.held.values()):
+                if not held.timed or self.roles.get(held.id) != "leader":
+                    continue
+                due: list[tuple[str, int]] = []
+                why = "ttl"
+                for key in list(held.timed):
+                    item = held.items.get(key)
+                    if item is None:
+                        continue
+                    if item.expires and item.expires <= now_ms:
+                        due.append((key, item.mod))
+                    elif item.session and not alive(item.session):
+                        due.append((key, item.mod))
+                        why = "session"
+                for i in range(0, len(due), 500):
+                    await self._append(part, Expire(held.id, tuple(due[i : i + 500]), why, now_ms))
 
     async def _merge_small(self) -> None:
         """Propose merging two small neighbours this replica leads the left one of (PD's merge checker)."""

@@ -22,6 +22,7 @@ from app.services.kv.messages import (
     Command,
     Create,
     Delete,
+    Expire,
     KeyEvent,
     Merge,
     Put,
@@ -41,18 +42,21 @@ def nbytes(text: str) -> int:
 
 
 class Item(msgspec.Struct, array_like=True):
-    """A key's value and stat: the revision that created it, the last that changed it, its write count."""
+    """A key's value and stat: the revision that created it, the last that changed it, its write count;
+    when it expires (ms, 0: never) and the registry session it lives with (0: none)."""
 
     value: str
     create: int
     mod: int
     version: int
+    expires: int = 0
+    session: int = 0
 
 
 class Held:
     """A shard this replica holds: its range and data epoch, and its keys in order."""
 
-    __slots__ = ("end", "epoch", "id", "items", "since", "size", "start", "writes")
+    __slots__ = ("end", "epoch", "id", "items", "since", "size", "start", "timed", "writes")
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class Held:
         self.since = since  # commands at log positions <= since are in the data already (an imported image)
         self.size = sum(nbytes(k) + nbytes(v.value) for k, v in self.items.items())
         self.writes = 0
+        self.timed = {k for k, v in self.items.items() if v.expires or v.session}  # keys with a TTL or a session
 
     def covers(self, key: str) -> bool:
         """Whether the key is in [start, end)."""
@@ -127,6 +132,8 @@ class PartitionState:
             if self._buffer is not None and shard is None:
                 self._buffer.append((seq, index, cmd))
             raise NotHeld(f"shard {cmd.shard} is not held here")
+        if isinstance(cmd, Expire):
+            return self._expire(shard, cmd, revision(seq, index), events)
         if cmd.epoch != shard.epoch and not isinstance(cmd, Split | Merge):
             raise StaleEpoch(
                 f"shard {shard.id} is at epoch {shard.epoch}, the write was routed at {cmd.epoch}",
@@ -136,7 +143,8 @@ class PartitionState:
         rev = revision(seq, index)
         match cmd:
             case Put():
-                return self._put(shard, cmd.key, cmd.value, cmd.if_revision, rev, events)
+                expires = cmd.time_ms + cmd.ttl_ms if cmd.ttl_ms > 0 else 0
+                return self._put(shard, cmd.key, cmd.value, cmd.if_revision, rev, events, expires, cmd.session)
             case Delete():
                 return self._delete(shard, cmd.key, cmd.if_revision, rev, events)
             case Batch():
@@ -163,26 +171,51 @@ class PartitionState:
                 f"key {key!r} is not in shard {shard.id} [{shard.start!r}, {shard.end!r})", shard.id, shard.epoch
             )
 
-    def _put(self, shard: Held, key: str, value: str, if_rev: int, rev: int, events: list[Event]) -> Written:
+    def _put(
+        self,
+        shard: Held,
+        key: str,
+        value: str,
+        if_rev: int,
+        rev: int,
+        events: list[Event],
+        expires: int = 0,
+        session: int = 0,
+    ) -> Written:
         self._check_key(shard, key)
         old = shard.items.get(key)
         self._compare(key, old, if_rev)
-        self._set(shard, key, value, old, rev, events)
+        self._set(shard, key, value, old, rev, events, expires, session)
         return Written(rev, old.mod if old else 0)
 
-    def _set(self, shard: Held, key: str, value: str, old: Item | None, rev: int, events: list[Event]) -> None:
+    def _set(
+        self,
+        shard: Held,
+        key: str,
+        value: str,
+        old: Item | None,
+        rev: int,
+        events: list[Event],
+        expires: int = 0,
+        session: int = 0,
+    ) -> None:
         if old is None:
-            item = Item(value, rev, rev, 1)
+            item = Item(value, rev, rev, 1, expires, session)
             shard.size += nbytes(key) + nbytes(value)
         else:
-            item = Item(value, old.create, rev, old.version + 1)
+            item = Item(value, old.create, rev, old.version + 1, expires, session)
             shard.size += nbytes(value) - nbytes(old.value)
         shard.items[key] = item
+        if expires or session:
+            shard.timed.add(key)
+        else:
+            shard.timed.discard(key)
         shard.writes += 1
         events.append(KeyEvent(shard.id, "put", key, rev, value, item.create, item.version))
 
     def _unset(self, shard: Held, key: str, old: Item, rev: int, events: list[Event]) -> None:
         del shard.items[key]
+        shard.timed.discard(key)
         shard.size -= nbytes(key) + nbytes(old.value)
         shard.writes += 1
         events.append(KeyEvent(shard.id, "delete", key, rev))
@@ -220,6 +253,15 @@ class PartitionState:
                 deleted += 1
         return Written(rev, 0, deleted)
 
+    def _expire(self, shard: Held, cmd: Expire, rev: int, events: list[Event]) -> Written:
+        deleted = 0
+        for key, at in cmd.keys:
+            old = shard.items.get(key)
+            if old is not None and old.mod == at and shard.covers(key):
+                self._unset(shard, key, old, rev, events)
+                deleted += 1
+        return Written(rev, 0, deleted)
+
     def _split(self, shard: Held, cmd: Split, rev: int, events: list[Event]) -> ShardChanged:
         child = self.held.get(cmd.child)
         if child is not None:  # applied already (a retried entry): the same answer
@@ -240,6 +282,7 @@ class PartitionState:
         new = Held(cmd.child, cmd.key, shard.end, epoch, upper, since=shard.since)
         new.writes = shard.writes // 2
         shard.items, shard.end, shard.epoch = lower, cmd.key, epoch
+        shard.timed -= new.timed
         shard.size -= new.size
         shard.writes -= new.writes
         self.held[new.id] = new
@@ -268,6 +311,7 @@ class PartitionState:
         if not shard.end or shard.end != other.start:
             raise Refused(f"shard {shard.id} ends at {shard.end!r}, shard {other.id} starts at {other.start!r}")
         shard.items.update(other.items)
+        shard.timed |= other.timed
         shard.size += other.size
         shard.writes += other.writes
         shard.end = other.end

@@ -26,7 +26,10 @@ class Create(msgspec.Struct, frozen=True, tag="create", array_like=True):
 
 
 class Put(msgspec.Struct, frozen=True, tag="put", array_like=True):
-    """Set a key in a shard at the shard's data epoch; if_revision >= 0 makes it a compare-and-set."""
+    """Set a key in a shard at the shard's data epoch; if_revision >= 0 makes it a compare-and-set.
+
+    ttl_ms: the key expires that long after time_ms (the appender's clock); session: the key lives
+    as long as that registry session (0: neither). A put without them makes the key lasting again."""
 
     shard: int
     epoch: int
@@ -34,6 +37,8 @@ class Put(msgspec.Struct, frozen=True, tag="put", array_like=True):
     value: str
     if_revision: int = NO_CHECK
     time_ms: int = 0
+    ttl_ms: int = 0
+    session: int = 0
 
 
 class Delete(msgspec.Struct, frozen=True, tag="del", array_like=True):
@@ -90,7 +95,17 @@ class Merge(msgspec.Struct, frozen=True, tag="merge", array_like=True):
     time_ms: int = 0
 
 
-Command = Create | Put | Delete | Batch | Split | Merge
+class Expire(msgspec.Struct, frozen=True, tag="expire", array_like=True):
+    """The shard's leader ends keys whose time ran out or whose session closed: each is deleted only if it
+    is still at the revision named (a key written again since lives on)."""
+
+    shard: int
+    keys: tuple[tuple[str, int], ...]
+    why: str = "ttl"
+    time_ms: int = 0
+
+
+Command = Create | Put | Delete | Batch | Split | Merge | Expire
 
 
 class Entry(msgspec.Struct, array_like=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class KvService:
         *,
         replicas: int,
         address: str = "",
+        session_alive: Callable[[int], bool] | None = None,
     ) -> None:
         self.bus = bus
         self.cfg = cfg
@@ -99,6 +101,7 @@ class KvService:
         self.engine = engine
         self.scheduler = scheduler
         self.replicas = replicas
+        self.session_alive: Callable[[int], bool] = session_alive or (lambda _: False)
         self.partitions: dict[int, Partition] = {}
         self.holder = Holder(self, scheduler, cfg, address)
         self.exporter = Exporter(bus, node_id, self._partition_of)
@@ -348,7 +351,8 @@ class KvService:
         now = int(time.time() * 1000)
         match req.op:
             case "put":
-                w = await self._append(part, Put(held.id, held.epoch, req.key, req.value, req.if_revision, now))
+                put = Put(held.id, held.epoch, req.key, req.value, req.if_revision, now, req.ttl_ms, req.session)
+                w = await self._append(part, put)
                 return KvReply(revision=w.revision, prev_revision=w.prev_revision, seq=w.revision >> REV_SHIFT)
             case "delete":
                 w = await self._append(part, Delete(held.id, held.epoch, req.key, req.if_revision, now))
@@ -374,7 +378,7 @@ class KvService:
                 item = held.items.get(req.key)
                 if item is None:
                     return KvReply(found=False, seq=part.log.applied_seq)
-                kv = KvItem(req.key, item.value, item.mod, item.create, item.version)
+                kv = KvItem(req.key, item.value, item.mod, item.create, item.version, item.expires, item.session)
                 return KvReply(found=True, item=kv, revision=item.mod, seq=part.log.applied_seq)
             case "scan":
                 await self._read_point(part, req)
@@ -385,7 +389,9 @@ class KvService:
                 for key, item in held.scan(req.key, stop):
                     if len(items) == limit:
                         return KvReply(items=items, more=True, next=key, seq=part.log.applied_seq)
-                    items.append(KvItem(key, item.value, item.mod, item.create, item.version))
+                    items.append(
+                        KvItem(key, item.value, item.mod, item.create, item.version, item.expires, item.session)
+                    )
                 done = not held.end or (bool(req.end) and req.end <= held.end)
                 return KvReply(items=items, next="" if done else held.end, seq=part.log.applied_seq)
         raise BadKvRequest(f"unknown operation {req.op!r}")
@@ -414,9 +420,12 @@ class KvService:
 
     # ---- the API ------------------------------------------------------------------------------
 
-    async def put(self, key: str, value: str, if_revision: int = -1) -> KvReply:
-        """Set a key (compare-and-set with if_revision: 0 = create only)."""
-        return await self.handle(KvRequest("put", key, value, if_revision))
+    async def put(self, key: str, value: str, if_revision: int = -1, ttl_ms: int = 0, session: int = 0) -> KvReply:
+        """Set a key (compare-and-set with if_revision: 0 = create only); with a TTL or bound to a registry
+        session, the key is deleted when the time runs out or the session ends."""
+        if session and not self.session_alive(session):
+            raise BadKvRequest(f"session {session} does not exist (open one with POST /api/v1/sessions)")
+        return await self.handle(KvRequest("put", key, value, if_revision, ttl_ms=ttl_ms, session=session))
 
     async def get(self, key: str, serializable: bool = False, after: tuple[int, int] | None = None) -> KvReply:
         """A key's value and stat (found False when absent); linearizable unless serializable; with a

@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS shards (
 );
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, create_rev INTEGER NOT NULL, mod_rev INTEGER NOT NULL,
-    version INTEGER NOT NULL
+    version INTEGER NOT NULL, expires INTEGER NOT NULL DEFAULT 0, session INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
 
@@ -63,12 +63,12 @@ class PartitionStore:
         return self.applied_seq()
 
     def _rows(self, start: str, end: str) -> Iterable[tuple[str, Item]]:
-        sql = "SELECT key, value, create_rev, mod_rev, version FROM kv WHERE key >= ?"
+        sql = "SELECT key, value, create_rev, mod_rev, version, expires, session FROM kv WHERE key >= ?"
         args: tuple[str, ...] = (start,)
         if end:
             sql, args = sql + " AND key < ?", (start, end)
-        for key, value, create, mod, version in self.conn.execute(sql + " ORDER BY key", args):
-            yield key, Item(value, create, mod, version)
+        for key, value, create, mod, version, expires, session in self.conn.execute(sql + " ORDER BY key", args):
+            yield key, Item(value, create, mod, version, expires, session)
 
     def commit(self, state: PartitionState, seq: int, events: list[Event]) -> None:
         """Write what changed since the last commit (the final value of each key touched), then the sequence."""
@@ -79,7 +79,7 @@ class PartitionStore:
                 keys[e.key] = e.shard
             elif isinstance(e, ShardEvent):
                 shards.add(e.shard)
-        puts: list[tuple[str, str, int, int, int]] = []
+        puts: list[tuple[str, str, int, int, int, int, int]] = []
         dels: list[tuple[str]] = []
         for key, sid in keys.items():
             shard = state.held.get(sid)
@@ -89,14 +89,16 @@ class PartitionStore:
             if item is None:
                 dels.append((key,))
             else:
-                puts.append((key, item.value, item.create, item.mod, item.version))
+                puts.append((key, item.value, item.create, item.mod, item.version, item.expires, item.session))
         new_created = state.created - self._created
         with self.conn:
             if dels:
                 self.conn.executemany("DELETE FROM kv WHERE key = ?", dels)
             if puts:
                 self.conn.executemany(
-                    "INSERT OR REPLACE INTO kv (key, value, create_rev, mod_rev, version) VALUES (?, ?, ?, ?, ?)", puts
+                    "INSERT OR REPLACE INTO kv (key, value, create_rev, mod_rev, version, expires, session) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    puts,
                 )
             self._write_shards(state, shards)
             if new_created:
@@ -126,8 +128,9 @@ class PartitionStore:
                 shard = state.held[sid]
                 self._delete_range(shard.start, shard.end)
                 self.conn.executemany(
-                    "INSERT INTO kv (key, value, create_rev, mod_rev, version) VALUES (?, ?, ?, ?, ?)",
-                    ((k, i.value, i.create, i.mod, i.version) for k, i in shard.items.items()),
+                    "INSERT INTO kv (key, value, create_rev, mod_rev, version, expires, session) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    ((k, i.value, i.create, i.mod, i.version, i.expires, i.session) for k, i in shard.items.items()),
                 )
             self._write_shards(state, ids)
             self.conn.executemany("INSERT OR IGNORE INTO created (shard) VALUES (?)", [(s,) for s in ids])

@@ -56,6 +56,8 @@ class KvRequest(msgspec.Struct, frozen=True):
     limit: int = 0  # scan: at most this many keys (0: the server's page size)
     serializable: bool = False
     after: tuple[int, int] | None = None  # a read token (partition, sequence): answer once that is applied
+    ttl_ms: int = 0  # put: the key expires this long after it is written
+    session: int = 0  # put: the key lives as long as this registry session
     ops: tuple[BatchOp, ...] = ()
     checks: tuple[BatchCheck, ...] = ()
     forwarded: bool = False
@@ -69,6 +71,8 @@ class KvItem(msgspec.Struct, frozen=True):
     revision: int
     create_revision: int
     version: int
+    expires_ms: int = 0  # when the key expires (Unix ms; 0: never)
+    session: int = 0  # the registry session it lives with (0: none)
 
 
 class KvReply(msgspec.Struct, frozen=True):

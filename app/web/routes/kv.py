@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Annotated, Any
 
 import msgspec
@@ -39,11 +40,14 @@ ERRORS = {
 
 
 class PutBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Set a key; if_revision makes it a compare-and-set (0: only if the key does not exist)."""
+    """Set a key; if_revision makes it a compare-and-set (0: only if the key does not exist); ttl (seconds)
+    or session (a registry session id, POST /api/v1/sessions) makes it end with the time or the session."""
 
     key: str
     value: str
     if_revision: int = -1
+    ttl: float = 0.0
+    session: int = 0
 
 
 class DeleteBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -134,7 +138,12 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
     @post(BASE + "/put", tags=["kv"], summary="Set a key", status_code=HTTP_200_OK, responses=ERRORS)
     async def put(data: PutBody) -> WriteResult:
         """Any replica takes it; it runs on a replica holding the key's shard (one hop at most)."""
-        return _write(await svc().put(data.key, data.value, data.if_revision))
+        if not 0 <= data.ttl <= 10 * 365 * 86400:
+            raise BadKvRequest(f"ttl {data.ttl} is out of range (0 to ten years, in seconds)")
+        if not 0 <= data.session < 1 << 63:
+            raise BadKvRequest(f"session {data.session} is out of range")
+        ttl_ms = max(1, math.ceil(data.ttl * 1000)) if data.ttl else 0
+        return _write(await svc().put(data.key, data.value, data.if_revision, ttl_ms, data.session))
 
     @get(BASE + "/get", tags=["kv"], summary="A key's value and stat", responses=ERRORS)
     async def get_key(key: str, serializable: bool = False, token: str = "") -> KvItem:
