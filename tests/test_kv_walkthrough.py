@@ -166,6 +166,18 @@ def test_the_cli(env: Env, tmp_path: Path) -> None:
     assert kv("put", "", "x").returncode == 1
 
 
+def test_the_shell(env: Env, tmp_path: Path) -> None:
+    script = "kvput sh/a one; kvput -r 0 sh/a two; kvput sh/b two words; kvget sh/b; kvscan sh/; kvdel sh/a; kvget sh/a"
+    done = run_cli(["shell", "--addr", env.url("r3"), "-c", script], {}, tmp_path)
+    assert done.stdout.splitlines() == ["two words", "sh/a = one", "sh/b = two words"], (done.stdout, done.stderr)
+    assert "Error: revision_mismatch: key 'sh/a' is at revision" in done.stderr
+    assert "Error: key_not_found: key 'sh/a' does not exist" in done.stderr
+    assert "deleted = 1" in done.stderr
+    shards = run_cli(["shell", "--addr", env.url("r1"), "-c", "kvshards"], {}, tmp_path)
+    assert len(shards.stdout.splitlines()) == len(env.table("r1")), shards.stderr
+    assert all(line.startswith("shard ") for line in shards.stdout.splitlines())
+
+
 def test_a_few_writes_split_shards_and_every_replica_lists_them(env: Env) -> None:
     before = env.shards("r1")
     assert all(set(s) <= {"id", "start", "end", "epoch", "replicas", "group", "labels"} for s in before)

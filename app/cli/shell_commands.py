@@ -8,6 +8,7 @@ from typing import TextIO
 from app.cli.shell_audit_command import AUDIT_SPECS, AuditCommand
 from app.cli.shell_client import RegistryClient, Session, ShellError
 from app.cli.shell_context import Handler, ShellState
+from app.cli.shell_kv_commands import KV_SPECS, KvCommands
 from app.cli.shell_node_commands import NODE_SPECS, NodeCommands
 from app.cli.shell_paths import InvalidPath
 from app.cli.shell_recipe_commands import RECIPE_SPECS, RecipeCommands
@@ -18,6 +19,7 @@ SPECS: dict[str, Spec] = {
     **NODE_SPECS,
     **RECIPE_SPECS,
     **AUDIT_SPECS,
+    **KV_SPECS,
     "sync": Spec(
         "sync",
         "wait until this server has applied every write made before, anywhere; print the revision",
@@ -46,6 +48,7 @@ class Commands(ShellState):
             **NodeCommands(self).handlers(),
             **RecipeCommands(self).handlers(),
             **AuditCommand(self).handlers(),
+            **KvCommands(self).handlers(),
             "sync": self._sync,
             "help": self._help,
             "exit": self._exit,
