@@ -217,6 +217,19 @@ def test_a_stopped_replica_refuses_while_the_others_serve(env: Env) -> None:
         assert env.get("r1", f"user{i:03d}")["value"].startswith(f"value-{i}-")
 
 
+def test_the_kv_figures_on_metrics(env: Env) -> None:
+    figures: dict[str, float] = {}
+    for name in NAMES[:3]:  # r4 is stopped by now
+        for line in httpx.get(env.url(name) + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("fleetmate_kv_") and "{" not in line:
+                key, value = line.split()
+                figures[key] = figures.get(key, 0.0) + float(value)
+    assert figures["fleetmate_kv_copies_in_total"] >= 1
+    assert figures["fleetmate_kv_copies_out_total"] >= 1
+    assert figures["fleetmate_kv_shards_held"] >= 3
+    assert figures["fleetmate_kv_bytes_held"] > 0
+
+
 def test_copies_were_made_and_nothing_logged_an_error(env: Env) -> None:
     copied = [line for name in NAMES for line in env.replicas[name].raw if '"shard copied"' in line]
     assert copied, "no replica copied a shard from another (every copy was placed at creation?)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -143,6 +144,8 @@ class _NodeCollector(Collector):
             yield CounterMetricFamily(
                 "fleetmate_lease_changes", "Times this replica took or lost the lease", value=lead.changes
             )
+        if node.kv is not None:
+            yield from _kv_families(node.kv.stats())
         emb = node.embedded
         if emb is not None:
             yield CounterMetricFamily(
@@ -163,6 +166,26 @@ class _NodeCollector(Collector):
                 yield GaugeMetricFamily(
                     "fleetmate_nats_embedded_resident_memory_bytes", "RSS of the embedded nats-server", rss
                 )
+
+
+def _kv_families(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The KV store's figures: shards and bytes held here, per partition applied sequence, the counters."""
+    for key, help_text in (
+        ("forwarded", "KV requests sent to the replica holding their shard"),
+        ("retried", "KV requests routed again (a split or move came first)"),
+        ("copies_in", "Shard copies taken from other replicas"),
+        ("copies_out", "Shard copies given to other replicas"),
+        ("copy_failures", "Shard copies that failed (tried again)"),
+        ("leader_moves", "Partition NATS leaders moved by this replica"),
+    ):
+        yield CounterMetricFamily(f"fleetmate_kv_{key}", help_text, value=float(stats[key]))
+    yield GaugeMetricFamily("fleetmate_kv_shards_held", "Shard copies held here", float(stats["shards_held"]))
+    yield GaugeMetricFamily("fleetmate_kv_bytes_held", "Key and value bytes held here", float(stats["bytes_held"]))
+    yield GaugeMetricFamily("fleetmate_kv_watches", "Watches served from here", float(stats["watches"]))
+    applied = GaugeMetricFamily("fleetmate_kv_applied_seq", "Applied sequence per partition", labels=["partition"])
+    for p, seq in stats["applied"].items():
+        applied.add_metric([str(p)], float(seq))
+    yield applied
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

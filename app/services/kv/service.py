@@ -197,6 +197,22 @@ class KvService:
         for part in self.partitions.values():
             part.store.close()
 
+    def stats(self) -> dict[str, Any]:
+        """Figures for /metrics."""
+        held = [h for p in self.partitions.values() for h in p.state.held.values()]
+        return {
+            "forwarded": self.forwarded,
+            "retried": self.retried,
+            "copies_in": self.holder.imports,
+            "copies_out": self.exporter.exported,
+            "copy_failures": self.holder.import_failures,
+            "leader_moves": self.leaders.moves if self.leaders is not None else 0,
+            "shards_held": len(held),
+            "bytes_held": sum(h.size for h in held),
+            "watches": len(self.watch_source.watches),
+            "applied": {n: p.log.applied_seq for n, p in self.partitions.items()},
+        }
+
     def partition(self, number: int) -> Partition | None:
         """A partition this replica follows."""
         return self.partitions.get(number)
