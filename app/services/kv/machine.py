@@ -116,8 +116,8 @@ class PartitionState:
         events: list[Event] = []
         try:
             result = self._apply(cmd, self.seq, index, events)
-        except KvError as err:
-            return err, []
+        except KvError as err:  # events only when a copy turned out wrong and was dropped ("lost")
+            return err, events
         except Exception as exc:  # the same on every holder: this command's error, the log goes on
             return KvError(f"{type(cmd).__name__} could not be applied: {exc!r}"), []
         return result, events
@@ -128,6 +128,8 @@ class PartitionState:
         if isinstance(cmd, Split):
             self.created.add(cmd.child)
         shard = self.held.get(cmd.shard)
+        if shard is None and isinstance(cmd, Merge):
+            self._lose_merged(cmd, seq, index, events)
         if shard is None or seq <= shard.since:
             if self._buffer is not None and shard is None:
                 self._buffer.append((seq, index, cmd))
@@ -290,6 +292,17 @@ class PartitionState:
         events.append(ShardEvent(new.id, "create", rev, epoch, new.start, new.end, shard.id))
         return ShardChanged(shard.id, epoch, shard.start, shard.end, new.id, new.start, new.end)
 
+    def _lose_merged(self, cmd: Merge, seq: int, index: int, events: list[Event]) -> None:
+        """A merge into a shard not held here ends the right-hand shard held alone: the copy is dropped as lost."""
+        other = self.held.get(cmd.other)
+        if other is None or seq <= other.since:
+            return
+        del self.held[other.id]
+        events.append(
+            ShardEvent(other.id, "lost", revision(seq, index), other.epoch, other.start, other.end, cmd.shard)
+        )
+        raise Refused(f"shard {cmd.other} was merged into shard {cmd.shard}, not held here: its copy is dropped")
+
     def _merge(self, shard: Held, cmd: Merge, rev: int, events: list[Event]) -> ShardChanged:
         if cmd.epoch != shard.epoch:
             raise StaleEpoch(
@@ -350,12 +363,21 @@ class PartitionState:
         self.held[shard.id] = shard
         self.created.add(shard.id)
         ours = {shard.id}
-        for seq, index, cmd in self._buffer or ():
-            if cmd.shard not in ours or seq <= self.held[cmd.shard].since:
-                continue
-            result, _ = self._replay(cmd, seq, index)
-            if isinstance(result, ShardChanged) and isinstance(cmd, Split) and cmd.child in self.held:
-                ours.add(cmd.child)
+        buffered, self._buffer = self._buffer or [], None  # replaying must not buffer again
+        try:
+            for seq, index, cmd in buffered:
+                other = cmd.other if isinstance(cmd, Merge) else None
+                if cmd.shard not in ours and other not in ours:
+                    continue
+                target = self.held.get(cmd.shard if cmd.shard in ours else other or 0)
+                if target is None or seq <= target.since:
+                    continue
+                result, _ = self._replay(cmd, seq, index)
+                if isinstance(result, ShardChanged) and isinstance(cmd, Split) and cmd.child in self.held:
+                    ours.add(cmd.child)
+                ours &= set(self.held)  # merged away, or dropped as lost
+        finally:
+            self._buffer = buffered if self._importing else None
         for sid in ours:  # what arrived before now is in the copy; the log goes on from here
             self.held[sid].since = max(self.held[sid].since, self.seq)
         return sorted(ours)
