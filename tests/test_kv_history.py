@@ -106,7 +106,9 @@ async def client(w: World, n: int, rng: random.Random, done: asyncio.Event, hist
                     continue
                 end = time.monotonic()
                 if resp.status_code == 200:
-                    history.append(Op("put", key, value, start, end, ACKED, resp.json()["revision"]))
+                    b = resp.json()
+                    partition = int(b["token"].split(":")[0])
+                    history.append(Op("put", key, value, start, end, ACKED, b["revision"], partition=partition))
                 else:
                     history.append(Op("put", key, value, start, end, FAILED if resp.status_code < 500 else UNKNOWN))
             else:
@@ -199,11 +201,19 @@ async def watcher(w: World, done: asyncio.Event, seen: list[tuple[int, str, int]
                         notes["watch_ready"] = notes.get("watch_ready", 0) + 1
                     seen.extend((m.get("partition", -1), e["key"], e["revision"]) for e in m.get("events", []))
                     resume = m["resume"]
-                # drain what is already on its way: the load stopped, the last events follow shortly
-                with contextlib.suppress(TimeoutError):
-                    while True:
-                        m = json.loads(await asyncio.wait_for(ws.recv(), 3))
+                # The load stopped: read on until the cursors pass every acknowledged write in range.
+                await notes["measured"].wait()
+                want = notes["watched_max"]
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    cursors = dict(map(int, part.split(":")) for part in resume.split(",") if part)
+                    if all(cursors.get(p, 0) >= rev for p, rev in want.items()):
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        m = json.loads(await asyncio.wait_for(ws.recv(), 1))
                         seen.extend((m.get("partition", -1), e["key"], e["revision"]) for e in m.get("events", []))
+                        resume = m.get("resume", resume)
+                notes["watch_cursors"] = resume
         except (OSError, websockets.WebSocketException) as exc:
             notes["watch_reconnects"] = notes.get("watch_reconnects", 0) + 1
             notes["watch_error"] = repr(exc)
@@ -216,11 +226,19 @@ async def run_load(w: World, rng: random.Random) -> tuple[list[Op], dict[str, An
     events: dict[str, Any] = {}
     seen: list[tuple[int, str, int]] = []
     done = asyncio.Event()
+    events["measured"] = asyncio.Event()  # set once watched_max is known
     watching = asyncio.create_task(watcher(w, done, seen, events))
     await asyncio.sleep(1.0)  # the watch opened before the first write
     tasks = [client(w, n, random.Random(rng.random()), done, history) for n in range(CLIENTS)]
     await asyncio.gather(chaos(w, rng, done, events), *tasks)
+    watched_max: dict[int, int] = {}
+    for op in history:
+        if op.kind == "put" and op.outcome == ACKED and WATCHED[0] <= op.key < WATCHED[1]:
+            watched_max[op.partition] = max(watched_max.get(op.partition, 0), op.revision)
+    events["watched_max"] = watched_max
+    events["measured"].set()
     await watching
+    del events["measured"]
     return history, events, seen
 
 
@@ -268,6 +286,9 @@ def test_history_under_splits_moves_and_kills(world: World) -> None:
         if op.kind == "put" and op.outcome == ACKED and WATCHED[0] <= op.key < WATCHED[1]
     }
     missing = watched - set(revs)
+    if missing:
+        gone = sorted(missing, key=lambda kr: kr[1])
+        print(f"missing revisions {gone[0][1]}..{gone[-1][1]} ({len(gone)}); watch notes {events}")
     assert not missing, f"{len(missing)} acknowledged writes never came through the watch: {sorted(missing)[:5]}"
     print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range, notes {events}")
     assert events["splits_asked"] >= SPLITS, events

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import NatsServer, ReplicaSet, wait_for
-from tests.test_kv_walkthrough import Env
+from tests.harness import wait_for
+from tests.harness.kvcluster import NAMES, Env, kv_cluster
 
 pytestmark = pytest.mark.slow
 
-NAMES = ("r1", "r2", "r3", "r4")
 MAX_DOWN_S = 3.0
 SLOW_S = 40.0
 
@@ -20,28 +19,8 @@ SLOW_S = 40.0
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root: Path = tmp_path_factory.mktemp("kv-repair")
-    nats = NatsServer(root / "nats").start()
-    replicas = ReplicaSet(
-        root,
-        nats.url,
-        names=NAMES,
-        env={
-            "FLEETMATE_KV_NODE_LEASE": "1",
-            "FLEETMATE_KV_MAX_PEER_DOWN_TIME": str(MAX_DOWN_S),
-            "FLEETMATE_KV_PARTITIONS": "4",
-            "FLEETMATE_LEASE_TTL": "2",
-            "FLEETMATE_LEASE_RENEW_INTERVAL": "0.5",
-        },
-    )
-    try:
-        replicas.start()
-        replicas.leader()
-        e = Env(replicas)
-        wait_for(lambda: e.settled("r1", 3), SLOW_S, "every shard on 3 replicas, acknowledged", 0.2)
+    with kv_cluster(root, FLEETMATE_KV_MAX_PEER_DOWN_TIME=str(MAX_DOWN_S), FLEETMATE_KV_PARTITIONS="4") as e:
         yield e
-    finally:
-        replicas.close()
-        nats.stop()
 
 
 def holders(env: Env, at: str = "r1") -> dict[int, set[str]]:

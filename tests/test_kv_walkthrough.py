@@ -6,93 +6,24 @@ import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import NatsServer, ReplicaSet, run_cli, wait_for
+from tests.harness import run_cli, wait_for
+from tests.harness.kvcluster import NAMES, Env, kv_cluster
 
 pytestmark = pytest.mark.slow
 
-NAMES = ("r1", "r2", "r3", "r4")
 CAPACITY = 1024
-LEASE_S = 1.0
 SLOW_S = 30.0  # a generous bound on what takes a second or two (timings are measured in bench/)
-
-
-class Env:
-    """Four replicas on one nats-server, and the calls a MatrixKV user makes."""
-
-    def __init__(self, replicas: ReplicaSet) -> None:
-        self.replicas = replicas
-
-    def url(self, name: str) -> str:
-        return self.replicas.urls[name]
-
-    def set(self, name: str, key: str, value: str) -> dict[str, Any]:
-        resp = httpx.post(self.url(name) + "/set", json={"key": key, "value": value}, timeout=30)
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        return body
-
-    def get(self, name: str, key: str) -> dict[str, Any]:
-        resp = httpx.get(self.url(name) + "/get", params={"key": key}, timeout=30)
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        return body
-
-    def delete(self, name: str, key: str) -> dict[str, Any]:
-        resp = httpx.post(self.url(name) + "/delete", json={"key": key}, timeout=30)
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        return body
-
-    def shards(self, name: str, local: bool = False) -> list[dict[str, Any]]:
-        resp = httpx.get(self.url(name) + "/shards", params={"local": "1"} if local else {}, timeout=10)
-        assert resp.status_code == 200, resp.text
-        body: list[dict[str, Any]] = resp.json()
-        return body
-
-    def table(self, name: str, local: bool = False) -> list[dict[str, Any]]:
-        resp = httpx.get(self.url(name) + "/api/v1/kv/shards", params={"local": str(local).lower()}, timeout=10)
-        assert resp.status_code == 200, resp.text
-        body: list[dict[str, Any]] = resp.json()
-        return body
-
-    def settled(self, name: str, copies: int) -> bool:
-        """Every shard has `copies` holders, each acknowledged at the shard's epoch."""
-        table = self.table(name)
-        return bool(table) and all(
-            len(s["holders"]) == copies and all(h["acked"] == s["epoch"] for h in s["holders"]) for s in table
-        )
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root: Path = tmp_path_factory.mktemp("kv-walk")
-    nats = NatsServer(root / "nats").start()
-    replicas = ReplicaSet(
-        root,
-        nats.url,
-        names=NAMES,
-        env={
-            "FLEETMATE_KV_SHARD_CAPACITY": str(CAPACITY),
-            "FLEETMATE_KV_NODE_LEASE": str(LEASE_S),
-            "FLEETMATE_KV_PARTITIONS": "2",
-            "FLEETMATE_LEASE_TTL": "2",
-            "FLEETMATE_LEASE_RENEW_INTERVAL": "0.5",
-        },
-    )
-    try:
-        replicas.start()
-        replicas.leader()
-        e = Env(replicas)
-        wait_for(lambda: e.settled("r1", 3), SLOW_S, "every shard on 3 replicas, acknowledged", 0.2)
+    with kv_cluster(root, FLEETMATE_KV_SHARD_CAPACITY=str(CAPACITY), FLEETMATE_KV_PARTITIONS="2") as e:
         yield e
-    finally:
-        replicas.close()
-        nats.stop()
 
 
 def test_set_get_delete_on_any_replica(env: Env) -> None:

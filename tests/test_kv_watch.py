@@ -12,40 +12,16 @@ import httpx
 import pytest
 import websockets
 
-from tests.harness import NatsServer, ReplicaSet, wait_for
-from tests.test_kv_walkthrough import Env
+from tests.harness.kvcluster import NAMES, Env, kv_cluster
 
 pytestmark = pytest.mark.slow
-
-NAMES = ("r1", "r2", "r3", "r4")
-SLOW_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root: Path = tmp_path_factory.mktemp("kv-watch")
-    nats = NatsServer(root / "nats").start()
-    replicas = ReplicaSet(
-        root,
-        nats.url,
-        names=NAMES,
-        env={
-            "FLEETMATE_KV_NODE_LEASE": "1",
-            "FLEETMATE_KV_PARTITIONS": "1",
-            "FLEETMATE_KV_SHARD_CAPACITY": "4096",
-            "FLEETMATE_LEASE_TTL": "2",
-            "FLEETMATE_LEASE_RENEW_INTERVAL": "0.5",
-        },
-    )
-    try:
-        replicas.start()
-        replicas.leader()
-        e = Env(replicas)
-        wait_for(lambda: e.settled("r1", 3), SLOW_S, "every shard on 3 replicas, acknowledged", 0.2)
+    with kv_cluster(root, FLEETMATE_KV_PARTITIONS="1", FLEETMATE_KV_SHARD_CAPACITY="4096") as e:
         yield e
-    finally:
-        replicas.close()
-        nats.stop()
 
 
 def ws_url(env: Env, name: str, query: str) -> str:

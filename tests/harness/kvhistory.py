@@ -23,6 +23,7 @@ class Op:
     outcome: str
     revision: int = 0  # put: the revision it made; get: the key's revision read (0: absent)
     version: int = 0  # get: the key's version read
+    partition: int = -1  # put: the log partition it landed in (from its read token)
 
 
 def check(history: list[Op], final: dict[str, tuple[str, int, int]]) -> list[str]:

@@ -160,6 +160,8 @@ class KvService:
             )
             self.watch_source.follow(p, store.applied_seq())  # events from the replay on are kept
             await self.engine.start(log_name(p))
+            for held in state.held.values():  # a copy installed past the file's sequence replays no events before
+                self.watch_source.held_from(p, held.id, held.since)
             self.partitions[p] = Partition(p, opened.log, state, store)
         await self.exporter.start()
         await self.watch_source.start()
@@ -352,6 +354,11 @@ class KvService:
             result = await part.log.append(cmd, size)
         except (TimeoutError, AppendError, LogFailed) as exc:
             raise Unavailable(f"partition {part.number} did not apply the write: {exc}") from exc
+        if isinstance(result, NotHeld):
+            # This replica stopped holding the shard (a move, a drop) before the entry applied here: the
+            # replicas still holding it applied the write or refused it; which is unknown from here, so it
+            # is not sent again (a stale epoch, by contrast, is the same answer on every holder).
+            raise Unavailable(f"the shard moved while the write was applied; its outcome is unknown: {result}")
         if isinstance(result, KvError):
             raise result
         if isinstance(result, Exception):
