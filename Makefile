@@ -56,7 +56,7 @@ pytest: $(STAMP) test-deps ## the test suite alone
 
 test: lint typecheck pytest ## everything CI runs: lint, types, tests
 
-BENCHES := startup registry zk failover metrics agent ha hostile rpo scheduler
+BENCHES := startup registry zk failover metrics agent ha hostile rpo scheduler kv
 
 bench: $(STAMP) test-deps ## run every benchmark in bench/ against its peers (etcd, ZooKeeper, node_exporter, Patroni); JSON under bench/results/
 	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $$([ $$b = ha ] && echo --install); done
