@@ -6,12 +6,17 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import websockets
 
+from app.services.kv.messages import KeyEvent
+from app.services.kv.watch_source import Watch
+from app.services.kv.wire import WatchBatch, WatchOpen
 from tests.harness.kvcluster import NAMES, Env, kv_cluster
 
 pytestmark = pytest.mark.slow
@@ -92,3 +97,21 @@ def test_a_watch_stays_complete_when_the_replica_serving_it_is_killed(env: Env) 
     assert set(written) <= set(got), sorted(set(written) - set(got))[:5]
     assert len(env.table(gateway)) > 1, "the shard did not split while watched"
     assert env.replicas[gateway].logged("kv watch reopened"), "the watch was never carried to another holder"
+
+
+async def test_a_backlog_in_several_batches_claims_its_upto_only_in_the_last() -> None:
+    """A batch says "nothing more up to upto": before the last batch of a backlog that would skip the rest."""
+    sent: list[WatchBatch] = []
+
+    async def publish(subject: str, data: bytes) -> None:
+        sent.append(msgspec.msgpack.decode(data, type=WatchBatch))
+
+    bus = SimpleNamespace(nc=SimpleNamespace(publish=publish))
+    watch = Watch(WatchOpen("w1", 0, "", "", 0, "inbox", [("", "")]), {1}, bus)  # type: ignore[arg-type]
+    events = [KeyEvent(1, "put", f"k{i:04d}", (i + 1) << 16) for i in range(1200)]
+    watch.enqueue(events, upto=5000 << 16)
+    watch.close()
+    await asyncio.sleep(0.05)
+    assert [len(b.events) for b in sent] == [500, 500, 200]
+    assert [b.seq for b in sent] == [1, 2, 3]
+    assert [b.upto for b in sent] == [500 << 16, 1000 << 16, 5000 << 16]

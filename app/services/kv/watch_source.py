@@ -82,11 +82,13 @@ class Watch:
         """Number and queue batches of events (at most MAX_BATCH each); a heartbeat when there are none."""
         if self.ended:
             return
-        for i in range(0, max(1, len(events)), MAX_BATCH):
+        starts = range(0, max(1, len(events)), MAX_BATCH)
+        for i in starts:
             chunk = events[i : i + MAX_BATCH]
             if chunk:
                 self.last = max(self.last, chunk[-1].revision)
-            self.last = max(self.last, upto)
+            if i == starts[-1]:  # "nothing else up to upto" holds only once every chunk is out
+                self.last = max(self.last, upto)
             self.seq += 1
             self._outbox.put_nowait(WatchBatch(self.req.id, self.seq, chunk, self.last, end))
         if end:
