@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,46 @@ def test_a_watcher_that_stops_reading_is_cut_off_after_its_pending_limit(tmp_pat
         assert client.get(f"{NODES}{path}").json()["stat"]["version"] == sets
         with _ws(server, f"path={path}", ADMIN) as ws:
             assert json.loads(ws.recv(timeout=5))["type"] == "ready"
+
+
+def test_kv_gets_and_puts_match_the_framework_routes(fm: Fleetmate) -> None:
+    """MatrixKV's /set and /get and /api/v1/kv/put and /get on the lean path, with an extra parameter on Litestar."""
+    api = _client(fm)
+
+    def put(key: str, value: str, **params: str) -> httpx.Response:
+        return api.post("/api/v1/kv/put", params=params, json={"key": key, "value": value})
+
+    for _ in range(100):  # the store is placed a moment after the replica is ready
+        if put("fk/a", "1").status_code == 200:
+            break
+        time.sleep(0.1)
+    before = _fast_hits(fm)
+    fast = put("fk/a", "2")
+    assert _fast_hits(fm) == before + 1
+    framework = put("fk/a", "3", via="framework")
+    assert _fast_hits(fm) == before + 1
+    assert fast.status_code == framework.status_code == 200
+    assert set(fast.json()) == set(framework.json())
+    assert framework.json()["revision"] > fast.json()["revision"]
+    for params in ({"key": "fk/a"}, {"key": "fk/a", "serializable": "true"}, {"key": "fk/none"}, {"key": ""}):
+        a = api.get("/api/v1/kv/get", params=params)
+        b = api.get("/api/v1/kv/get", params={**params, "via": "framework"})
+        assert a.status_code in (200, 400, 404)
+        assert (a.status_code, a.json()) == (b.status_code, b.json())
+    assert _fast_hits(fm) == before + 5
+    mk = api.post("/set", json={"key": "fk/m", "value": "v"})
+    assert mk.json() == api.post("/set", params={"via": "framework"}, json={"key": "fk/m", "value": "v"}).json()
+    assert mk.json() == {"key": "fk/m", "error": ""}
+    assert api.get("/get", params={"key": "fk/m"}).json() == {"key": "fk/m", "value": "v", "error": ""}
+    for raw in (b"not json", b'{"key": 5}', b""):
+        a = api.post("/set", content=raw)
+        b = api.post("/set", params={"via": "framework"}, content=raw)
+        assert (a.status_code, a.json()) == (b.status_code, b.json())
+        assert a.json()["error"]
+    refused = _client(fm, READ).post("/api/v1/kv/put", json={"key": "fk/a", "value": "no"})
+    assert refused.status_code == 403
+    assert api.get("/api/v1/kv/get", params={"key": "fk/a"}).json()["value"] == "3"
+    routes = set(
+        re.findall(r'fleetmate_http_requests_total\{method="(?:GET|POST)",route="([^"]+)"', fm.get("/metrics").text)
+    )
+    assert {"/api/v1/kv/put", "/api/v1/kv/get", "/set", "/get"} <= routes

@@ -18,7 +18,7 @@ from opentelemetry import context, propagate
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from app.telemetry import recording, tracer, unrecorded_span
-from app.web.fastpath import ROUTE, Body, FastPath
+from app.web.fastpath import Body, FastPath
 from app.web.limits import BodyClock, BodyReader, RequestRefused, check_json_depth, drain, error_body, too_large
 from app.web.metrics import HttpMetrics
 from app.web.ratelimit import RateLimiter
@@ -126,7 +126,7 @@ class Observe:
             body = Body(reader)
             answer = await self.fast.lean(route_method, path, scope.query_string, authorization, body)
             if answer is not None:
-                status, route = answer.status, ROUTE
+                status, route = answer.status, answer.route
                 out = [_JSON]
                 if answer.headers:
                     out.extend(answer.headers.items())

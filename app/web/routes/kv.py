@@ -95,6 +95,9 @@ class MatrixSet(msgspec.Struct, frozen=True):
     value: str = ""
 
 
+_matrix_set = msgspec.json.Decoder(MatrixSet)
+
+
 class MatrixKey(msgspec.Struct, frozen=True):
     """MatrixKV's /delete body."""
 
@@ -126,6 +129,55 @@ def _token(text: str) -> tuple[int, int] | None:
     return int(part), int(seq)
 
 
+# ---- handlers the routes and the lean path (app/web/fastpath.py) share ---------------------------
+
+
+async def put_key(kv: KvService, data: PutBody) -> WriteResult:
+    """POST /api/v1/kv/put."""
+    if not 0 <= data.ttl <= 10 * 365 * 86400:
+        raise BadKvRequest(f"ttl {data.ttl} is out of range (0 to ten years, in seconds)")
+    if not 0 <= data.session < 1 << 63:
+        raise BadKvRequest(f"session {data.session} is out of range")
+    ttl_ms = max(1, math.ceil(data.ttl * 1000)) if data.ttl else 0
+    return _write(await kv.put(data.key, data.value, data.if_revision, ttl_ms, data.session))
+
+
+async def get_item(kv: KvService, key: str, serializable: bool = False, token: str = "") -> KvItem:
+    """GET /api/v1/kv/get."""
+    r = await kv.get(key, serializable, _token(token))
+    if r.item is None:
+        raise KeyNotFound(f"key {key!r} does not exist")
+    return r.item
+
+
+def _fail(exc: Exception) -> str:
+    return exc.message if isinstance(exc, FleetmateError) else repr(exc)
+
+
+async def matrix_set(kv: KvService, raw: bytes) -> dict[str, str]:
+    """MatrixKV's POST /set: always an answer, the error (if any) in "error"."""
+    key = ""
+    try:
+        try:
+            body = _matrix_set.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadKvRequest(f"invalid request body: {exc}") from exc
+        key = body.key
+        await kv.put(body.key, body.value)
+        return {"key": key, "error": ""}
+    except Exception as exc:
+        return {"key": key, "error": _fail(exc)}
+
+
+async def matrix_get(kv: KvService, key: str) -> dict[str, str]:
+    """MatrixKV's GET /get?key=: value "" when the key does not exist."""
+    try:
+        r = await kv.get(key)
+        return {"key": key, "value": r.item.value if r.item else "", "error": ""}
+    except Exception as exc:
+        return {"key": key, "value": "", "error": _fail(exc)}
+
+
 def kv_routes(node: Node) -> list[BaseRouteHandler]:
     """The handlers, closing over the node."""
 
@@ -138,21 +190,13 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
     @post(BASE + "/put", tags=["kv"], summary="Set a key", status_code=HTTP_200_OK, responses=ERRORS)
     async def put(data: PutBody) -> WriteResult:
         """Any replica takes it; it runs on a replica holding the key's shard (one hop at most)."""
-        if not 0 <= data.ttl <= 10 * 365 * 86400:
-            raise BadKvRequest(f"ttl {data.ttl} is out of range (0 to ten years, in seconds)")
-        if not 0 <= data.session < 1 << 63:
-            raise BadKvRequest(f"session {data.session} is out of range")
-        ttl_ms = max(1, math.ceil(data.ttl * 1000)) if data.ttl else 0
-        return _write(await svc().put(data.key, data.value, data.if_revision, ttl_ms, data.session))
+        return await put_key(svc(), data)
 
     @get(BASE + "/get", tags=["kv"], summary="A key's value and stat", responses=ERRORS)
     async def get_key(key: str, serializable: bool = False, token: str = "") -> KvItem:
         """Linearizable unless `serializable=true` (then the holder's copy as it is, at once). `token`
         (`PARTITION:SEQ`, a write's read token) makes any replica answer with that write applied."""
-        r = await svc().get(key, serializable, _token(token))
-        if r.item is None:
-            raise KeyNotFound(f"key {key!r} does not exist")
-        return r.item
+        return await get_item(svc(), key, serializable, token)
 
     @post(BASE + "/delete", tags=["kv"], summary="Delete a key", status_code=HTTP_200_OK, responses=ERRORS)
     async def delete_key(data: DeleteBody) -> WriteResult:
@@ -284,29 +328,23 @@ def matrixkv_routes(svc: Any) -> list[BaseRouteHandler]:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise BadKvRequest(f"invalid request body: {exc}") from exc
 
-    def fail(exc: Exception) -> str:
-        return exc.message if isinstance(exc, FleetmateError) else repr(exc)
-
     @post("/set", tags=["matrixkv"], summary="MatrixKV: set a key", status_code=HTTP_200_OK)
     async def mk_set(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
         """`{"key":"k1","value":"v1"}` -> `{"key":"k1","error":""}`."""
-        key = ""
         try:
-            body = await body_of(request, MatrixSet)
-            key = body.key
-            await svc().put(body.key, body.value)
-            return Response({"key": key, "error": ""})
-        except Exception as exc:
-            return Response({"key": key, "error": fail(exc)})
+            kv = svc()
+        except FleetmateError as exc:
+            return Response({"key": "", "error": exc.message})
+        return Response(await matrix_set(kv, await request.body()))
 
     @get("/get", tags=["matrixkv"], summary="MatrixKV: get a key")
     async def mk_get(key: str = "") -> Response[dict[str, str]]:
         """`?key=k1` -> `{"key":"k1","value":"v1","error":""}` (value "" when the key does not exist)."""
         try:
-            r = await svc().get(key)
-            return Response({"key": key, "value": r.item.value if r.item else "", "error": ""})
-        except Exception as exc:
-            return Response({"key": key, "value": "", "error": fail(exc)})
+            kv = svc()
+        except FleetmateError as exc:
+            return Response({"key": key, "value": "", "error": exc.message})
+        return Response(await matrix_get(kv, key))
 
     @post("/delete", tags=["matrixkv"], summary="MatrixKV: delete a key", status_code=HTTP_200_OK)
     async def mk_delete(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
@@ -318,7 +356,7 @@ def matrixkv_routes(svc: Any) -> list[BaseRouteHandler]:
             await svc().delete(body.key)
             return Response({"key": key, "error": ""})
         except Exception as exc:
-            return Response({"key": key, "error": fail(exc)})
+            return Response({"key": key, "error": _fail(exc)})
 
     @get("/shards", tags=["matrixkv"], summary="MatrixKV: the shards (?local: this replica's)")
     async def mk_shards(request: Request[Any, Any, Any]) -> list[dict[str, Any]]:
