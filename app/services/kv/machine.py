@@ -99,7 +99,8 @@ class PartitionState:
         self.index = 0  # the command's index in it
         self._buffer: list[tuple[int, int, Command]] | None = None  # entries seen while an import runs
         self._importing = 0
-        self._shape: tuple[tuple[str, int], ...] = ()
+        self._reshaped = 0  # counts shards coming and going (locate's sorted starts follow it)
+        self._sorted_at = -1
         self._starts: list[tuple[str, int]] = []
 
     # ---- the log side -----------------------------------------------------------------------
@@ -164,6 +165,7 @@ class PartitionState:
         if cmd.shard in self.wanted:
             self.wanted.discard(cmd.shard)
             self.held[cmd.shard] = Held(cmd.shard, cmd.start, cmd.end, since=seq - 1)
+            self._reshaped += 1
             events.append(ShardEvent(cmd.shard, "create", revision(seq, index), 1, cmd.start, cmd.end))
         return ShardChanged(cmd.shard, 1, cmd.start, cmd.end)
 
@@ -288,6 +290,7 @@ class PartitionState:
         shard.size -= new.size
         shard.writes -= new.writes
         self.held[new.id] = new
+        self._reshaped += 1
         events.append(ShardEvent(shard.id, "split", rev, epoch, shard.start, shard.end, new.id))
         events.append(ShardEvent(new.id, "create", rev, epoch, new.start, new.end, shard.id))
         return ShardChanged(shard.id, epoch, shard.start, shard.end, new.id, new.start, new.end)
@@ -298,6 +301,7 @@ class PartitionState:
         if other is None or seq <= other.since:
             return
         del self.held[other.id]
+        self._reshaped += 1
         events.append(
             ShardEvent(other.id, "lost", revision(seq, index), other.epoch, other.start, other.end, cmd.shard)
         )
@@ -313,6 +317,7 @@ class PartitionState:
             # The holders of both merge them; a replica holding only this one is left with a copy
             # whose range is now wrong: it is marked lost, and the service drops and re-imports it.
             self.held.pop(shard.id)
+            self._reshaped += 1
             events.append(ShardEvent(shard.id, "lost", rev, shard.epoch, shard.start, shard.end, cmd.other))
             raise Refused(f"shard {cmd.other} is not held here: shard {shard.id} is dropped to be copied again")
         if cmd.other_epoch != other.epoch:
@@ -331,6 +336,7 @@ class PartitionState:
         shard.epoch = max(shard.epoch, other.epoch) + 1
         shard.since = max(shard.since, other.since)
         del self.held[other.id]
+        self._reshaped += 1
         events.append(ShardEvent(shard.id, "merge", rev, shard.epoch, shard.start, shard.end, other.id))
         return ShardChanged(shard.id, shard.epoch, shard.start, shard.end, other.id)
 
@@ -361,6 +367,7 @@ class PartitionState:
         if shard.id in self.held:
             raise Refused(f"shard {shard.id} is held already")
         self.held[shard.id] = shard
+        self._reshaped += 1
         self.created.add(shard.id)
         ours = {shard.id}
         buffered, self._buffer = self._buffer or [], None  # replaying must not buffer again
@@ -392,14 +399,20 @@ class PartitionState:
     def drop(self, shard: int) -> Held | None:
         """Stop holding a shard (the scheduler moved it away); its copy, to delete from the store."""
         self.wanted.discard(shard)
+        self._reshaped += 1
         return self.held.pop(shard, None)
+
+    def load(self, held: dict[int, Held], created: set[int]) -> None:
+        """Hold these copies (read back from the local file), forgetting any held before."""
+        self.held = held
+        self.created = created
+        self._reshaped += 1
 
     def locate(self, key: str) -> Held | None:
         """The held shard whose range covers the key."""
-        shape = tuple((s.start, s.id) for s in self.held.values())
-        if shape != self._shape:  # the held ranges changed: sort their starts again
-            self._shape = shape
-            self._starts = sorted(shape)
+        if self._sorted_at != self._reshaped:  # shards came or went: sort their starts again
+            self._sorted_at = self._reshaped
+            self._starts = sorted((s.start, s.id) for s in self.held.values())
         i = bisect.bisect_right(self._starts, (key, 1 << 62)) - 1
         if i < 0:
             return None

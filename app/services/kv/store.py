@@ -55,11 +55,12 @@ class PartitionStore:
 
     def load(self, state: PartitionState) -> int:
         """Fill the state from the file; the sequence it covers."""
-        state.created = {int(r[0]) for r in self.conn.execute("SELECT shard FROM created")}
-        self._created = set(state.created)
-        state.held = {}
+        created = {int(r[0]) for r in self.conn.execute("SELECT shard FROM created")}
+        self._created = set(created)
+        held = {}
         for sid, start, end, epoch, since in self.conn.execute('SELECT id, start, "end", epoch, since FROM shards'):
-            state.held[sid] = Held(sid, start, end, epoch, SortedDict(self._rows(start, end)), since)
+            held[sid] = Held(sid, start, end, epoch, SortedDict(self._rows(start, end)), since)
+        state.load(held, created)
         return self.applied_seq()
 
     def _rows(self, start: str, end: str) -> Iterable[tuple[str, Item]]:
