@@ -289,6 +289,8 @@ def test_history_under_splits_moves_and_kills(world: World) -> None:
     if missing:
         gone = sorted(missing, key=lambda kr: kr[1])
         print(f"missing revisions {gone[0][1]}..{gone[-1][1]} ({len(gone)}); watch notes {events}")
+        for line in world.replicas["r1"].logged("kv watch reopened"):
+            print("r1 reopened:", line)
     assert not missing, f"{len(missing)} acknowledged writes never came through the watch: {sorted(missing)[:5]}"
     print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range, notes {events}")
     assert events["splits_asked"] >= SPLITS, events

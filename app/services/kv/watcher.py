@@ -70,7 +70,8 @@ class RangeWatch:
         self.start = start
         self.end = end
         self.cursors: dict[int, int] = dict(resume or {})
-        self.queue: asyncio.Queue[tuple[int, list[KeyEvent]] | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, list[KeyEvent], int] | BaseException] = asyncio.Queue()
+        self.delivered: dict[int, int] = dict(resume or {})  # what the client has: its resume token
         self.ready = asyncio.Event()
         self.reopened = 0
         self.failed: KvError | None = None
@@ -124,13 +125,17 @@ class RangeWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def batches(self) -> AsyncIterator[tuple[int, list[KeyEvent]]]:
-        """(partition, events) as they come; raises Compacted (or another KvError) when the watch cannot go on."""
+    async def batches(self) -> AsyncIterator[tuple[int, list[KeyEvent], str]]:
+        """(partition, events, resume token with them) as they come; raises Compacted (or another KvError)
+        when the watch cannot go on. The token counts what the client is handed, never more: the
+        cursors run ahead while batches wait in the queue."""
         while True:
             item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            partition, events, cursor = item
+            self.delivered[partition] = max(self.delivered.get(partition, 0), cursor)
+            yield partition, events, resume_token(self.delivered)
 
     async def _follow(self, partition: int) -> None:
         first = True
@@ -179,6 +184,7 @@ class RangeWatch:
                     raise Compacted(reply.message)
                 raise KvError(f"{node}: {reply.code}: {reply.message}")
             self.cursors[partition] = reply.revision  # the revision asked for, or the holder's "now"
+            self.delivered.setdefault(partition, reply.revision)
             self._mark_open(partition)
             await self._receive(partition, node, wid, inbound)
         finally:
@@ -210,8 +216,8 @@ class RangeWatch:
             expected += 1
             cursor = self.cursors[partition]
             fresh = [e for e in batch.events if e.revision > cursor]
-            if fresh:
-                self.queue.put_nowait((partition, fresh))
             self.cursors[partition] = max(cursor, batch.upto, fresh[-1].revision if fresh else 0)
+            if fresh:
+                self.queue.put_nowait((partition, fresh, self.cursors[partition]))
             if batch.end:
                 raise KvError(f"{node} ended the watch: {batch.end}")

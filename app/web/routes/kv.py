@@ -289,7 +289,7 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
         reader = asyncio.create_task(drain(socket))
         try:
             await rw.open()
-            await socket.send_text(_json.encode({"type": "ready", "resume": resume_token(rw.cursors)}).decode())
+            await socket.send_text(_json.encode({"type": "ready", "resume": resume_token(rw.delivered)}).decode())
             batches = rw.batches().__aiter__()
             while True:
                 nxt = asyncio.ensure_future(batches.__anext__())
@@ -297,12 +297,12 @@ def kv_routes(node: Node) -> list[BaseRouteHandler]:
                 if nxt not in done:
                     nxt.cancel()
                     return
-                partition, events = nxt.result()
+                partition, events, token = nxt.result()
                 message = {
                     "type": "events",
                     "partition": partition,
                     "events": [msgspec.to_builtins(e) for e in events],
-                    "resume": resume_token(rw.cursors),
+                    "resume": token,
                 }
                 await socket.send_text(_json.encode(message).decode())
         except FleetmateError as exc:
