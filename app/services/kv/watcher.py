@@ -140,16 +140,13 @@ class RangeWatch:
     async def _follow(self, partition: int) -> None:
         first = True
         while True:
-            for node in self.holders(partition) or [""]:
-                if not node:
-                    break
+            nodes = self.holders(partition)
+            compacted: list[Compacted] = []
+            for node in nodes:
                 try:
                     await self._serve_from(partition, node)
-                except Compacted as exc:
-                    self.failed = exc
-                    self.queue.put_nowait(exc)
-                    self._mark_open(partition)
-                    return
+                except Compacted as exc:  # this holder's history is too short; another's may not be
+                    compacted.append(exc)
                 except Exception as exc:  # the replica went away or refused: try another
                     log.info(
                         "kv watch reopened",
@@ -162,6 +159,11 @@ class RangeWatch:
                     )
                 self.reopened += 0 if first else 1
                 first = False
+            if nodes and len(compacted) == len(nodes):  # no holder keeps events that far back
+                self.failed = compacted[0]
+                self.queue.put_nowait(compacted[0])
+                self._mark_open(partition)
+                return
             await asyncio.sleep(0.2)
 
     def _mark_open(self, partition: int) -> None:
