@@ -182,3 +182,25 @@ async def test_a_log_opens_and_closes_while_another_runs(nats_server: NatsServer
         await engine.close_all()
     finally:
         await bus.close()
+
+
+async def test_a_consumer_that_stops_delivering_is_replaced(nats_server: NatsServer, tmp_path: Path) -> None:
+    """nats-py's ordered consumer can stop for good (its heartbeat watch ends on an unexpected error):
+    the log notices nothing arrives while the stream has more, and subscribes again from where it is."""
+    bus = Bus([nats_server.url], "test-engine")
+    await bus.connect(timeout=10)
+    try:
+        engine = LogEngine(bus, "t")
+        opened = await _open(engine, "stall", KvLog(tmp_path / "stall.sqlite"))
+        shared = opened.log
+        assert await shared.append(("a", 1)) == 1
+        await shared._sub.unsubscribe()  # the consumer is gone; nothing tells the log
+        for value in range(2, 6):  # another replica's writes land in the stream
+            await bus.js.publish("t.log.stall", opened.user.encode([("a", value)]))
+        await shared.wait_applied(5, timeout=20)
+        assert shared.resubscribed == 1
+        assert opened.user.data == {"a": 5}
+        assert await shared.append(("a", 6)) == 6
+        await engine.close_all()
+    finally:
+        await bus.close()

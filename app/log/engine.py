@@ -76,6 +76,8 @@ def log_id(info: StreamInfo) -> str:
 
 
 DEADLINE_SWEEP_S = 0.05
+STALL_CHECK_S = 2.0  # how often the applier checks that its consumer still delivers
+STALL_AFTER_S = 5.0  # nothing delivered this long while the stream has more: subscribe again
 COMMIT_INTERVAL_S = 0.1
 COMMIT_MAX_EVENTS = 20_000
 COMMIT_RETRY_S = 1.0  # after a commit failed on the disk
@@ -131,6 +133,9 @@ class SharedLog(Generic[C]):
         self.applied_entries = 0
         self.applied_commands = 0
         self.apply_seconds = 0.0
+        self._delivered_at = time.monotonic()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.resubscribed = 0
 
     async def prepare(self) -> LogBounds:
         """Declare the stream (idempotent) and return its bounds, so a caller can restore first."""
@@ -145,9 +150,20 @@ class SharedLog(Generic[C]):
                 f"stream {self.stream} starts at {bounds.first_seq} but this replica applied only "
                 f"{self.applied_seq}: it needs a snapshot"
             )
+        await self._subscribe()
+        self._task = supervisor.watch(
+            asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}"), f"the applier of {self.stream}"
+        )
+        self._watchdog = asyncio.create_task(self._watch_consumer(), name=f"consumer-watchdog-{self.stream}")
+        self.batcher.start()
+        log.info("log started", extra={"stream": self.stream, "from_seq": self.applied_seq + 1})
+
+    async def _subscribe(self) -> None:
+        """An ordered consumer from the next unapplied sequence."""
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
         if self.applied_seq:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.applied_seq + 1)
+        self._delivered_at = time.monotonic()
         self._sub = await self.bus.js.subscribe(
             self.subject,
             stream=self.stream,
@@ -158,16 +174,45 @@ class SharedLog(Generic[C]):
             idle_heartbeat=0.5,
             config=cfg,
         )
-        self._task = supervisor.watch(
-            asyncio.create_task(self._apply_loop(), name=f"applier-{self.stream}"), f"the applier of {self.stream}"
-        )
-        self.batcher.start()
-        log.info("log started", extra={"stream": self.stream, "from_seq": self.applied_seq + 1})
+
+    async def _watch_consumer(self) -> None:
+        """Subscribe again when the consumer stopped delivering while the stream has entries not applied.
+
+        nats-py re-creates an ordered consumer after missed heartbeats, but its watch task ends on an
+        unexpected error (seen after a NATS server was killed under load): this replica would then
+        stop applying the log for good, reads would time out and writes never be answered.
+        """
+        while True:
+            await asyncio.sleep(STALL_CHECK_S)
+            if time.monotonic() - self._delivered_at < STALL_AFTER_S or not self._inbox.empty() or self.failed:
+                continue
+            try:
+                reply = await self.bus.nc.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", timeout=5.0)
+                last = _stream_info.decode(reply.data).state.last_seq
+            except Exception as exc:  # NATS itself is away: nothing to do until it answers
+                log.debug("consumer check could not read the stream", extra={"stream": self.stream, "error": repr(exc)})
+                continue
+            if last <= self.applied_seq:
+                self._delivered_at = time.monotonic()  # idle, not stalled
+                continue
+            log.warning(
+                "log consumer stalled; subscribing again",
+                extra={"stream": self.stream, "applied_seq": self.applied_seq, "last_seq": last},
+            )
+            old, self._sub = self._sub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.unsubscribe()
+            try:
+                await self._subscribe()
+                self.resubscribed += 1
+            except Exception as exc:
+                log.warning("subscribing again failed; trying later", extra={"stream": self.stream, "error": repr(exc)})
 
     async def stop(self) -> None:
         """Stop appending and applying."""
         await self.batcher.stop()
-        for task in (self._task, self._barrier_task, self._sweeper):
+        for task in (self._task, self._barrier_task, self._sweeper, self._watchdog):
             if task:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -215,6 +260,7 @@ class SharedLog(Generic[C]):
     # ---- apply --------------------------------------------------------------------------------
 
     async def _receive(self, msg: Msg) -> None:
+        self._delivered_at = time.monotonic()
         self._inbox.put_nowait(msg)
 
     async def _apply_loop(self) -> None:
