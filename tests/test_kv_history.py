@@ -255,6 +255,7 @@ def final_state(w: World) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+@pytest.mark.timeout(900)  # the load runs 40-120 s, the settling after it up to 90 s more
 def test_history_under_splits_moves_and_kills(world: World) -> None:
     rng = random.Random(SEED)
     shards_before = len(world.table())
@@ -291,6 +292,15 @@ def test_history_under_splits_moves_and_kills(world: World) -> None:
         print(f"missing revisions {gone[0][1]}..{gone[-1][1]} ({len(gone)}); watch notes {events}")
         for line in world.replicas["r1"].logged("kv watch reopened"):
             print("r1 reopened:", line)
+        for name in NAMES:
+            fm = world.replicas[name]
+            applied = [
+                ln for ln in httpx.get(fm.url + "/metrics", timeout=10).text.splitlines() if "kv_applied_seq{" in ln
+            ]
+            print(name, "applied:", applied)
+            for raw in fm.raw:
+                if '"level":"warning"' in raw or '"level":"error"' in raw:
+                    print(name, raw[:400])
     assert not missing, f"{len(missing)} acknowledged writes never came through the watch: {sorted(missing)[:5]}"
     print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range, notes {events}")
     assert events["splits_asked"] >= SPLITS, events

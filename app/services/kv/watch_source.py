@@ -181,7 +181,21 @@ class WatchSource:
             old.close()
         watch = Watch(msgspec.structs.replace(req, after=after), shards, self.bus)
         self.watches[req.id] = watch
-        watch.enqueue(history.after(after, req.start, req.end), now)
+        backlog = history.after(after, req.start, req.end)
+        watch.enqueue(backlog, now)
+        log.info(
+            "kv watch opened here",
+            extra={
+                "watch": req.id,
+                "partition": req.partition,
+                "after": after,
+                "now": now,
+                "floor": floor,
+                "shards": sorted(shards),
+                "backlog": len(backlog),
+                "range": [req.start, req.end],
+            },
+        )
         return WatchOpened(True, revision=after)
 
     @staticmethod

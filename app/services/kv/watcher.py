@@ -23,7 +23,7 @@ import msgspec
 
 from app.services.kv.errors import KvError
 from app.services.kv.holder import CLUSTER
-from app.services.kv.messages import KeyEvent
+from app.services.kv.messages import KeyEvent, revision
 from app.services.kv.wire import SUBJECT_WATCH, SUBJECT_WATCH_KEEP, WatchBatch, WatchKeep, WatchOpen, WatchOpened
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fleetmate.kv")
 
 SILENT_S = 3.0  # no batch (not even a heartbeat) this long: the replica is gone, reopen elsewhere
+NATS_CALL_S = 5.0  # the longest a subscribe or publish may take
+LAGGING_S = 5.0  # the holder's position behind this replica's own that long: reopen elsewhere
 KEEP_EVERY_S = 2.0
 _enc = msgspec.msgpack.Encoder()
 _batch_dec = msgspec.msgpack.Decoder(WatchBatch)
@@ -138,6 +140,19 @@ class RangeWatch:
             yield partition, events, resume_token(self.delivered)
 
     async def _follow(self, partition: int) -> None:
+        """Follow one partition of the range until closed; a failure ends the client's watch with an error,
+        never in silence."""
+        try:
+            await self._follow_loop(partition)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("a kv watch stopped following a partition", extra={"partition": partition})
+            self.failed = KvError(f"the watch of partition {partition} failed: {exc!r}")
+            self.queue.put_nowait(self.failed)
+            self._mark_open(partition)
+
+    async def _follow_loop(self, partition: int) -> None:
         first = True
         while True:
             nodes = self.holders(partition)
@@ -176,7 +191,10 @@ class RangeWatch:
         wid = f"{self.kv.node_id}-{next(_ids)}"
         inbox = nc.new_inbox()
         inbound: asyncio.Queue[Any] = asyncio.Queue()
-        sub = await nc.subscribe(inbox, cb=inbound.put)
+        # Every NATS call is bounded: while the connection moves to another server a call can wait for good,
+        # and this watch would then stop without a word.
+        async with asyncio.timeout(NATS_CALL_S):
+            sub = await nc.subscribe(inbox, cb=inbound.put)
         try:
             bounds = self.pieces().get(partition, [])
             req = WatchOpen(wid, partition, self.start, self.end, self.cursors.get(partition, -1), inbox, bounds)
@@ -191,18 +209,22 @@ class RangeWatch:
             await self._receive(partition, node, wid, inbound)
         finally:
             with contextlib.suppress(Exception):
-                await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid], close=True)))
+                async with asyncio.timeout(NATS_CALL_S):
+                    await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid], close=True)))
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                async with asyncio.timeout(NATS_CALL_S):
+                    await sub.unsubscribe()
 
     async def _receive(self, partition: int, node: str, wid: str, inbound: asyncio.Queue[Any]) -> None:
         nc = self.kv.bus.nc
         expected = 1
         kept = heard = time.monotonic()
+        mark = (time.monotonic(), 0)  # (when, this replica's position then): the holder must reach it soon
         while True:
             now = time.monotonic()
             if now - kept >= KEEP_EVERY_S:
-                await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid])))
+                async with asyncio.timeout(NATS_CALL_S):
+                    await nc.publish(f"{SUBJECT_WATCH_KEEP}.{node}", _enc.encode(WatchKeep([wid])))
                 kept = now
             if now - heard > SILENT_S:
                 raise KvError(f"{node} went silent")
@@ -223,3 +245,12 @@ class RangeWatch:
                 self.queue.put_nowait((partition, fresh, self.cursors[partition]))
             if batch.end:
                 raise KvError(f"{node} ended the watch: {batch.end}")
+            # A holder whose copy stopped moving (its log stalled) would hold the watch back for good:
+            # this replica follows the partition too, so it can tell when the holder stays behind it.
+            mine = self.kv.partitions.get(partition)
+            if mine is not None:
+                now = time.monotonic()
+                if self.cursors[partition] >= mark[1]:  # it reached where this replica was: a new mark
+                    mark = (now, revision(mine.log.applied_seq + 1, 0) - 1)
+                elif now - mark[0] > LAGGING_S:
+                    raise KvError(f"{node} has not reached in {LAGGING_S:g} s where this replica was: reopening")
