@@ -255,26 +255,59 @@ def final_state(w: World) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+class Outcome:
+    """What one loaded run left: the client history, the chaos notes, the watch's events, the final state."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.shards_before = len(world.table())
+        self.history, self.events, self.seen = asyncio.run(run_load(world, random.Random(SEED)))
+        wait_for(lambda: all(m.alive for m in world.nats.members), 30, "every NATS server back")
+        wait_for(world.settled, 90, "every shard on 3 replicas again, acknowledged", 0.5)
+        self.final = final_state(world)
+        self.shards_after = len(world.table())
+        acked = sum(1 for op in self.history if op.kind == "put" and op.outcome == ACKED)
+        reads = sum(1 for op in self.history if op.kind == "get" and op.outcome == ACKED)
+        unknown = sum(1 for op in self.history if op.outcome == UNKNOWN)
+        self.acked = acked
+        print(
+            f"seed {SEED}: {acked} writes acknowledged, {reads} reads, {unknown} unknown; shards "
+            f"{self.shards_before} -> {self.shards_after}; events {self.events}"
+        )
+
+
+@pytest.fixture(scope="module")
+def outcome(world: World) -> Outcome:
+    return Outcome(world)
+
+
 @pytest.mark.timeout(900)  # the load runs 40-120 s, the settling after it up to 90 s more
-def test_history_under_splits_moves_and_kills(world: World) -> None:
-    rng = random.Random(SEED)
-    shards_before = len(world.table())
-    history, events, seen = asyncio.run(run_load(world, rng))
-    wait_for(lambda: all(m.alive for m in world.nats.members), 30, "every NATS server back")
-    wait_for(world.settled, 90, "every shard on 3 replicas again, acknowledged", 0.5)
-    final = final_state(world)
-    problems = check(history, final)
-    acked = sum(1 for op in history if op.kind == "put" and op.outcome == ACKED)
-    reads = sum(1 for op in history if op.kind == "get" and op.outcome == ACKED)
-    unknown = sum(1 for op in history if op.outcome == UNKNOWN)
-    shards_after = len(world.table())
-    print(
-        f"seed {SEED}: {acked} writes acknowledged, {reads} reads, {unknown} unknown; shards {shards_before} -> "
-        f"{shards_after}; events {events}"
-    )
+def test_nothing_acknowledged_is_lost_or_doubled_and_reads_are_linearizable(outcome: Outcome) -> None:
+    problems = check(outcome.history, outcome.final)
     assert not problems, problems[:20]
-    assert acked > 1000
-    # The watch: every acknowledged write in range seen once, nothing twice, in revision order per partition.
+    assert outcome.acked > 1000
+
+
+def test_the_faults_happened(outcome: Outcome) -> None:
+    events = outcome.events
+    assert events["splits_asked"] >= SPLITS, events
+    assert outcome.shards_after - outcome.shards_before == events["splits_asked"], events
+    assert events["moves_asked"] >= MOVES, events
+    assert "nats_killed" in events, events
+    assert "replica_back_at" in events, events
+
+
+def test_every_replica_reads_the_final_values(outcome: Outcome) -> None:
+    for name in NAMES:
+        url = outcome.world.replicas.urls[name]
+        for key, (value, revision, _) in list(outcome.final.items())[::7]:
+            r = httpx.get(url + "/api/v1/kv/get", params={"key": key, "serializable": "false"}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert (r.json()["value"], r.json()["revision"]) == (value, revision)
+
+
+def test_the_watch_saw_every_acknowledged_write_once_in_order(outcome: Outcome) -> None:
+    seen, events, world = outcome.seen, outcome.events, outcome.world
     revs = [(k, r) for _, k, r in seen]
     assert len(revs) == len(set(revs)), "an event was delivered twice"
     by_partition: dict[int, list[int]] = {}
@@ -283,33 +316,17 @@ def test_history_under_splits_moves_and_kills(world: World) -> None:
     assert all(rs == sorted(rs) for rs in by_partition.values()), "events out of revision order in a partition"
     watched = {
         (op.key, op.revision)
-        for op in history
+        for op in outcome.history
         if op.kind == "put" and op.outcome == ACKED and WATCHED[0] <= op.key < WATCHED[1]
     }
     missing = watched - set(revs)
     if missing:
         gone = sorted(missing, key=lambda kr: kr[1])
         print(f"missing revisions {gone[0][1]}..{gone[-1][1]} ({len(gone)}); watch notes {events}")
-        for line in world.replicas["r1"].logged("kv watch reopened"):
-            print("r1 reopened:", line)
         for name in NAMES:
             fm = world.replicas[name]
-            applied = [
-                ln for ln in httpx.get(fm.url + "/metrics", timeout=10).text.splitlines() if "kv_applied_seq{" in ln
-            ]
-            print(name, "applied:", applied)
             for raw in fm.raw:
-                if '"level":"warning"' in raw or '"level":"error"' in raw:
-                    print(name, raw[:400])
+                if any(w in raw for w in ('"level":"warning"', '"level":"error"', "kv watch opened", "kv watch reop")):
+                    print(name, raw[:500])
     assert not missing, f"{len(missing)} acknowledged writes never came through the watch: {sorted(missing)[:5]}"
-    print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range, notes {events}")
-    assert events["splits_asked"] >= SPLITS, events
-    assert shards_after - shards_before == events["splits_asked"], (shards_before, shards_after, events)
-    assert events["moves_asked"] >= MOVES, events
-    assert "nats_killed" in events, events
-    for name in NAMES:  # every holder's copy has every key the table gives it, with the final values
-        url = world.replicas.urls[name]
-        for key, (value, revision, _) in list(final.items())[::7]:
-            r = httpx.get(url + "/api/v1/kv/get", params={"key": key, "serializable": "false"}, timeout=30)
-            assert r.status_code == 200, r.text
-            assert (r.json()["value"], r.json()["revision"]) == (value, revision)
+    print(f"watch: {len(seen)} events, {len(watched)} acknowledged writes in range")
