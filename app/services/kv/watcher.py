@@ -34,6 +34,7 @@ log = logging.getLogger("fleetmate.kv")
 SILENT_S = 3.0  # no batch (not even a heartbeat) this long: the replica is gone, reopen elsewhere
 NATS_CALL_S = 5.0  # the longest a subscribe or publish may take
 LAGGING_S = 5.0  # the holder's position behind this replica's own that long: reopen elsewhere
+UNCOVERED_S = 10.0  # no replica holds every shard of the range this long: the client is told
 KEEP_EVERY_S = 2.0
 _enc = msgspec.msgpack.Encoder()
 _batch_dec = msgspec.msgpack.Decoder(WatchBatch)
@@ -154,8 +155,20 @@ class RangeWatch:
 
     async def _follow_loop(self, partition: int) -> None:
         first = True
+        uncovered_since = 0.0
         while True:
             nodes = self.holders(partition)
+            if nodes:
+                uncovered_since = 0.0
+            else:
+                uncovered_since = uncovered_since or time.monotonic()
+                if time.monotonic() - uncovered_since > UNCOVERED_S:
+                    # The shards of the range in this partition sit on different replicas (moves): one
+                    # holder cannot serve it. Watching each shard's range and merging them is not done yet.
+                    raise KvError(
+                        f"no replica holds every shard of [{self.start!r}, {self.end!r}) in partition {partition} "
+                        "(their copies are on different replicas): watch narrower ranges"
+                    )
             compacted: list[Compacted] = []
             for node in nodes:
                 try:
