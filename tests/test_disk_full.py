@@ -59,7 +59,8 @@ def ballast(path: Path, size: int) -> Path:
 def fill(path: Path, leave: int) -> Path:
     """Write a file under `path` until only `leave` bytes are free (0: to the last byte)."""
     filler = path / "filler"
-    with open(filler, "ab") as fh:
+    # Unbuffered: a buffered file keeps what the full disk refused and fails again on close.
+    with open(filler, "ab", buffering=0) as fh:
         chunk = b"\0" * MIB
         while (left := free(path) - leave) > 0:
             try:

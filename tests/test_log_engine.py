@@ -204,3 +204,25 @@ async def test_a_consumer_that_stops_delivering_is_replaced(nats_server: NatsSer
         await engine.close_all()
     finally:
         await bus.close()
+
+
+async def test_entries_lost_inside_the_log_are_skipped(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A server that failed to store an entry (disk full) leaves a hole inside the stream: nobody was told it
+    was appended, so the replicas skip it and go on (a trimmed log, by contrast, needs a snapshot)."""
+    bus = Bus([nats_server.url], "test-engine")
+    await bus.connect(timeout=10)
+    try:
+        engine = LogEngine(bus, "t")
+        writer = await _open(engine, "holes", KvLog(tmp_path / "writer.sqlite"))
+        for value in (1, 2, 3):
+            assert await writer.log.append(("k", value)) == value
+        await engine.close("holes")
+        reply = await bus.nc.request("$JS.API.STREAM.MSG.DELETE.T_HOLES", b'{"seq": 2, "no_erase": true}', timeout=5)
+        assert json.loads(reply.data).get("success") is True, reply.data
+        reader = await _open(LogEngine(bus, "u"), "holes", KvLog(tmp_path / "reader.sqlite"))
+        assert reader.log.applied_seq == 3
+        assert reader.user.data == {"k": 3}
+        assert reader.log.failed is None
+        assert await reader.log.append(("k", 4)) == 4
+    finally:
+        await bus.close()

@@ -35,6 +35,7 @@ C = TypeVar("C")
 
 class _StreamState(msgspec.Struct):
     last_seq: int = 0
+    first_seq: int = 0
 
 
 class _StreamInfo(msgspec.Struct):
@@ -96,6 +97,16 @@ class LogTrimmed(LogFailed):
     """The log was trimmed past what this replica applied."""
 
 
+class _Gap(Exception):
+    """The next entry delivered is not the one due: the applier asks the stream why before going on."""
+
+    def __init__(self, expected: int, got: int, rest: list[Msg]) -> None:
+        super().__init__(f"entry {expected} due, {got} delivered")
+        self.expected = expected
+        self.got = got
+        self.rest = rest
+
+
 class SharedLog(Generic[C]):
     """One JetStream stream as a replicated log feeding one state machine."""
 
@@ -109,6 +120,7 @@ class SharedLog(Generic[C]):
         node_id: str,
         user: LogUser[C],
         applied_seq: int = 0,
+        never_trimmed: bool = False,
     ) -> None:
         self.bus = bus
         self.stream = stream
@@ -116,6 +128,8 @@ class SharedLog(Generic[C]):
         self.replicas = replicas
         self.user = user
         self.applied_seq = applied_seq
+        # A log nobody trims (the KV's partitions): entries missing at its head were lost too, not trimmed.
+        self.never_trimmed = never_trimmed
         self.failed: str | None = None
         self._pending = PendingWrites()
         self.batcher: Batcher[C] = Batcher(bus.nc, subject, user.encode, self._pending, node_id)
@@ -145,7 +159,7 @@ class SharedLog(Generic[C]):
     async def start(self) -> None:
         """Subscribe from the next unapplied sequence and start applying (call prepare() first)."""
         bounds = await self.prepare()
-        if bounds.first_seq > self.applied_seq + 1:
+        if bounds.first_seq > self.applied_seq + 1 and not self.never_trimmed:
             raise LogFailed(
                 f"stream {self.stream} starts at {bounds.first_seq} but this replica applied only "
                 f"{self.applied_seq}: it needs a snapshot"
@@ -269,13 +283,35 @@ class SharedLog(Generic[C]):
             while not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             try:
-                self._apply_batch(batch)
+                while batch:
+                    try:
+                        self._apply_batch(batch)
+                        batch = []
+                    except _Gap as gap:
+                        await self._skip_lost(gap)  # LogTrimmed when the log was trimmed past this replica
+                        batch = gap.rest
             except Exception as exc:
                 # The supervisor logs it with its traceback and ends the process: a restart
                 # restores a snapshot (LogTrimmed) or replays from the last commit.
                 self.failed = f"applier stopped at sequence {self.applied_seq + 1}: {exc!r}"
                 self._pending.fail_all(LogFailed(self.failed))
                 raise
+
+    async def _skip_lost(self, gap: _Gap) -> None:
+        """Entries missing inside the stream were lost by the server before it stored them (a failed disk
+        write; nobody was told they were appended): skip them. Missing because the stream now starts
+        after them (trimmed behind a snapshot): this replica must restore one (LogTrimmed)."""
+        reply = await self.bus.nc.request(f"$JS.API.STREAM.INFO.{self.stream}", b"", timeout=5.0)
+        info = _stream_info.decode(reply.data)
+        if info.error is not None or (info.state.first_seq > gap.expected and not self.never_trimmed):
+            raise LogTrimmed(
+                f"entry {gap.expected} is gone (next in the log: {gap.got}); restart to restore a snapshot"
+            )
+        log.warning(
+            "entries missing inside the log (lost by the server before it stored them); skipping them",
+            extra={"stream": self.stream, "from_seq": gap.expected, "to_seq": gap.got - 1},
+        )
+        self.applied_seq = gap.got - 1
 
     def _apply_batch(self, batch: list[Msg]) -> None:
         started = time.perf_counter()
@@ -285,14 +321,17 @@ class SharedLog(Generic[C]):
         user = self.user
         apply = user.apply
         begin_entry = getattr(user, "begin_entry", None)  # a machine that needs each entry's position
-        for msg in batch:
+        gap: _Gap | None = None
+        for i, msg in enumerate(batch):
             seq = stream_seq(msg)
             if seq <= last:
                 continue  # redelivery after a consumer reset
             if seq != last + 1:
-                # Stream sequences are contiguous unless the log was trimmed: entries this
-                # replica never applied are gone, so it must restart and restore a snapshot.
-                raise LogTrimmed(f"entry {last + 1} is gone (next in the log: {seq}); restart to restore a snapshot")
+                # Stream sequences are contiguous unless the log was trimmed (entries this replica
+                # never applied are gone: restore a snapshot) or the server lost entries it never
+                # stored: what was applied so far is settled below, then the applier asks the stream.
+                gap = _Gap(last + 1, seq, batch[i:])
+                break
             failpoints.hit("log.apply")
             try:
                 commands = user.decode(msg.data)
@@ -319,6 +358,8 @@ class SharedLog(Generic[C]):
                 if pending is not None:
                     answered.append((pending, results))
         if last == self.applied_seq:
+            if gap is not None:
+                raise gap
             return
         self._uncommitted_events.extend(all_events)
         self.applied_seq = last
@@ -332,6 +373,8 @@ class SharedLog(Generic[C]):
             if not fut.done():
                 fut.set_result(None)
         self.apply_seconds += time.perf_counter() - started
+        if gap is not None:
+            raise gap
 
     def _schedule_commit(self) -> None:
         # The SQLite file is a cache of the applied state for a fast restart (the log is the

@@ -72,12 +72,19 @@ class LogEngine:
         subject: str,
         replicas: int,
         snapshots: SnapshotPolicy | None = None,
+        never_trimmed: bool = False,
     ) -> OpenLog[C]:
         """Set a log up (nothing is read or sent yet); start() opens it. Names are unique per engine."""
         if name in self._logs:
             raise ValueError(f"a log named {name!r} is already open")
         shared: SharedLog[C] = SharedLog(
-            self.bus, stream=stream, subject=subject, replicas=replicas, node_id=self.node_id, user=user
+            self.bus,
+            stream=stream,
+            subject=subject,
+            replicas=replicas,
+            node_id=self.node_id,
+            user=user,
+            never_trimmed=never_trimmed,
         )
         policy = snapshots or SnapshotPolicy(MemorySnapshotStore(), SnapshotConfig())
 

@@ -157,6 +157,7 @@ class KvService:
                 subject=log_subject(p),
                 replicas=self.replicas,
                 snapshots=SnapshotPolicy(MemorySnapshotStore(), _NO_SNAPSHOTS),
+                never_trimmed=True,  # not trimmed yet: anything missing was lost unstored, never acknowledged
             )
             self.watch_source.follow(p, store.applied_seq())  # events from the replay on are kept
             await self.engine.start(log_name(p))
