@@ -149,6 +149,7 @@ class SharedLog(Generic[C]):
         self.apply_seconds = 0.0
         self._delivered_at = time.monotonic()
         self._watchdog: asyncio.Task[None] | None = None
+        self._stalled_at = -1  # the applied sequence at which the watchdog first saw a stall
         self.resubscribed = 0
 
     async def prepare(self) -> LogBounds:
@@ -208,6 +209,10 @@ class SharedLog(Generic[C]):
                 continue
             if last <= self.applied_seq:
                 self._delivered_at = time.monotonic()  # idle, not stalled
+                self._stalled_at = -1
+                continue
+            if self._stalled_at != self.applied_seq:  # seen once: look again before acting (it may be waking up)
+                self._stalled_at = self.applied_seq
                 continue
             log.warning(
                 "log consumer stalled; subscribing again",
@@ -217,6 +222,7 @@ class SharedLog(Generic[C]):
             if old is not None:
                 with contextlib.suppress(Exception):
                     await old.unsubscribe()
+            self._stalled_at = -1
             try:
                 await self._subscribe()
                 self.resubscribed += 1
